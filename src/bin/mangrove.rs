@@ -1,0 +1,311 @@
+//! `mangrove`: templates, JIT compile, cache management and the catalog warm-up.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use mangrove::arch::Arch;
+use mangrove::cache::{self, Cache, Storage};
+use mangrove::check::Gate;
+use mangrove::compile::Compiler;
+use mangrove::gpu::{Gpu, GpuError};
+use mangrove::jit::{Jit, KernelRequest, Outcome};
+use mangrove::key::KeyInputs;
+use mangrove::template::{format_params, parse_params, Catalog, ParamRole};
+use mangrove::validate::check_ternary_gemv;
+
+#[derive(Parser)]
+#[command(name = "mangrove", version, about = "Kernel JIT compiler, cache and decode service for NVIDIA GPUs")]
+struct Cli {
+    /// Kernel cache folder (sled). One process owns it at a time.
+    #[arg(long, global = true, env = "MANGROVE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Load templates from this folder instead of the ones built into the binary.
+    #[arg(long, global = true, env = "MANGROVE_TEMPLATES_DIR")]
+    templates_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// List templates, their parameters, allowed values and defaults.
+    Templates {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Render, key and compile one kernel (or take it from the cache).
+    Compile {
+        #[arg(long)]
+        template: String,
+        /// Target: sm80, sm86, sm89, sm90, sm90a, sm100, sm120, sm121.
+        #[arg(long, default_value = "sm90")]
+        arch: Arch,
+        /// Parameter override NAME=VALUE (repeatable).
+        #[arg(long = "param", value_name = "NAME=VALUE")]
+        params: Vec<String>,
+        /// Keep the PTX in the cache entry.
+        #[arg(long)]
+        ptx: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect and maintain the kernel cache.
+    Cache {
+        #[command(subcommand)]
+        cmd: CacheCmd,
+    },
+    /// Compile and cache every template sample for the given archs; on a GPU, check each
+    /// kernel of the device's arch against the CPU reference.
+    Warm {
+        /// Comma-separated targets.
+        #[arg(long, default_value = "sm90", value_delimiter = ',')]
+        arch: Vec<Arch>,
+        /// Evict the catalog's entries first, so the first pass measures cold compiles.
+        #[arg(long)]
+        recompile: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the GPU this process sees, or why there is none.
+    Gpu,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Entry count, bytes and hit/miss counters.
+    Stats {
+        #[arg(long)]
+        json: bool,
+    },
+    /// One line per entry.
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every entry; evict corrupt ones.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict least-recently-used entries until the cache holds at most --max-bytes.
+    Gc {
+        #[arg(long)]
+        max_bytes: u64,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let catalog = match &cli.templates_dir {
+        Some(d) => Catalog::from_dir(d)?,
+        None => Catalog::embedded(),
+    };
+    let cache_dir = cache::resolve_dir(cli.cache_dir.as_deref());
+    match cli.cmd {
+        Cmd::Templates { json } => templates(&catalog, json),
+        Cmd::Compile { template, arch, params, ptx, json } => {
+            let params = parse_params(&params)?;
+            catalog.get(&template)?.resolve(&params)?; // bad input fails before anything opens
+            let jit = open_jit(catalog, &cache_dir, ptx)?;
+            let f = jit.get(&KernelRequest { template, params, arch })?;
+            let r = &f.entry.resources;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+                    "key": f.key.to_hex(), "outcome": f.outcome, "template": f.entry.inputs.template,
+                    "params": f.entry.inputs.params, "arch": arch.to_string(), "cubin_bytes": f.entry.cubin.len(),
+                    "ptx_bytes": f.entry.ptx.as_ref().map(|p| p.len()), "resources": r,
+                    "compile_ms": f.entry.compile_ms, "request_ms": f.ms, "launch": f.entry.launch,
+                    "nvrtc": f.entry.toolchain.nvrtc_version,
+                }))?);
+            } else {
+                println!("key          {}", f.key);
+                println!("outcome      {}", outcome_text(&f.outcome));
+                println!("kernel       {} [{}] for {arch}", f.entry.inputs.template, format_params(&f.entry.inputs.params));
+                println!("cubin        {} bytes", f.entry.cubin.len());
+                println!("registers    {}  spills {}/{} B  stack {} B  smem {} B", r.registers, r.spill_stores, r.spill_loads, r.stack_frame, r.shared_bytes);
+                println!("compile ms   {:.1} (this request {:.1} ms)", f.entry.compile_ms, f.ms);
+            }
+            Ok(())
+        }
+        Cmd::Cache { cmd } => cache_cmd(&cache_dir, cmd),
+        Cmd::Warm { arch, recompile, json } => warm(catalog, &cache_dir, &arch, recompile, json),
+        Cmd::Gpu => {
+            match Gpu::open(0) {
+                Ok(g) => println!("{}", serde_json::to_string_pretty(g.info())?),
+                Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => println!("no GPU: {e}"),
+                Err(e) => return Err(e.into()),
+            }
+            Ok(())
+        }
+    }
+}
+
+fn open_jit(catalog: Catalog, cache_dir: &std::path::Path, keep_ptx: bool) -> Result<Jit> {
+    let compiler = Compiler::open()?;
+    let cache = Cache::open(cache_dir)?;
+    Ok(Jit { catalog, cache, compiler, keep_ptx })
+}
+
+fn outcome_text(o: &Outcome) -> String {
+    match o {
+        Outcome::Hit => "hit".into(),
+        Outcome::Compiled(r) => format!("miss ({r}), compiled"),
+    }
+}
+
+fn templates(catalog: &Catalog, json: bool) -> Result<()> {
+    if json {
+        let all: Vec<_> = catalog.iter().map(|t| &t.schema).collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    for t in catalog.iter() {
+        println!("{} — {}", t.name(), t.schema.description);
+        for p in &t.schema.params {
+            let role = if p.role == ParamRole::Problem { "problem" } else { "tunable" };
+            println!("  {:<14} {:<8} default {:<6} {:<28} {}", p.name, role, p.default, p.allowed_text(), p.doc);
+        }
+        for (name, expr) in &t.schema.constraints {
+            println!("  constraint: {name}: {expr}");
+        }
+        println!("  samples: {}", t.schema.samples.len());
+    }
+    Ok(())
+}
+
+fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
+    let cache = Cache::open(dir)?;
+    match cmd {
+        CacheCmd::Stats { json } => {
+            let list = cache.list()?;
+            let bytes: u64 = list.iter().map(|e| e.bytes).sum();
+            let c = cache.counters()?;
+            if json {
+                println!("{}", serde_json::json!({"dir": dir, "entries": list.len(), "bytes": bytes, "counters": c}));
+            } else {
+                println!("cache {}: {} entries, {} bytes", dir.display(), list.len(), bytes);
+                println!("hits {}  misses {}  inserts {}  corrupt evicted {}", c.hits, c.misses, c.inserts, c.corrupt_evicted);
+            }
+        }
+        CacheCmd::Ls { json } => {
+            let list = cache.list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                for e in list {
+                    println!("{}  {:<16} {:<6} {:>8} B  last used {}", e.key, e.template, e.arch, e.bytes, e.last_used_unix);
+                }
+            }
+        }
+        CacheCmd::Verify { json } => {
+            let r = cache.verify()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("checked {}  intact {}  evicted {}", r.checked, r.intact, r.evicted.len());
+                for (k, why) in &r.evicted {
+                    println!("  evicted {k}: {why}");
+                }
+            }
+            if !r.evicted.is_empty() {
+                bail!("{} corrupt entries were evicted", r.evicted.len());
+            }
+        }
+        CacheCmd::Gc { max_bytes } => {
+            let r = cache.gc(max_bytes)?;
+            println!("removed {} entries: {} → {} bytes", r.removed, r.before_bytes, r.after_bytes);
+        }
+    }
+    Ok(())
+}
+
+fn warm(catalog: Catalog, dir: &std::path::Path, archs: &[Arch], recompile: bool, json: bool) -> Result<()> {
+    let samples = catalog.samples()?;
+    let jit = open_jit(catalog, dir, false)?;
+    let reqs: Vec<KernelRequest> = archs
+        .iter()
+        .flat_map(|&arch| samples.iter().map(move |k| KernelRequest { template: k.template.clone(), params: k.params.clone(), arch }))
+        .collect();
+    if recompile {
+        for r in &reqs {
+            let (_, inputs): (_, KeyInputs) = jit.key_of(r)?;
+            jit.cache.storage().remove(&inputs.key())?;
+        }
+    }
+    let t0 = Instant::now();
+    let first = jit.get_many(&reqs);
+    let first_wall = t0.elapsed().as_secs_f64() * 1e3;
+    let mut compiled_ms = 0.0;
+    let mut compiled = 0;
+    for (r, f) in reqs.iter().zip(&first) {
+        let f = f.as_ref().map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} {} for {}", r.template, format_params(&r.params), r.arch))?;
+        if let Outcome::Compiled(_) = f.outcome {
+            compiled += 1;
+            compiled_ms += f.entry.compile_ms;
+        }
+    }
+    let t1 = Instant::now();
+    let second = jit.get_many(&reqs);
+    let hit_wall = t1.elapsed().as_secs_f64() * 1e3;
+    let hits = second.iter().filter(|f| matches!(f, Ok(f) if f.outcome == Outcome::Hit)).count();
+
+    let gpu = match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
+            if !json {
+                println!("no GPU ({e}): compiled and cached only");
+            }
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
+    let mut checks = Vec::new();
+    let mut load_ms = 0.0;
+    if let Some(gpu) = &gpu {
+        for f in second.iter().flatten() {
+            if f.entry.inputs.arch.cc != gpu.info().arch.cc {
+                continue;
+            }
+            let t = Instant::now();
+            let loaded = gpu.load(&f.entry)?;
+            load_ms += t.elapsed().as_secs_f64() * 1e3;
+            drop(loaded);
+            let run = check_ternary_gemv(gpu, &f.entry, 0x5eed ^ checks.len() as u64, 1, gate.rel_floor)?;
+            let d = run[0].deltas;
+            checks.push((format_params(&f.entry.inputs.params), d, d.passes(&gate)));
+        }
+    }
+    let failed = checks.iter().filter(|c| !c.2).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+            "kernels": reqs.len(), "compiled": compiled, "compile_ms_sum": compiled_ms, "first_pass_wall_ms": first_wall,
+            "hit_pass_wall_ms": hit_wall, "hits": hits, "cold_over_hit": first_wall / hit_wall.max(1e-9),
+            "gpu_module_load_ms": load_ms,
+            "checks": checks.iter().map(|(p, d, ok)| serde_json::json!({"params": p, "deltas": d, "pass": ok})).collect::<Vec<_>>(),
+        }))?);
+    } else {
+        println!("catalog: {} kernels ({} samples × {} archs)", reqs.len(), samples.len(), archs.len());
+        println!("first pass: {compiled} compiled, {first_wall:.1} ms wall (sum of compile times {compiled_ms:.1} ms)");
+        println!("second pass: {hits}/{} hits, {hit_wall:.2} ms wall → {:.0}× faster", reqs.len(), first_wall / hit_wall.max(1e-9));
+        if gpu.is_some() {
+            println!("module load on GPU: {load_ms:.2} ms total");
+            for (p, d, ok) in &checks {
+                println!("  {} {p}: {d}", if *ok { "PASS" } else { "FAIL" });
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} kernels failed the correctness check");
+    }
+    Ok(())
+}
+

@@ -1,0 +1,121 @@
+//! Stage 4 — cache. Takes kernel keys and compiled kernels and gives them back across
+//! processes: a sled database (default `cache/`, `--cache-dir`, `MANGROVE_CACHE_DIR`) of
+//! bincode entries whose cubin hash is re-checked on every read. Also verify and gc.
+
+mod entry;
+mod storage;
+
+use std::path::{Path, PathBuf};
+
+pub use entry::{CacheEntry, Toolchain};
+pub use storage::{Counters, EntrySummary, Lookup, MissReason, SledStorage, Storage};
+
+use crate::key::KernelKey;
+
+/// Default cache folder, relative to the working directory.
+pub const DEFAULT_DIR: &str = "cache";
+
+/// Errors of the cache stage, naming the folder involved.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path} is in use by pid {pid} (sled allows one process per cache; ask that process's service or use another --cache-dir)")]
+    Locked { path: String, pid: String },
+    #[error("cache {path}: {reason}")]
+    Sled { path: String, reason: String },
+    #[error("cache {path}: {reason}")]
+    Io { path: String, reason: String },
+}
+
+/// The cache folder to use: the flag, else `MANGROVE_CACHE_DIR` (clap reads it), else `cache/`.
+pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// Result of `cache verify`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct VerifyReport {
+    pub checked: usize,
+    pub intact: usize,
+    /// Keys found corrupt and evicted, with the reason.
+    pub evicted: Vec<(String, String)>,
+}
+
+/// Result of `cache gc`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct GcReport {
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    pub removed: usize,
+}
+
+/// A kernel cache over some storage (sled in every real use).
+pub struct Cache<S: Storage = SledStorage> {
+    store: S,
+}
+
+impl Cache<SledStorage> {
+    /// Opens the sled cache in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, CacheError> {
+        Ok(Self { store: SledStorage::open(dir)? })
+    }
+}
+
+impl<S: Storage> Cache<S> {
+    pub fn from_storage(store: S) -> Self {
+        Self { store }
+    }
+
+    pub fn storage(&self) -> &S {
+        &self.store
+    }
+
+    /// Looks `key` up; corrupt entries come back as a miss with the reason.
+    pub fn get(&self, key: &KernelKey) -> Result<Lookup, CacheError> {
+        self.store.get(key)
+    }
+
+    pub fn put(&self, key: &KernelKey, entry: &CacheEntry) -> Result<(), CacheError> {
+        self.store.put(key, entry)
+    }
+
+    pub fn list(&self) -> Result<Vec<EntrySummary>, CacheError> {
+        self.store.list()
+    }
+
+    pub fn counters(&self) -> Result<Counters, CacheError> {
+        self.store.counters()
+    }
+
+    /// Reads every entry back through the integrity check; corrupt ones are evicted.
+    pub fn verify(&self) -> Result<VerifyReport, CacheError> {
+        let mut r = VerifyReport::default();
+        for s in self.store.list()? {
+            r.checked += 1;
+            let key = KernelKey::from_hex(&s.key).expect("listed keys are hex");
+            match self.store.get(&key)? {
+                Lookup::Hit(_) => r.intact += 1,
+                Lookup::Miss(reason) => r.evicted.push((s.key, reason.to_string())),
+            }
+        }
+        Ok(r)
+    }
+
+    /// Evicts least-recently-used entries until the stored bytes are at most `max_bytes`.
+    pub fn gc(&self, max_bytes: u64) -> Result<GcReport, CacheError> {
+        let mut entries = self.store.list()?;
+        let before: u64 = entries.iter().map(|e| e.bytes).sum();
+        entries.sort_by(|a, b| a.last_used_unix.cmp(&b.last_used_unix).then(a.key.cmp(&b.key)));
+        let mut total = before;
+        let mut removed = 0;
+        for e in entries {
+            if total <= max_bytes {
+                break;
+            }
+            if self.store.remove(&KernelKey::from_hex(&e.key).expect("listed keys are hex"))? {
+                total -= e.bytes;
+                removed += 1;
+            }
+        }
+        Ok(GcReport { before_bytes: before, after_bytes: total, removed })
+    }
+}

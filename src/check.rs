@@ -1,0 +1,84 @@
+//! The correctness gate: compares a kernel's output with a CPU reference and reports
+//! max_abs, max_rel (with a relative floor), non-finite and unwritten counts.
+
+/// bf16 bit pattern written into outputs before a run; a NaN, so an unwritten element is caught.
+pub const POISON_BF16: u16 = 0x7FC1;
+
+/// Deltas of one output against its reference.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Deltas {
+    pub max_abs: f64,
+    /// max |out - ref| / max(|ref|, rel_floor * max|ref|).
+    pub max_rel: f64,
+    pub non_finite: usize,
+    /// Elements still holding the poison pattern.
+    pub unwritten: usize,
+    pub count: usize,
+}
+
+/// Thresholds a variant must meet.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Gate {
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub rel_floor: f64,
+}
+
+impl Deltas {
+    /// Compares bf16 bits `out` with `reference`.
+    pub fn of_bf16(out: &[u16], reference: &[f64], rel_floor: f64) -> Self {
+        assert_eq!(out.len(), reference.len(), "output and reference lengths differ");
+        let scale = reference.iter().fold(0.0f64, |a, r| a.max(r.abs()));
+        let floor = (rel_floor * scale).max(f64::MIN_POSITIVE);
+        let mut d = Deltas { count: out.len(), ..Default::default() };
+        for (&bits, &r) in out.iter().zip(reference) {
+            if bits == POISON_BF16 {
+                d.unwritten += 1;
+            }
+            let v = half::bf16::from_bits(bits).to_f64();
+            if !v.is_finite() {
+                d.non_finite += 1;
+                continue;
+            }
+            let abs = (v - r).abs();
+            d.max_abs = d.max_abs.max(abs);
+            d.max_rel = d.max_rel.max(abs / r.abs().max(floor));
+        }
+        d
+    }
+
+    /// True when everything was written, finite, and within both bounds.
+    pub fn passes(&self, gate: &Gate) -> bool {
+        self.unwritten == 0 && self.non_finite == 0 && self.max_abs <= gate.max_abs && self.max_rel <= gate.max_rel
+    }
+}
+
+impl std::fmt::Display for Deltas {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "max_abs={:.3e} max_rel={:.3e} non_finite={} unwritten={} of {}",
+            self.max_abs, self.max_rel, self.non_finite, self.unwritten, self.count
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detects_poison_and_error() {
+        let r = [1.0, 2.0, -4.0];
+        let good: Vec<u16> = r.iter().map(|&v| half::bf16::from_f64(v).to_bits()).collect();
+        let d = Deltas::of_bf16(&good, &r, 1e-3);
+        assert_eq!((d.max_abs, d.non_finite, d.unwritten), (0.0, 0, 0));
+        let mut bad = good.clone();
+        bad[1] = POISON_BF16;
+        bad[2] = half::bf16::from_f64(-4.5).to_bits();
+        let d = Deltas::of_bf16(&bad, &r, 1e-3);
+        assert_eq!((d.non_finite, d.unwritten), (1, 1));
+        assert!((d.max_rel - 0.125).abs() < 1e-9);
+        assert!(!d.passes(&Gate { max_abs: 1.0, max_rel: 1.0, rel_floor: 1e-3 }));
+    }
+}

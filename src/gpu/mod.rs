@@ -1,0 +1,160 @@
+//! Stage 5 — loader and launcher. Takes cached cubins and gives loaded kernels on a real GPU.
+//! A process without libcuda, or without a device, gets [`GpuError::NoDriver`] /
+//! [`GpuError::NoDevice`] as a normal answer: the driver library is probed before cudarc
+//! touches it (cudarc panics otherwise). With `compile`, the only module that imports cudarc.
+
+mod ternary;
+
+use std::sync::Arc;
+
+use cudarc::driver::{self as cu, CudaContext, CudaFunction, CudaModule, CudaStream};
+
+use crate::arch::Arch;
+use crate::cache::CacheEntry;
+use crate::template::LaunchDims;
+pub use ternary::TernaryGemv;
+
+/// A device allocation of `T` elements.
+pub type DeviceBuffer<T> = cu::CudaSlice<T>;
+
+/// Errors of the GPU stage.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error("no GPU driver: libcuda could not be loaded on this machine")]
+    NoDriver,
+    #[error("no GPU device: {0}")]
+    NoDevice(String),
+    #[error("CUDA driver error during {context}: {reason}")]
+    Driver { context: String, reason: String },
+    #[error("shape mismatch for {kernel}: {what}")]
+    Shape { kernel: String, what: String },
+    #[error("kernel '{kernel}' was compiled for {compiled} but this GPU is {device}")]
+    ArchMismatch { kernel: String, compiled: Arch, device: Arch },
+}
+
+pub(crate) fn driver_err(context: impl Into<String>) -> impl FnOnce(cu::DriverError) -> GpuError {
+    let context = context.into();
+    move |e| GpuError::Driver { context, reason: format!("{e:?}") }
+}
+
+/// Facts about the device, for reports and tuning-DB metadata.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DeviceInfo {
+    pub name: String,
+    pub arch: Arch,
+    pub sm_count: i32,
+    pub driver_version: i32,
+    pub total_mem_bytes: usize,
+    pub l2_bytes: i32,
+    pub max_shared_per_block_optin: i32,
+}
+
+/// One GPU with a context and a stream.
+pub struct Gpu {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    info: DeviceInfo,
+}
+
+/// A cubin loaded as a module, with its entry function and launch geometry.
+pub struct LoadedKernel {
+    pub name: String,
+    pub launch: LaunchDims,
+    _module: Arc<CudaModule>,
+    func: CudaFunction,
+}
+
+impl Gpu {
+    /// True when libcuda can be loaded (no device query; never panics).
+    pub fn driver_present() -> bool {
+        // SAFETY: only tries dlopen on the driver's library names; no CUDA call is made.
+        unsafe { cu::sys::is_culib_present() }
+    }
+
+    /// Opens device `ordinal`, or says why there is no GPU.
+    pub fn open(ordinal: usize) -> Result<Self, GpuError> {
+        if !Self::driver_present() {
+            return Err(GpuError::NoDriver);
+        }
+        let count = CudaContext::device_count().map_err(|e| GpuError::NoDevice(format!("{e:?}")))?;
+        if count as usize <= ordinal {
+            return Err(GpuError::NoDevice(format!("{count} device(s), asked for ordinal {ordinal}")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| GpuError::NoDevice(format!("{e:?}")))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver_err("compute capability"))?;
+        let attr = |a| ctx.attribute(a).map_err(driver_err("device attribute"));
+        use cu::sys::CUdevice_attribute as A;
+        let mut driver_version = 0;
+        // SAFETY: plain out-parameter query on an initialised driver.
+        unsafe { cu::sys::cuDriverGetVersion(&mut driver_version) };
+        let info = DeviceInfo {
+            name: ctx.name().map_err(driver_err("device name"))?,
+            arch: Arch::from_compute_capability(major, minor)
+                .map_err(|e| GpuError::NoDevice(format!("unsupported device: {e}")))?,
+            sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            driver_version,
+            total_mem_bytes: ctx.total_mem().map_err(driver_err("total memory"))?,
+            l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
+            max_shared_per_block_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+        };
+        let stream = ctx.new_stream().map_err(driver_err("stream"))?;
+        Ok(Self { ctx, stream, info })
+    }
+
+    pub fn info(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    /// Loads a cached cubin; refuses entries compiled for another architecture.
+    pub fn load(&self, entry: &CacheEntry) -> Result<LoadedKernel, GpuError> {
+        let compiled = entry.inputs.arch;
+        if compiled.cc != self.info.arch.cc {
+            return Err(GpuError::ArchMismatch { kernel: entry.entry.clone(), compiled, device: self.info.arch });
+        }
+        let module = self
+            .ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(entry.cubin.clone()))
+            .map_err(driver_err(format!("loading cubin of {}", entry.inputs.template)))?;
+        let func = module.load_function(&entry.entry).map_err(driver_err(format!("finding {}", entry.entry)))?;
+        Ok(LoadedKernel { name: entry.inputs.template.clone(), launch: entry.launch, _module: module, func })
+    }
+
+    /// Copies a host slice to a new device buffer.
+    pub fn upload<T: cu::DeviceRepr>(&self, host: &[T]) -> Result<DeviceBuffer<T>, GpuError> {
+        self.stream.clone_htod(host).map_err(driver_err("upload"))
+    }
+
+    /// A zeroed device buffer of `len` elements.
+    pub fn zeros<T: cu::DeviceRepr + cu::ValidAsZeroBits>(&self, len: usize) -> Result<DeviceBuffer<T>, GpuError> {
+        self.stream.alloc_zeros(len).map_err(driver_err("alloc"))
+    }
+
+    /// Copies a device buffer back to the host (synchronizes the stream).
+    pub fn download<T: cu::DeviceRepr + Default + Clone>(&self, dev: &DeviceBuffer<T>) -> Result<Vec<T>, GpuError> {
+        self.stream.clone_dtoh(dev).map_err(driver_err("download"))
+    }
+
+    /// Overwrites a device buffer with host data.
+    pub fn write<T: cu::DeviceRepr>(&self, host: &[T], dev: &mut DeviceBuffer<T>) -> Result<(), GpuError> {
+        self.stream.memcpy_htod(host, dev).map_err(driver_err("write"))
+    }
+
+    /// Waits for all queued work and surfaces any asynchronous launch error.
+    pub fn sync(&self) -> Result<(), GpuError> {
+        self.stream.synchronize().map_err(driver_err("synchronize"))
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+}
+
+impl LoadedKernel {
+    pub(crate) fn config(&self) -> cu::LaunchConfig {
+        cu::LaunchConfig {
+            grid_dim: (self.launch.grid[0], self.launch.grid[1], self.launch.grid[2]),
+            block_dim: (self.launch.block[0], self.launch.block[1], self.launch.block[2]),
+            shared_mem_bytes: self.launch.shared_bytes,
+        }
+    }
+}

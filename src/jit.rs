@@ -1,0 +1,112 @@
+//! The JIT path end to end: template name + params + arch → key → cache hit, or NVRTC
+//! compile and insert. Every miss carries its reason. Batches compile in parallel (rayon).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::arch::Arch;
+use crate::cache::{Cache, CacheEntry, CacheError, Lookup, MissReason};
+use crate::compile::{CompileError, Compiler};
+use crate::key::{KernelKey, KeyInputs};
+use crate::template::{Catalog, Params, RenderedKernel, TemplateError};
+
+/// Errors anywhere on the JIT path.
+#[derive(Debug, thiserror::Error)]
+pub enum JitError {
+    #[error(transparent)]
+    Template(#[from] TemplateError),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// How a request was served.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum Outcome {
+    Hit,
+    /// Compiled because of the miss reason.
+    Compiled(MissReason),
+}
+
+/// One kernel request.
+#[derive(Debug, Clone)]
+pub struct KernelRequest {
+    pub template: String,
+    pub params: Params,
+    pub arch: Arch,
+}
+
+/// A served kernel.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub key: KernelKey,
+    pub entry: CacheEntry,
+    pub outcome: Outcome,
+    /// Wall time of the whole request (render, key, lookup, compile if any).
+    pub ms: f64,
+}
+
+/// Templates + compiler + cache.
+pub struct Jit {
+    pub catalog: Catalog,
+    pub cache: Cache,
+    pub compiler: Compiler,
+    pub keep_ptx: bool,
+}
+
+impl Jit {
+    /// Renders and keys a request without touching the cache.
+    pub fn key_of(&self, req: &KernelRequest) -> Result<(RenderedKernel, KeyInputs), JitError> {
+        let kernel = self.catalog.get(&req.template)?.render(&req.params)?;
+        let inputs = KeyInputs::new(&kernel, req.arch, self.compiler.version(), &Compiler::options(req.arch));
+        Ok((kernel, inputs))
+    }
+
+    /// Serves one request from the cache, compiling on a miss.
+    pub fn get(&self, req: &KernelRequest) -> Result<Fetched, JitError> {
+        let t0 = Instant::now();
+        let (kernel, inputs) = self.key_of(req)?;
+        let key = inputs.key();
+        let reason = match self.cache.get(&key)? {
+            Lookup::Hit(entry) => {
+                return Ok(Fetched { key, entry: *entry, outcome: Outcome::Hit, ms: ms_since(t0) });
+            }
+            Lookup::Miss(reason) => reason,
+        };
+        let compiled = self.compiler.compile(&kernel, req.arch, &inputs.options, self.keep_ptx)?;
+        let entry = CacheEntry::new(inputs, kernel.entry.clone(), kernel.launch, compiled);
+        self.cache.put(&key, &entry)?;
+        Ok(Fetched { key, entry, outcome: Outcome::Compiled(reason), ms: ms_since(t0) })
+    }
+
+    /// Serves many requests in parallel; requests with the same key are served once.
+    pub fn get_many(&self, reqs: &[KernelRequest]) -> Vec<Result<Fetched, JitError>> {
+        let keyed: Vec<Option<KernelKey>> = reqs.iter().map(|r| self.key_of(r).ok().map(|(_, i)| i.key())).collect();
+        let mut first: HashMap<KernelKey, usize> = HashMap::new();
+        for (i, k) in keyed.iter().enumerate() {
+            if let Some(k) = k {
+                first.entry(*k).or_insert(i);
+            }
+        }
+        let unique: Vec<usize> = (0..reqs.len()).filter(|&i| keyed[i].is_none_or(|k| first[&k] == i)).collect();
+        let served: HashMap<usize, Result<Fetched, JitError>> =
+            unique.par_iter().map(|&i| (i, self.get(&reqs[i]))).collect();
+        let mut served = served;
+        (0..reqs.len())
+            .map(|i| match keyed[i].map(|k| first[&k]) {
+                Some(j) if j != i => match &served[&j] {
+                    Ok(f) => Ok(Fetched { outcome: Outcome::Hit, ms: 0.0, ..f.clone() }),
+                    Err(_) => self.get(&reqs[i]),
+                },
+                _ => served.remove(&i).expect("every unique request was served"),
+            })
+            .collect()
+    }
+}
+
+fn ms_since(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1e3
+}

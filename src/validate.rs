@@ -1,0 +1,71 @@
+//! Runs a kernel on fresh random inputs and holds it to the CPU reference: the one
+//! correctness check shared by the GPU tests, `mangrove warm` and the tuner's gate.
+
+use rand::{Rng, SeedableRng};
+
+use crate::cache::CacheEntry;
+use crate::check::{Deltas, POISON_BF16};
+use crate::gpu::{Gpu, GpuError, TernaryGemv};
+use crate::reference::{pack_ternary, ternary_linear};
+
+/// Random inputs of one ternary linear problem (never zeros).
+pub struct TernaryProblem {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    pub packed: Vec<u8>,
+    /// bf16 activations as bits.
+    pub x_bits: Vec<u16>,
+    pub scale: f32,
+}
+
+impl TernaryProblem {
+    /// Uniform ternary weights, activations in [-2, 2) rounded to bf16, a scale in [0.5, 1.5).
+    pub fn random(m: usize, n: usize, k: usize, seed: u64) -> Self {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let w: Vec<i8> = (0..n * k).map(|_| rng.random_range(-1i8..=1)).collect();
+        let x_bits = (0..m * k).map(|_| half::bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_bits()).collect();
+        let scale = rng.random_range(0.5f32..1.5);
+        Self { m, n, k, packed: pack_ternary(&w, n, k), x_bits, scale }
+    }
+
+    /// The f64 reference output [m, n].
+    pub fn reference(&self) -> Vec<f64> {
+        let x: Vec<f64> = self.x_bits.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
+        ternary_linear(&self.packed, self.n, self.k, &x, self.m, self.scale as f64)
+    }
+}
+
+/// Output of one checked run.
+pub struct CheckedRun {
+    pub deltas: Deltas,
+    /// The raw bf16 output bits (for bit-exactness comparisons).
+    pub output: Vec<u16>,
+}
+
+/// Launches a `ternary_gemv` entry `runs` times on one random problem (output poisoned before
+/// each run) and returns the deltas of every run against the f64 reference.
+pub fn check_ternary_gemv(
+    gpu: &Gpu,
+    entry: &CacheEntry,
+    seed: u64,
+    runs: usize,
+    rel_floor: f64,
+) -> Result<Vec<CheckedRun>, GpuError> {
+    let mut op = TernaryGemv::new(gpu, entry)?;
+    let prob = TernaryProblem::random(op.m, op.n, op.k, seed);
+    let reference = prob.reference();
+    let w = gpu.upload(&prob.packed)?;
+    let x = gpu.upload(&prob.x_bits)?;
+    let poison = vec![POISON_BF16; op.m * op.n];
+    let mut y = gpu.upload(&poison)?;
+    let mut out = Vec::with_capacity(runs);
+    for _ in 0..runs.max(1) {
+        gpu.write(&poison, &mut y)?;
+        op.launch(gpu, &w, &x, &mut y, prob.scale)?;
+        gpu.sync()?;
+        let output = gpu.download(&y)?;
+        out.push(CheckedRun { deltas: Deltas::of_bf16(&output, &reference, rel_floor), output });
+    }
+    Ok(out)
+}
