@@ -1,0 +1,54 @@
+//! The `mangrove` binary's user-facing behaviour: clear errors for bad flags, nothing written.
+
+use std::process::Command;
+
+fn mangrove(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn bad_flags_are_clear_errors_and_create_no_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("c");
+    let c = cache.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--arch", "sm91"], "unknown arch 'sm91'"),
+        (&["--cache-dir", c, "compile", "--template", "nope"], "unknown template 'nope'"),
+        (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--param", "VEC"], "expected NAME=INTEGER"),
+        (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--param", "SPLIT_K=3"], "SPLIT_K=3"),
+    ];
+    for (args, needle) in cases {
+        let (ok, _, err) = mangrove(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    assert!(!cache.exists(), "bad input must not create the cache");
+}
+
+#[test]
+fn compile_then_hit_in_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().to_str().unwrap();
+    let args = ["--cache-dir", c, "compile", "--template", "ternary_gemv", "--param", "N=128", "--param", "K=128", "--json"];
+    let (ok, out, err) = mangrove(&args);
+    assert!(ok, "{err}");
+    let first: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(first["outcome"]["Compiled"].is_string(), "{first}");
+    assert!(first["cubin_bytes"].as_u64().unwrap() > 0);
+    let (ok, out, _) = mangrove(&args);
+    assert!(ok);
+    let second: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(second["outcome"], "Hit");
+    assert_eq!(first["key"], second["key"]);
+    let (ok, out, _) = mangrove(&["--cache-dir", c, "cache", "verify"]);
+    assert!(ok && out.contains("intact 1"), "{out}");
+}
+
+#[test]
+fn gpu_command_reports_absence_normally() {
+    let (ok, out, err) = mangrove(&["gpu"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("no GPU") || out.contains("\"sm_count\""), "{out}");
+}

@@ -1,0 +1,103 @@
+//! GPU tests (H100 via scripts/gpu-check): the ternary kernel against the f64 CPU reference
+//! on fresh random data, every output written, split-K bit-identical run to run. Without a
+//! GPU they report "skipped: no GPU"; with MANGROVE_REQUIRE_GPU=1 a missing GPU fails.
+
+mod common;
+
+use mangrove::check::Gate;
+use mangrove::gpu::{Gpu, GpuError};
+use mangrove::jit::KernelRequest;
+use mangrove::template::{format_params, parse_params};
+use mangrove::validate::check_ternary_gemv;
+
+fn gpu_or_skip() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
+            if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
+            }
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+const SHAPES: [(i64, i64); 4] = [(2560, 2560), (6912, 2560), (2560, 6912), (3000, 1000)];
+const GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
+
+/// M × shape × split, cycling the other tunables so many configs are covered.
+fn cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    for m in [1, 2, 4, 8] {
+        for (n, k) in SHAPES {
+            for split in [1, 2, 4, 8] {
+                let vec = if k % 16 == 0 { [16, 8, 4][i % 3] } else { [8, 4][i % 2] };
+                let threads = [64, 128, 256, 512][i % 4];
+                let rpw = if m >= 8 { 1 } else { [1, 2, 4][i % 3] };
+                let unroll = if m >= 4 { [1, 2][i % 2] } else { [1, 2, 4][i % 3] };
+                let p = format!("M={m} N={n} K={k} SPLIT_K={split} VEC={vec} THREADS={threads} ROWS_PER_WARP={rpw} UNROLL={unroll}");
+                let p: Vec<&str> = p.split(' ').collect();
+                out.push(KernelRequest { template: "ternary_gemv".into(), params: parse_params(&p).unwrap(), arch });
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn ternary_gemv_matches_f64_reference() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let reqs = cases(gpu.info().arch);
+    let fetched = jit.get_many(&reqs);
+    let mut failures = Vec::new();
+    for (i, f) in fetched.into_iter().enumerate() {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        let what = format_params(&f.entry.inputs.params);
+        let runs = check_ternary_gemv(&gpu, &f.entry, 1000 + i as u64, 1, GATE.rel_floor).unwrap();
+        let d = runs[0].deltas;
+        println!("{what}: {d} regs={}", f.entry.resources.registers);
+        if !d.passes(&GATE) {
+            failures.push(format!("{what}: {d}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
+}
+
+#[test]
+fn split_k_is_bit_identical_across_runs() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    for split in [2, 4, 8] {
+        for (n, k) in [(2560, 6912), (3000, 1000)] {
+            let p = format!("M=4 N={n} K={k} SPLIT_K={split} VEC=8 THREADS=256");
+            let req = common::gemv(gpu.info().arch, &p.split(' ').collect::<Vec<_>>());
+            let f = jit.get(&req).unwrap();
+            let runs = check_ternary_gemv(&gpu, &f.entry, 77, 10, GATE.rel_floor).unwrap();
+            for (r, run) in runs.iter().enumerate() {
+                assert!(run.deltas.passes(&GATE), "{p} run {r}: {}", run.deltas);
+                assert_eq!(run.output, runs[0].output, "{p}: run {r} differs bitwise from run 0");
+            }
+        }
+    }
+}
+
+#[test]
+fn shape_mismatch_is_an_error_not_a_crash() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let f = jit.get(&common::gemv(gpu.info().arch, &["M=2", "N=256", "K=256"])).unwrap();
+    let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();
+    let w = gpu.zeros::<u8>(64 * 256).unwrap();
+    let x = gpu.zeros::<u16>(256).unwrap(); // M=1 worth of activations, kernel wants M=2
+    let mut y = gpu.zeros::<u16>(2 * 256).unwrap();
+    let err = op.launch(&gpu, &w, &x, &mut y, 1.0).unwrap_err();
+    assert!(err.to_string().contains("x has 256 elements"), "{err}");
+}
