@@ -203,9 +203,10 @@ fn source_excerpt(log: &str, source: &str, file: &str) -> String {
             continue;
         }
         out.push_str(&format!("--- rendered source around {file}:{num} ---\n"));
-        for i in num.saturating_sub(3)..(num + 2).min(lines.len()) {
+        let first = num.saturating_sub(3);
+        for (i, line) in lines.iter().enumerate().skip(first).take(num + 2 - first) {
             let mark = if i + 1 == num { ">>" } else { "  " };
-            out.push_str(&format!("{mark} {:5} | {}\n", i + 1, lines[i]));
+            out.push_str(&format!("{mark} {:5} | {line}\n", i + 1));
         }
     }
     out

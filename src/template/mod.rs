@@ -308,7 +308,7 @@ mod tests {
         let k = gemv().render(&Params::new()).unwrap();
         assert!(k.source.contains("#define THREADS 256"));
         assert_eq!(k.launch.block, [256, 1, 1]);
-        assert_eq!(k.launch.grid, [(2560 / 4 + 7) / 8, 1, 1]);
+        assert_eq!(k.launch.grid, [(2560 / 4u32).div_ceil(8), 1, 1]);
     }
 
     #[test]
