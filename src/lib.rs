@@ -19,4 +19,6 @@ pub mod jit;
 pub mod key;
 pub mod reference;
 pub mod template;
+pub mod tune;
+pub mod tuning_db;
 pub mod validate;

@@ -4,6 +4,7 @@
 //! touches it (cudarc panics otherwise). With `compile`, the only module that imports cudarc.
 
 mod ternary;
+mod timing;
 
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use crate::arch::Arch;
 use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
 pub use ternary::TernaryGemv;
+pub use timing::{TimingPlan, TimingStats};
 
 /// A device allocation of `T` elements.
 pub type DeviceBuffer<T> = cu::CudaSlice<T>;

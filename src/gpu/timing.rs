@@ -1,0 +1,110 @@
+//! The one timing harness: CUDA events around batches of launches after a warm-up, giving
+//! median / p95 / mean per launch; and the device's copy bandwidth, the physical limit that
+//! memory-bound kernels are reported against.
+
+use cudarc::driver::sys::CUevent_flags;
+
+use super::{driver_err, Gpu, GpuError};
+
+/// Per-launch latency statistics in microseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TimingStats {
+    pub median_us: f64,
+    pub p95_us: f64,
+    pub mean_us: f64,
+    pub min_us: f64,
+    /// Number of timed batches.
+    pub samples: usize,
+    /// Launches per batch.
+    pub batch: usize,
+}
+
+impl TimingStats {
+    /// Statistics of per-launch times (µs), one per batch.
+    pub fn from_samples(mut us: Vec<f64>, batch: usize) -> Self {
+        if us.is_empty() {
+            return Self::default();
+        }
+        us.sort_by(f64::total_cmp);
+        let pick = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        Self {
+            median_us: pick(0.5),
+            p95_us: pick(0.95),
+            mean_us: us.iter().sum::<f64>() / us.len() as f64,
+            min_us: us[0],
+            samples: us.len(),
+            batch,
+        }
+    }
+}
+
+/// How much to measure.
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct TimingPlan {
+    pub warmup: usize,
+    pub samples: usize,
+    pub batch: usize,
+}
+
+impl Default for TimingPlan {
+    fn default() -> Self {
+        Self { warmup: 5, samples: 30, batch: 16 }
+    }
+}
+
+impl Gpu {
+    /// Times `launch(i)` (i counts launches, for rotating inputs): `plan.warmup` untimed
+    /// batches, then `plan.samples` batches of `plan.batch` launches between two events.
+    pub fn time_launches(
+        &self,
+        plan: TimingPlan,
+        mut launch: impl FnMut(usize) -> Result<(), GpuError>,
+    ) -> Result<TimingStats, GpuError> {
+        let ev = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("event"));
+        let (start, stop) = (ev()?, ev()?);
+        let mut i = 0usize;
+        for _ in 0..plan.warmup * plan.batch {
+            launch(i)?;
+            i += 1;
+        }
+        self.sync()?;
+        let mut us = Vec::with_capacity(plan.samples);
+        for _ in 0..plan.samples {
+            start.record(&self.stream).map_err(driver_err("event record"))?;
+            for _ in 0..plan.batch {
+                launch(i)?;
+                i += 1;
+            }
+            stop.record(&self.stream).map_err(driver_err("event record"))?;
+            let ms = start.elapsed_ms(&stop).map_err(driver_err("event elapsed"))?;
+            us.push(ms as f64 * 1e3 / plan.batch as f64);
+        }
+        Ok(TimingStats::from_samples(us, plan.batch))
+    }
+
+    /// Device-to-device copy bandwidth in GB/s (bytes read + bytes written), over `bytes` per copy.
+    pub fn copy_bandwidth_gbs(&self, bytes: usize) -> Result<f64, GpuError> {
+        let src = self.zeros::<u8>(bytes)?;
+        let mut dst = self.zeros::<u8>(bytes)?;
+        let plan = TimingPlan { warmup: 2, samples: 10, batch: 4 };
+        let stats = self.time_launches(plan, |_| {
+            self.stream.memcpy_dtod(&src, &mut dst).map_err(driver_err("copy"))
+        })?;
+        Ok(2.0 * bytes as f64 / (stats.median_us * 1e-6) / 1e9)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_samples() {
+        let s = TimingStats::from_samples((1..=100).map(|v| v as f64).collect(), 4);
+        assert_eq!(s.median_us, 51.0); // index round(99*0.5)=50 → value 51
+        assert_eq!(s.p95_us, 95.0);
+        assert_eq!(s.min_us, 1.0);
+        assert!((s.mean_us - 50.5).abs() < 1e-12);
+        assert_eq!(TimingStats::from_samples(vec![], 1).samples, 0);
+    }
+}
