@@ -70,6 +70,8 @@ pub struct Record {
     pub strategy: String,
     pub gate: Gate,
     pub copy_bw_gbs: f64,
+    /// The template's default config timed on the same workload (the "untuned" baseline).
+    pub default_us: Option<f64>,
     pub provenance: Provenance,
 }
 
@@ -319,6 +321,7 @@ mod tests {
             strategy: "exhaustive".into(),
             gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
             copy_bw_gbs: 3000.0,
+            default_us: Some(us * 1.5),
             provenance: Provenance::default(),
         }
     }

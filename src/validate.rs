@@ -5,7 +5,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::cache::CacheEntry;
 use crate::check::{Deltas, POISON_BF16};
-use crate::gpu::{Gpu, GpuError, TernaryGemv};
+use crate::gpu::{DeviceBuffer, Gpu, GpuError, TernaryGemv};
 use crate::reference::{pack_ternary, ternary_linear};
 
 /// Random inputs of one ternary linear problem (never zeros).
@@ -43,8 +43,46 @@ pub struct CheckedRun {
     pub output: Vec<u16>,
 }
 
-/// Launches a `ternary_gemv` entry `runs` times on one random problem (output poisoned before
-/// each run) and returns the deltas of every run against the f64 reference.
+/// A random problem resident on the GPU with its f64 reference, reusable across kernels.
+pub struct TernaryCase {
+    pub problem: TernaryProblem,
+    pub reference: Vec<f64>,
+    w: DeviceBuffer<u8>,
+    x: DeviceBuffer<u16>,
+    y: DeviceBuffer<u16>,
+}
+
+impl TernaryCase {
+    /// Draws a fresh problem from `seed`, computes its reference and uploads it.
+    pub fn new(gpu: &Gpu, m: usize, n: usize, k: usize, seed: u64) -> Result<Self, GpuError> {
+        let problem = TernaryProblem::random(m, n, k, seed);
+        let reference = problem.reference();
+        Ok(Self {
+            w: gpu.upload(&problem.packed)?,
+            x: gpu.upload(&problem.x_bits)?,
+            y: gpu.upload(&vec![POISON_BF16; m * n])?,
+            problem,
+            reference,
+        })
+    }
+
+    /// The activations on the device.
+    pub fn x(&self) -> &DeviceBuffer<u16> {
+        &self.x
+    }
+
+    /// Poisons the output, launches `entry` once and compares with the reference.
+    pub fn run(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rel_floor: f64) -> Result<CheckedRun, GpuError> {
+        gpu.write(&vec![POISON_BF16; self.problem.m * self.problem.n], &mut self.y)?;
+        op.launch(gpu, &self.w, &self.x, &mut self.y, self.problem.scale)?;
+        gpu.sync()?;
+        let output = gpu.download(&self.y)?;
+        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, &self.reference, rel_floor), output })
+    }
+}
+
+/// Launches a `ternary_gemv` entry `runs` times on one fresh random problem (output poisoned
+/// before each run) and returns the deltas of every run against the f64 reference.
 pub fn check_ternary_gemv(
     gpu: &Gpu,
     entry: &CacheEntry,
@@ -53,19 +91,6 @@ pub fn check_ternary_gemv(
     rel_floor: f64,
 ) -> Result<Vec<CheckedRun>, GpuError> {
     let mut op = TernaryGemv::new(gpu, entry)?;
-    let prob = TernaryProblem::random(op.m, op.n, op.k, seed);
-    let reference = prob.reference();
-    let w = gpu.upload(&prob.packed)?;
-    let x = gpu.upload(&prob.x_bits)?;
-    let poison = vec![POISON_BF16; op.m * op.n];
-    let mut y = gpu.upload(&poison)?;
-    let mut out = Vec::with_capacity(runs);
-    for _ in 0..runs.max(1) {
-        gpu.write(&poison, &mut y)?;
-        op.launch(gpu, &w, &x, &mut y, prob.scale)?;
-        gpu.sync()?;
-        let output = gpu.download(&y)?;
-        out.push(CheckedRun { deltas: Deltas::of_bf16(&output, &reference, rel_floor), output });
-    }
-    Ok(out)
+    let mut case = TernaryCase::new(gpu, op.m, op.n, op.k, seed)?;
+    (0..runs.max(1)).map(|_| case.run(gpu, &mut op, rel_floor)).collect()
 }

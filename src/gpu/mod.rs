@@ -49,6 +49,9 @@ pub struct DeviceInfo {
     pub total_mem_bytes: usize,
     pub l2_bytes: i32,
     pub max_shared_per_block_optin: i32,
+    /// Peak clocks the driver reports (0 where it reports none).
+    pub sm_clock_mhz: i32,
+    pub mem_clock_mhz: i32,
 }
 
 /// One GPU with a context and a stream.
@@ -98,6 +101,8 @@ impl Gpu {
             total_mem_bytes: ctx.total_mem().map_err(driver_err("total memory"))?,
             l2_bytes: attr(A::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?,
             max_shared_per_block_optin: attr(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?,
+            sm_clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE).unwrap_or(0) / 1000,
+            mem_clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).unwrap_or(0) / 1000,
         };
         let stream = ctx.new_stream().map_err(driver_err("stream"))?;
         Ok(Self { ctx, stream, info })

@@ -4,3 +4,8 @@
 
 pub mod space;
 pub mod strategy;
+pub mod sweep;
+pub mod workload;
+pub mod context;
+pub mod gemv;
+pub mod probe;

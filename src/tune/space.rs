@@ -19,6 +19,20 @@ pub enum PruneReason {
     CompileFailed(String),
 }
 
+impl PruneReason {
+    /// The reason's kind, for summaries.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PruneReason::Constraint(_) => "constraint",
+            PruneReason::Spills { .. } => "spills",
+            PruneReason::Registers { .. } => "registers",
+            PruneReason::SharedMemory { .. } => "shared memory",
+            PruneReason::ThreadsPerBlock { .. } => "threads per block",
+            PruneReason::CompileFailed(_) => "compile failed",
+        }
+    }
+}
+
 impl std::fmt::Display for PruneReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -1,0 +1,380 @@
+//! `mangrove-tune`: sweep kernel configs on the GPU, gate them for correctness, and write the
+//! winners into a per-GPU tuning DB (`tuning_db/<gpu>/`).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use mangrove::arch::Arch;
+use mangrove::cache::{self, Cache};
+use mangrove::check::Gate;
+use mangrove::compile::Compiler;
+use mangrove::gpu::TimingPlan;
+use mangrove::jit::Jit;
+use mangrove::template::{format_params, Catalog, Params};
+use mangrove::tune::context::TuneContext;
+use mangrove::tune::gemv::{tune_gemv, BITNET_2B_SHAPES};
+use mangrove::tune::probe::{probe_case, ProbeReference};
+use mangrove::tune::space::Shard;
+use mangrove::tune::strategy::Strategy;
+use mangrove::tune::sweep::{SweepOutcome, SweepSettings};
+use mangrove::tuning_db::TuningDb;
+
+#[derive(Parser)]
+#[command(
+    name = "mangrove-tune",
+    version,
+    about = "Autotune mangrove kernels on this GPU and record the winners in a tuning DB",
+    long_about = "Each sweep enumerates a template's tunable space for a problem, prunes configs that violate \
+a constraint or the device's limits (threads, registers, shared memory, spills: the reason is recorded), \
+compiles the rest in parallel, rejects any config whose output misses the CPU reference (--max-abs/--max-rel), \
+times the survivors with CUDA events over inputs rotated beyond L2, and writes the winner, runner-ups and \
+provenance to tuning_db/<gpu>/<template>.json. Without a GPU every sweep is compile-only."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The M = 1..8 ternary decode GEMV (BitNet packed weights), K-split 1/2/4/8 included.
+    Gemv {
+        #[command(flatten)]
+        common: Common,
+        /// Shapes as NxK (output features × input features). Default: bitnet-b1.58-2B decode shapes.
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<(i64, i64)>,
+        /// Token counts to tune.
+        #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
+        m: Vec<i64>,
+    },
+    /// The M>1 ternary linear gate: run the tuned GEMV path for M tokens (row chunks of at most
+    /// 8) against a reference, time it, and record pass/fail in the tuning DB.
+    #[command(name = "probe-mgt1")]
+    ProbeMgt1 {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_delimiter = ',', default_values_t = [2i64, 4, 8, 16, 32, 64])]
+        m: Vec<i64>,
+        /// Shapes as NxK. Default: bitnet-b1.58-2B decode shapes.
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<(i64, i64)>,
+        /// Reference: the M=1 kernel row by row, or the f64 dense product.
+        #[arg(long = "ref", value_enum, default_value = "dense")]
+        reference: RefArg,
+        /// Folder in which mgt1_linear_probe_<timestamp>/ is written.
+        #[arg(long, default_value = ".")]
+        out_dir: PathBuf,
+    },
+    /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
+    Merge {
+        /// DB folders to merge, in order.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RefArg {
+    #[value(name = "m1_kernel")]
+    M1Kernel,
+    Dense,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum StrategyArg {
+    Exhaustive,
+    Budgeted,
+}
+
+#[derive(Args)]
+struct Common {
+    /// Target architecture (sm80, sm90, sm120, …).
+    #[arg(long, default_value = "sm90")]
+    arch: Arch,
+    /// Search strategy.
+    #[arg(long, value_enum, default_value = "exhaustive")]
+    strategy: StrategyArg,
+    /// Configs to time per sweep with --strategy budgeted.
+    #[arg(long, default_value_t = 32)]
+    budget: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Run only shard i of n (0-based), e.g. for Slurm arrays: --shard $SLURM_ARRAY_TASK_ID/$N.
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// Compile and resource-check every candidate; time nothing.
+    #[arg(long)]
+    compile_only: bool,
+    /// Correctness gate: largest absolute error allowed.
+    #[arg(long, default_value_t = 0.08)]
+    max_abs: f64,
+    /// Correctness gate: largest relative error allowed.
+    #[arg(long, default_value_t = 0.25)]
+    max_rel: f64,
+    /// Relative errors are taken against max(|ref|, rel_floor × max|ref|).
+    #[arg(long, default_value_t = 0.05)]
+    rel_floor: f64,
+    /// Timed batches per config.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+    /// Launches per timed batch.
+    #[arg(long, default_value_t = 16)]
+    batch: usize,
+    /// Runner-ups kept per record.
+    #[arg(long, default_value_t = 3)]
+    runner_ups: usize,
+    /// Tuning DB folder (default: tuning_db/<gpu>, e.g. tuning_db/h100).
+    #[arg(long)]
+    db: Option<PathBuf>,
+    /// Do not write the tuning DB.
+    #[arg(long)]
+    no_write: bool,
+    #[arg(long, env = "MANGROVE_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Print the full outcome as JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_shape(s: &str) -> Result<(i64, i64), String> {
+    let (n, k) = s.split_once(['x', 'X']).ok_or_else(|| format!("bad shape '{s}': expected NxK, e.g. 2560x6912"))?;
+    let n: i64 = n.trim().parse().map_err(|_| format!("bad shape '{s}': N is not an integer"))?;
+    let k: i64 = k.trim().parse().map_err(|_| format!("bad shape '{s}': K is not an integer"))?;
+    if n <= 0 || k <= 0 {
+        return Err(format!("bad shape '{s}': N and K must be positive"));
+    }
+    Ok((n, k))
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Gemv { common, shapes, m } => {
+            let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
+            let ctx = context(&common)?;
+            if !common.json {
+                println!("gemv: shapes {} × M {:?}, {}", shapes.iter().map(|(n, k)| format!("{n}x{k}")).collect::<Vec<_>>().join(","), m, ctx.settings.strategy);
+            }
+            let pb = progress(common.json);
+            let outcomes = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            pb.finish_and_clear();
+            finish(&ctx, &common, "ternary_gemv", outcomes)
+        }
+        Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => {
+            let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
+            if let Some(bad) = m.iter().find(|&&m| !(1..=4096).contains(&m)) {
+                bail!("--m {bad} is out of range 1..=4096");
+            }
+            let ctx = context(&common)?;
+            let Some(gpu) = &ctx.gpu else { bail!("probe-mgt1 runs kernels and needs a GPU of {}", ctx.arch()) };
+            let reference = match reference {
+                RefArg::M1Kernel => ProbeReference::M1Kernel,
+                RefArg::Dense => ProbeReference::Dense,
+            };
+            let dir = db_dir(&ctx, &common.db);
+            let mut db = TuningDb::load(&dir)?;
+            let stamp = ctx.provenance.date.replace([':', '-'], "");
+            let run_dir = out_dir.join(format!("mgt1_linear_probe_{stamp}"));
+            std::fs::create_dir_all(&run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+            let mut log = String::new();
+            let mut cases = Vec::new();
+            for &(n, k) in &shapes {
+                for &mm in &m {
+                    let case = probe_case(gpu, &ctx.jit, &db, ctx.arch(), (mm as usize, n, k), reference, &ctx.settings.gate, ctx.settings.plan, 7 + mm as u64, &ctx.provenance);
+                    let r = &case.record;
+                    let line = format!(
+                        "{:<4} M={mm:<3} N={n:<6} K={k:<6} avg {:>8.2} µs p50 {:>8.2} p95 {:>8.2}  config {:?}  {}",
+                        if r.passed { "PASS" } else { "FAIL" }, r.avg_us, r.p50_us, r.p95_us, case.rule,
+                        match &r.deltas { Some(d) => d.to_string(), None => r.status.clone() }
+                    );
+                    if !common.json {
+                        println!("{line}");
+                    }
+                    log.push_str(&line);
+                    log.push('\n');
+                    cases.push(case);
+                }
+            }
+            let report = serde_json::json!({
+                "gate": ctx.settings.gate, "reference": format!("{reference:?}"), "provenance": ctx.provenance, "cases": cases,
+            });
+            std::fs::write(run_dir.join("probe.json"), serde_json::to_string_pretty(&report)? + "\n")?;
+            std::fs::write(run_dir.join("probe.log"), &log)?;
+            for c in cases.iter().filter(|c| c.record.m > 1) {
+                db.record_gate(c.record.clone());
+            }
+            if !common.no_write {
+                db.save(&dir)?;
+            }
+            let failed = cases.iter().filter(|c| !c.record.passed).count();
+            if common.json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!("{} of {} cases passed; wrote {} and gates to {}", cases.len() - failed, cases.len(), run_dir.display(), dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Merge { inputs, out } => {
+            let mut db = TuningDb::load(&out).with_context(|| format!("reading {}", out.display()))?;
+            let mut conflicts = Vec::new();
+            for i in &inputs {
+                if !i.is_dir() {
+                    bail!("{} is not a tuning DB folder", i.display());
+                }
+                conflicts.extend(db.merge(TuningDb::load(i)?));
+            }
+            db.save(&out)?;
+            let n: usize = db.templates.values().map(|t| t.records.len()).sum();
+            println!("merged {} folders into {}: {n} records, {} gates", inputs.len(), out.display(), db.gates.len());
+            for c in &conflicts {
+                println!(
+                    "conflict {} {} M={}: kept {:.2} µs, dropped {:.2} µs",
+                    c.template, format_params(&c.problem), c.m, c.kept_us, c.dropped_us
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn context(c: &Common) -> Result<TuneContext> {
+    let compiler = Compiler::open()?;
+    let cache = Cache::open(&cache::resolve_dir(c.cache_dir.as_deref()))?;
+    let jit = Jit { catalog: Catalog::embedded(), cache, compiler, keep_ptx: false };
+    let strategy = match c.strategy {
+        StrategyArg::Exhaustive => Strategy::Exhaustive,
+        StrategyArg::Budgeted if c.budget == 0 => bail!("--budget must be at least 1"),
+        StrategyArg::Budgeted => Strategy::Budgeted { budget: c.budget, seed: c.seed },
+    };
+    if c.samples == 0 || c.batch == 0 {
+        bail!("--samples and --batch must be at least 1");
+    }
+    let settings = SweepSettings {
+        arch: c.arch,
+        strategy,
+        shard: c.shard,
+        gate: Gate { max_abs: c.max_abs, max_rel: c.max_rel, rel_floor: c.rel_floor },
+        plan: TimingPlan { warmup: 3, samples: c.samples, batch: c.batch },
+        runner_ups: c.runner_ups,
+        compile_only: c.compile_only,
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let (ctx, note) = TuneContext::new(jit, settings, command)?;
+    if let Some(note) = note {
+        eprintln!("note: {note}");
+    } else if c.compile_only {
+        eprintln!("note: --compile-only: compiling and resource-checking, timing nothing");
+    }
+    Ok(ctx)
+}
+
+fn progress(hidden: bool) -> ProgressBar {
+    if hidden {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(ProgressStyle::with_template("{spinner} {pos} configs evaluated · {msg} [{elapsed}]").expect("valid template"));
+    pb.enable_steady_tick(std::time::Duration::from_millis(200));
+    pb
+}
+
+/// The DB folder: the flag, else tuning_db/<gpu slug>, else tuning_db/<arch>.
+fn db_dir(ctx: &TuneContext, flag: &Option<PathBuf>) -> PathBuf {
+    if let Some(d) = flag {
+        return d.clone();
+    }
+    let slug = ctx.gpu.as_ref().map(|g| gpu_slug(&g.info().name)).unwrap_or_else(|| ctx.arch().to_string());
+    Path::new("tuning_db").join(slug)
+}
+
+/// "NVIDIA H100 80GB HBM3" → "h100".
+fn gpu_slug(name: &str) -> String {
+    name.split_whitespace()
+        .find(|w| w.len() >= 3 && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && w.chars().any(|c| c.is_ascii_digit()))
+        .unwrap_or(name)
+        .to_ascii_lowercase()
+}
+
+fn finish(ctx: &TuneContext, c: &Common, template: &str, outcomes: Vec<(Params, SweepOutcome)>) -> Result<()> {
+    let dir = db_dir(ctx, &c.db);
+    let mut db = TuningDb::load(&dir)?;
+    let mut conflicts = Vec::new();
+    for (_, o) in &outcomes {
+        if let Some(r) = &o.record {
+            conflicts.extend(db.upsert(template, r.clone()));
+        }
+    }
+    let wrote = !c.no_write && outcomes.iter().any(|(_, o)| o.record.is_some());
+    if wrote {
+        db.save(&dir)?;
+    }
+    if c.json {
+        let jobs: Vec<_> = outcomes
+            .iter()
+            .map(|(p, o)| {
+                serde_json::json!({
+                    "problem": p, "candidates": o.candidates,
+                    "pruned": o.pruned.iter().map(|(p, r)| serde_json::json!({"params": p, "reason": r.to_string()})).collect::<Vec<_>>(),
+                    "rejected": o.rejected.iter().map(|(p, d)| serde_json::json!({"params": p, "deltas": d})).collect::<Vec<_>>(),
+                    "timed": o.timed.len(), "default_us": o.default_us, "record": o.record,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({
+            "template": template, "arch": ctx.arch().to_string(), "compile_only": ctx.settings.compile_only,
+            "copy_bw_gbs": ctx.copy_bw_gbs, "db": dir, "written": wrote, "jobs": jobs,
+        }))?);
+        return Ok(());
+    }
+    if ctx.copy_bw_gbs > 0.0 {
+        println!("copy bandwidth: {:.0} GB/s", ctx.copy_bw_gbs);
+    }
+    println!("{:<24} {:>5} {:>6} {:>6} {:>6} {:>9} {:>8} {:>6} {:>9} {:>7}  winner", "problem", "cands", "pruned", "reject", "timed", "median", "GB/s", "%copy", "default", "speedup");
+    for (p, o) in &outcomes {
+        let prob = format_params(p);
+        match &o.record {
+            Some(r) => {
+                let w = &r.winner;
+                let (def, sp) = match o.default_us {
+                    Some(d) => (format!("{d:.2}"), format!("{:.2}×", d / w.median_us)),
+                    None => ("-".into(), "-".into()),
+                };
+                println!(
+                    "{prob:<24} {:>5} {:>6} {:>6} {:>6} {:>7.2}µs {:>8.0} {:>5.1}% {:>9} {:>7}  {}",
+                    o.candidates, o.pruned.len(), o.rejected.len(), o.timed.len(), w.median_us, w.gb_s, 100.0 * w.frac_copy_bw, def, sp, format_params(&w.params)
+                );
+            }
+            None => println!("{prob:<24} {:>5} {:>6} {:>6} {:>6}  (not timed)", o.candidates, o.pruned.len(), o.rejected.len(), o.timed.len()),
+        }
+    }
+    let pruned: usize = outcomes.iter().map(|(_, o)| o.pruned.len()).sum();
+    if pruned > 0 {
+        let mut reasons = std::collections::BTreeMap::<String, usize>::new();
+        for (_, o) in &outcomes {
+            for (_, r) in &o.pruned {
+                *reasons.entry(r.kind().to_string()).or_default() += 1;
+            }
+        }
+        println!("pruned: {}", reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect::<Vec<_>>().join(", "));
+    }
+    for cf in &conflicts {
+        println!("replaced {} M={}: {:.2} µs vs {:.2} µs", format_params(&cf.problem), cf.m, cf.kept_us, cf.dropped_us);
+    }
+    if wrote {
+        println!("wrote {}", dir.display());
+    } else if ctx.settings.compile_only {
+        println!("compile-only: nothing timed, tuning DB unchanged");
+    }
+    Ok(())
+}

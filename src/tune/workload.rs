@@ -1,0 +1,82 @@
+//! What the tuner runs a candidate on: a [`Workload`] checks an entry against the CPU
+//! reference and times it over rotating inputs that together exceed L2, so HBM is measured.
+
+use crate::cache::CacheEntry;
+use crate::check::Deltas;
+use crate::gpu::{DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats};
+use crate::validate::TernaryCase;
+
+/// A problem instance the tuner can check and time kernels on.
+pub trait Workload {
+    /// Correctness of `entry` on the workload's random inputs (drawn fresh for each
+    /// workload, never zeros) against the f64 reference, output poisoned first.
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError>;
+    /// Per-launch timing of `entry`, inputs rotated across launches.
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError>;
+    /// Fewest bytes one launch must move through HBM (for GB/s).
+    fn min_bytes(&self) -> usize;
+}
+
+/// How many copies of a `bytes`-sized input make a rotation that exceeds twice the L2.
+pub fn rotation_count(bytes: usize, l2_bytes: usize) -> usize {
+    (2 * l2_bytes).div_ceil(bytes.max(1)).clamp(1, 4096)
+}
+
+/// The decode GEMV: one (M, N, K) with its checked case and a ring of weight copies.
+pub struct GemvWorkload {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    case: TernaryCase,
+    weights: Vec<DeviceBuffer<u8>>,
+    y: DeviceBuffer<u16>,
+}
+
+impl GemvWorkload {
+    /// Allocates the rotation ring (random ternary weights, never zeros) for (m, n, k).
+    pub fn new(gpu: &Gpu, m: usize, n: usize, k: usize, seed: u64) -> Result<Self, GpuError> {
+        let case = TernaryCase::new(gpu, m, n, k, seed)?;
+        let packed = &case.problem.packed;
+        let copies = rotation_count(packed.len(), gpu.info().l2_bytes as usize);
+        let weights = (0..copies).map(|_| gpu.upload(packed)).collect::<Result<_, _>>()?;
+        Ok(Self { m, n, k, weights, y: gpu.zeros(m * n)?, case })
+    }
+
+    /// Number of weight copies in the ring.
+    pub fn copies(&self) -> usize {
+        self.weights.len()
+    }
+}
+
+impl Workload for GemvWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &mut TernaryGemv::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let mut op = TernaryGemv::new(gpu, entry)?;
+        let (weights, y, scale) = (&self.weights, &mut self.y, self.case.problem.scale);
+        let x = self.case.x();
+        let copies = weights.len();
+        gpu.time_launches(plan, |i| op.launch(gpu, &weights[i % copies], x, y, scale))
+    }
+
+    fn min_bytes(&self) -> usize {
+        self.n / 4 * self.k + 2 * self.m * self.k + 2 * self.m * self.n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_exceeds_twice_l2() {
+        let l2 = 50 << 20;
+        for bytes in [1 << 10, 1_638_400, 4_423_680, 82 << 20] {
+            let n = rotation_count(bytes, l2);
+            assert!(n * bytes >= 2 * l2, "{bytes}: {n}");
+            assert!((n - 1) * bytes < 2 * l2 || n == 1);
+        }
+    }
+}
