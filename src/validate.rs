@@ -20,12 +20,14 @@ pub struct TernaryProblem {
 }
 
 impl TernaryProblem {
-    /// Uniform ternary weights, activations in [-2, 2) rounded to bf16, a scale in [0.5, 1.5).
+    /// Uniform ternary weights, activations in [-2, 2) rounded to bf16, and a scale in
+    /// [0.5, 1.5)/sqrt(K), so outputs are O(1) like a normalized layer's and absolute gates
+    /// (`--max-abs`) mean the same at every K.
     pub fn random(m: usize, n: usize, k: usize, seed: u64) -> Self {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let w: Vec<i8> = (0..n * k).map(|_| rng.random_range(-1i8..=1)).collect();
         let x_bits = (0..m * k).map(|_| half::bf16::from_f32(rng.random_range(-2.0f32..2.0)).to_bits()).collect();
-        let scale = rng.random_range(0.5f32..1.5);
+        let scale = rng.random_range(0.5f32..1.5) / (k as f32).sqrt();
         Self { m, n, k, packed: pack_ternary(&w, n, k), x_bits, scale }
     }
 

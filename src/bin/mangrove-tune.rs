@@ -68,6 +68,19 @@ enum Cmd {
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
     },
+    /// Benchmark the tuner itself on gemv: exhaustive vs budgeted on the same jobs (the
+    /// exhaustive winners are written to the DB), each against the template's default config.
+    Bench {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+        shapes: Vec<(i64, i64)>,
+        #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
+        m: Vec<i64>,
+        /// Write the full report here as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+    },
     /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
     Merge {
         /// DB folders to merge, in order.
@@ -91,7 +104,7 @@ enum StrategyArg {
     Budgeted,
 }
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct Common {
     /// Target architecture (sm80, sm90, sm120, …).
     #[arg(long, default_value = "sm90")]
@@ -222,6 +235,59 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 println!("{} of {} cases passed; wrote {} and gates to {}", cases.len() - failed, cases.len(), run_dir.display(), dir.display());
+            }
+            Ok(())
+        }
+        Cmd::Bench { common, shapes, m, report } => {
+            let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
+            let mut ctx = context(&common)?;
+            if ctx.settings.compile_only {
+                bail!("bench times kernels and needs a GPU of {}", ctx.arch());
+            }
+            let budget = common.budget;
+            ctx.settings.strategy = Strategy::Exhaustive;
+            let pb = progress(common.json);
+            let exhaustive = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            ctx.settings.strategy = Strategy::Budgeted { budget, seed: common.seed };
+            let budgeted = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            pb.finish_and_clear();
+            let mut rows = Vec::new();
+            println!("copy bandwidth {:.0} GB/s; budgeted = {} configs timed per job", ctx.copy_bw_gbs, budget);
+            println!("{:<24} {:>9} {:>9} {:>8} {:>6} {:>9} {:>9} {:>7}", "problem", "default", "tuned", "speedup", "%copy", "budgeted", "b/exh", "%meas");
+            for ((p, e), (_, b)) in exhaustive.iter().zip(&budgeted) {
+                let (Some(er), Some(br)) = (&e.record, &b.record) else { continue };
+                let def = e.default_us.unwrap_or(f64::NAN);
+                let row = serde_json::json!({
+                    "problem": p, "default_us": def, "tuned_us": er.winner.median_us, "speedup_vs_default": def / er.winner.median_us,
+                    "frac_copy_bw": er.winner.frac_copy_bw, "gb_s": er.winner.gb_s, "budgeted_us": br.winner.median_us,
+                    "budgeted_over_exhaustive": br.winner.median_us / er.winner.median_us,
+                    "measurements_exhaustive": er.timed + er.rejected, "measurements_budgeted": br.timed + br.rejected,
+                    "tuned_params": er.winner.params, "budgeted_params": br.winner.params,
+                });
+                println!(
+                    "{:<24} {:>7.2}µs {:>7.2}µs {:>7.2}× {:>5.1}% {:>7.2}µs {:>8.3} {:>6.1}%",
+                    format_params(p), def, er.winner.median_us, def / er.winner.median_us, 100.0 * er.winner.frac_copy_bw,
+                    br.winner.median_us, br.winner.median_us / er.winner.median_us,
+                    100.0 * (br.timed + br.rejected) as f64 / (er.timed + er.rejected).max(1) as f64
+                );
+                rows.push(row);
+            }
+            let geo = |key: &str| (rows.iter().map(|r| r[key].as_f64().unwrap_or(f64::NAN).ln()).sum::<f64>() / rows.len().max(1) as f64).exp();
+            let summary = serde_json::json!({
+                "geomean_speedup_vs_default": geo("speedup_vs_default"),
+                "geomean_budgeted_over_exhaustive": geo("budgeted_over_exhaustive"),
+                "worst_budgeted_over_exhaustive": rows.iter().map(|r| r["budgeted_over_exhaustive"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max),
+                "measurement_fraction": rows.iter().map(|r| r["measurements_budgeted"].as_f64().unwrap_or(0.0)).sum::<f64>()
+                    / rows.iter().map(|r| r["measurements_exhaustive"].as_f64().unwrap_or(0.0)).sum::<f64>().max(1.0),
+                "best_frac_copy_bw": rows.iter().map(|r| r["frac_copy_bw"].as_f64().unwrap_or(0.0)).fold(0.0, f64::max),
+            });
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            if let Some(path) = report {
+                let full = serde_json::json!({"copy_bw_gbs": ctx.copy_bw_gbs, "budget": budget, "provenance": ctx.provenance, "rows": rows, "summary": summary});
+                std::fs::write(&path, serde_json::to_string_pretty(&full)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+            }
+            if !common.no_write {
+                finish(&ctx, &Common { json: false, ..common }, "ternary_gemv", exhaustive)?;
             }
             Ok(())
         }

@@ -42,19 +42,35 @@ impl SearchResult {
     }
 }
 
+/// What a search evaluates: a cost per config, and a hint of the configs it will ask for
+/// next (so their compiles can run in parallel ahead of the serial timing).
+pub trait Evaluator {
+    /// The configs about to be evaluated.
+    fn prefetch(&mut self, _batch: &[Params]) {}
+    /// Lower is better; `None` rejects the config.
+    fn cost(&mut self, p: &Params) -> Option<f64>;
+}
+
+impl<F: FnMut(&Params) -> Option<f64>> Evaluator for F {
+    fn cost(&mut self, p: &Params) -> Option<f64> {
+        self(p)
+    }
+}
+
 /// Runs `strategy` over `candidates`; `tunables` maps each tunable name to its ordered values
 /// (neighbours differ in one tunable by one step).
 pub fn search(
     strategy: Strategy,
     candidates: &[Params],
     tunables: &BTreeMap<String, Vec<i64>>,
-    mut cost: impl FnMut(&Params) -> Option<f64>,
+    eval: &mut dyn Evaluator,
 ) -> SearchResult {
     let mut out = SearchResult::default();
     match strategy {
         Strategy::Exhaustive => {
+            eval.prefetch(candidates);
             for c in candidates {
-                out.evaluated.push((c.clone(), cost(c)));
+                out.evaluated.push((c.clone(), eval.cost(c)));
             }
         }
         Strategy::Budgeted { budget, seed } => {
@@ -65,32 +81,37 @@ pub fn search(
             order.shuffle(&mut rng);
             let budget = budget.min(candidates.len());
             let random_phase = budget.div_ceil(2);
-            let mut eval = |p: &Params, out: &mut SearchResult, seen: &mut HashSet<String>| {
+            let first: Vec<Params> = order.iter().take(random_phase).map(|p| (*p).clone()).collect();
+            eval.prefetch(&first);
+            for p in &first {
                 seen.insert(format_params(p));
-                out.evaluated.push((p.clone(), cost(p)));
-            };
-            for p in order.iter().take(random_phase) {
-                eval(p, &mut out, &mut seen);
+                out.evaluated.push((p.clone(), eval.cost(p)));
             }
             // Hill-climb: from the best accepted config, try its unseen neighbours; move on
             // improvement; when a point is a local optimum, restart from the next best.
             while out.evaluated.len() < budget {
                 let ranked = out.ranked();
+                let fresh = |n: &Params| {
+                    let key = format_params(n);
+                    valid.contains(&key) && !seen.contains(&key)
+                };
                 let next = ranked.iter().find_map(|(p, _)| {
-                    neighbours(p, tunables).into_iter().find(|n| {
-                        let key = format_params(n);
-                        valid.contains(&key) && !seen.contains(&key)
-                    })
+                    let around: Vec<Params> = neighbours(p, tunables).into_iter().filter(fresh).collect();
+                    (!around.is_empty()).then_some(around)
                 });
                 let p = match next {
-                    Some(p) => p,
+                    Some(around) => {
+                        eval.prefetch(&around);
+                        around[0].clone()
+                    }
                     // Every neighbour of every accepted point is seen: fall back to random.
                     None => match order.iter().find(|p| !seen.contains(&format_params(p))) {
                         Some(p) => (*p).clone(),
                         None => break,
                     },
                 };
-                eval(&p, &mut out, &mut seen);
+                seen.insert(format_params(&p));
+                out.evaluated.push((p.clone(), eval.cost(&p)));
             }
         }
     }
@@ -141,7 +162,7 @@ mod tests {
     #[test]
     fn exhaustive_finds_the_minimum() {
         let (c, t) = setup();
-        let r = search(Strategy::Exhaustive, &c, &t, cost);
+        let r = search(Strategy::Exhaustive, &c, &t, &mut cost);
         assert_eq!(r.evaluated.len(), c.len());
         let best = &r.ranked()[0].0;
         assert_eq!((best["A"], best["B"]), (8, 3));
@@ -152,7 +173,7 @@ mod tests {
     fn budgeted_finds_the_minimum_with_fewer_evaluations() {
         let (c, t) = setup();
         for seed in 0..20 {
-            let r = search(Strategy::Budgeted { budget: 16, seed }, &c, &t, cost);
+            let r = search(Strategy::Budgeted { budget: 16, seed }, &c, &t, &mut cost);
             assert!(r.evaluated.len() <= 16);
             let best = &r.ranked()[0].0;
             assert_eq!((best["A"], best["B"]), (8, 3), "seed {seed}");
@@ -164,7 +185,7 @@ mod tests {
     #[test]
     fn budget_larger_than_space_is_exhaustive() {
         let (c, t) = setup();
-        let r = search(Strategy::Budgeted { budget: 1000, seed: 1 }, &c, &t, cost);
+        let r = search(Strategy::Budgeted { budget: 1000, seed: 1 }, &c, &t, &mut cost);
         assert_eq!(r.evaluated.len(), c.len());
     }
 }

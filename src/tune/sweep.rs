@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use indicatif::ProgressBar;
 
 use super::space::{enumerate, DeviceLimits, PruneReason, Shard};
-use super::strategy::{search, Strategy};
+use super::strategy::{search, Evaluator, Strategy};
 use super::workload::Workload;
 use crate::arch::Arch;
 use crate::cache::CacheEntry;
@@ -65,6 +65,75 @@ pub fn tunables_of(jit: &Jit, template: &str, params: &Params) -> Result<Params,
         .collect())
 }
 
+/// Compiles on demand (in parallel batches when the strategy prefetches), prunes by device
+/// limits, gates and times: the cost function of one sweep.
+struct SweepEval<'a> {
+    jit: &'a Jit,
+    gpu: &'a Gpu,
+    limits: &'a DeviceLimits,
+    settings: &'a SweepSettings,
+    template: &'a str,
+    work: &'a mut dyn Workload,
+    progress: &'a ProgressBar,
+    entries: BTreeMap<Params, CacheEntry>,
+    pruned: Vec<(Params, PruneReason)>,
+    rejected: Vec<(Params, Deltas)>,
+    measured: BTreeMap<Params, (TimingStats, Deltas)>,
+    failure: Option<TuneError>,
+}
+
+impl SweepEval<'_> {
+    fn compile(&mut self, batch: &[Params]) {
+        let todo: Vec<&Params> = batch
+            .iter()
+            .filter(|p| !self.entries.contains_key(*p) && !self.pruned.iter().any(|(q, _)| q == *p))
+            .collect();
+        let reqs: Vec<KernelRequest> = todo
+            .iter()
+            .map(|p| KernelRequest { template: self.template.into(), params: (*p).clone(), arch: self.settings.arch })
+            .collect();
+        for (p, f) in todo.into_iter().zip(self.jit.get_many(&reqs)) {
+            match f.map(|f| (self.limits.check(&f.entry), f)) {
+                Ok((None, f)) => {
+                    self.entries.insert(p.clone(), f.entry);
+                }
+                Ok((Some(reason), _)) => self.pruned.push((p.clone(), reason)),
+                Err(e) => self.pruned.push((p.clone(), PruneReason::CompileFailed(e.to_string()))),
+            }
+        }
+    }
+
+    fn gate_and_time(&mut self, p: &Params) -> Result<Option<f64>, TuneError> {
+        let Some(entry) = self.entries.get(p) else { return Ok(None) };
+        let d = self.work.check(self.gpu, entry, self.settings.gate.rel_floor)?;
+        if !d.passes(&self.settings.gate) {
+            self.rejected.push((p.clone(), d));
+            return Ok(None);
+        }
+        let stats = self.work.time(self.gpu, entry, self.settings.plan)?;
+        self.measured.insert(p.clone(), (stats, d));
+        Ok(Some(stats.median_us))
+    }
+}
+
+impl Evaluator for SweepEval<'_> {
+    fn prefetch(&mut self, batch: &[Params]) {
+        self.compile(batch);
+    }
+
+    fn cost(&mut self, p: &Params) -> Option<f64> {
+        self.progress.inc(1);
+        if self.failure.is_some() {
+            return None;
+        }
+        self.compile(std::slice::from_ref(p));
+        self.gate_and_time(p).unwrap_or_else(|e| {
+            self.failure = Some(e);
+            None
+        })
+    }
+}
+
 /// Runs one sweep of `template` over `problem` (all problem params, M included).
 #[allow(clippy::too_many_arguments)]
 pub fn sweep(
@@ -80,30 +149,23 @@ pub fn sweep(
     progress: &ProgressBar,
 ) -> Result<SweepOutcome, TuneError> {
     let t = jit.catalog.get(template)?;
-    let (valid, mut pruned) = enumerate(t, problem);
-    let mut out = SweepOutcome { candidates: valid.len() + pruned.len(), ..Default::default() };
+    let (valid, constraint_pruned) = enumerate(t, problem);
+    let candidates = valid.len() + constraint_pruned.len();
     let mine = settings.shard.take(valid);
-    let reqs: Vec<KernelRequest> =
-        mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
-    let mut entries: BTreeMap<Params, CacheEntry> = BTreeMap::new();
-    for (p, f) in mine.iter().zip(jit.get_many(&reqs)) {
-        match f {
-            Ok(f) => match limits.check(&f.entry) {
-                Some(reason) => pruned.push((p.clone(), reason)),
-                None => {
-                    entries.insert(p.clone(), f.entry);
-                }
-            },
-            Err(e) => pruned.push((p.clone(), PruneReason::CompileFailed(e.to_string()))),
+    let (Some(gpu), Some(work), false) = (gpu, workload, settings.compile_only) else {
+        // Compile-only: every candidate of this shard is compiled and resource-checked.
+        let mut out = SweepOutcome { candidates, pruned: constraint_pruned, ..Default::default() };
+        let reqs: Vec<KernelRequest> =
+            mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
+        for (p, f) in mine.iter().zip(jit.get_many(&reqs)) {
+            match f {
+                Ok(f) => out.pruned.extend(limits.check(&f.entry).map(|r| (p.clone(), r))),
+                Err(e) => out.pruned.push((p.clone(), PruneReason::CompileFailed(e.to_string()))),
+            }
         }
-    }
-    out.pruned = pruned;
-    let (Some(gpu), Some(work)) = (gpu, workload) else { return Ok(out) };
-    if settings.compile_only {
         return Ok(out);
-    }
+    };
 
-    let survivors: Vec<Params> = entries.keys().cloned().collect();
     let tunable_values: BTreeMap<String, Vec<i64>> = t
         .schema
         .params
@@ -111,47 +173,38 @@ pub fn sweep(
         .filter(|p| p.role == ParamRole::Tunable)
         .map(|p| (p.name.clone(), p.values.clone().unwrap_or_else(|| vec![p.default])))
         .collect();
-    let mut measured: BTreeMap<Params, (TimingStats, Deltas)> = BTreeMap::new();
-    let mut failure: Option<GpuError> = None;
-    let found = search(settings.strategy, &survivors, &tunable_values, |p| {
-        progress.inc(1);
-        if failure.is_some() {
-            return None;
-        }
-        let entry = &entries[p];
-        let gated = work.check(gpu, entry, settings.gate.rel_floor).and_then(|d| {
-            if !d.passes(&settings.gate) {
-                return Ok(Err(d));
-            }
-            Ok(Ok((work.time(gpu, entry, settings.plan)?, d)))
-        });
-        match gated {
-            Ok(Ok((stats, d))) => {
-                measured.insert(p.clone(), (stats, d));
-                Some(stats.median_us)
-            }
-            Ok(Err(d)) => {
-                out.rejected.push((p.clone(), d));
-                None
-            }
-            Err(e) => {
-                failure = Some(e);
-                None
-            }
-        }
-    });
-    if let Some(e) = failure {
-        return Err(e.into());
+    let mut eval = SweepEval {
+        jit,
+        gpu,
+        limits,
+        settings,
+        template,
+        work,
+        progress,
+        entries: BTreeMap::new(),
+        pruned: constraint_pruned,
+        rejected: Vec::new(),
+        measured: BTreeMap::new(),
+        failure: None,
+    };
+    let found = search(settings.strategy, &mine, &tunable_values, &mut eval);
+    if let Some(e) = eval.failure.take() {
+        return Err(e);
     }
     // The fixed default config, timed on the same workload, is the baseline for "tuned vs default".
-    let default = t.resolve(problem).ok();
-    if let Some(d) = default.filter(|d| entries.contains_key(d)) {
-        out.default_us = match measured.get(&d) {
+    let mut default_us = None;
+    if let Ok(d) = t.resolve(problem) {
+        eval.compile(std::slice::from_ref(&d));
+        default_us = match eval.measured.get(&d) {
             Some((s, _)) => Some(s.median_us),
-            None => Some(work.time(gpu, &entries[&d], settings.plan)?.median_us),
+            None => match eval.entries.get(&d) {
+                Some(e) => Some(eval.work.time(gpu, e, settings.plan)?.median_us),
+                None => None,
+            },
         };
     }
-    let bytes = work.min_bytes() as f64;
+    let bytes = eval.work.min_bytes() as f64;
+    let measured = &eval.measured;
     let timed = |p: &Params| -> Result<Timed, TuneError> {
         let (s, d) = measured[p];
         let gb_s = bytes / (s.median_us * 1e-6) / 1e9;
@@ -166,7 +219,12 @@ pub fn sweep(
         })
     };
     let ranked = found.ranked();
-    out.timed = ranked.iter().map(|(p, _)| (p.clone(), measured[p].0, measured[p].1)).collect();
+    let mut out = SweepOutcome {
+        candidates,
+        timed: ranked.iter().map(|(p, _)| (p.clone(), measured[p].0, measured[p].1)).collect(),
+        default_us,
+        ..Default::default()
+    };
     if let Some((best, _)) = ranked.first() {
         let runner_ups = ranked.iter().skip(1).take(settings.runner_ups).map(|(p, _)| timed(p)).collect::<Result<_, _>>()?;
         out.record = Some(Record {
@@ -174,16 +232,18 @@ pub fn sweep(
             m: problem.get("M").copied().unwrap_or(1),
             winner: timed(best)?,
             runner_ups,
-            candidates: out.candidates,
-            pruned: out.pruned.len(),
-            rejected: out.rejected.len(),
+            candidates,
+            pruned: eval.pruned.len(),
+            rejected: eval.rejected.len(),
             timed: measured.len(),
             strategy: settings.strategy.to_string(),
             gate: settings.gate,
             copy_bw_gbs,
-            default_us: out.default_us,
+            default_us,
             provenance: provenance.clone(),
         });
     }
+    out.pruned = eval.pruned;
+    out.rejected = eval.rejected;
     Ok(out)
 }
