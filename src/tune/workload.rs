@@ -73,7 +73,8 @@ mod tests {
     #[test]
     fn rotation_exceeds_twice_l2() {
         let l2 = 50 << 20;
-        for bytes in [1 << 10, 1_638_400, 4_423_680, 82 << 20] {
+        assert_eq!(rotation_count(1 << 10, l2), 4096, "tiny inputs are capped");
+        for bytes in [1 << 16, 1_638_400, 4_423_680, 82 << 20] {
             let n = rotation_count(bytes, l2);
             assert!(n * bytes >= 2 * l2, "{bytes}: {n}");
             assert!((n - 1) * bytes < 2 * l2 || n == 1);
