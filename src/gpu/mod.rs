@@ -86,6 +86,10 @@ impl Gpu {
             return Err(GpuError::NoDevice(format!("{count} device(s), asked for ordinal {ordinal}")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| GpuError::NoDevice(format!("{e:?}")))?;
+        // SAFETY: mangrove queues all work of a Gpu on its one stream, so buffers need no
+        // cross-stream events; tracking them would add CPU work to every launch (measured:
+        // it made launches, not HBM, the floor of small GEMVs).
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx.compute_capability().map_err(driver_err("compute capability"))?;
         let attr = |a| ctx.attribute(a).map_err(driver_err("device attribute"));
         use cu::sys::CUdevice_attribute as A;
