@@ -100,7 +100,7 @@ impl MoeProblem {
             (0..shape.experts * shape.expert_bytes())
                 .map(|_| {
                     let v: u8 = rng.random_range(0..81);
-                    v % 3 | (v / 3 % 3) << 2 | (v / 9 % 3) << 4 | (v / 27) << 6
+                    (v % 3) | ((v / 3 % 3) << 2) | ((v / 9 % 3) << 4) | ((v / 27) << 6)
                 })
                 .collect()
         };
