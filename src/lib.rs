@@ -9,6 +9,7 @@
 //!
 //! [`jit`] runs stages 1–4 for a request; [`reference`] and [`check`] are the CPU reference
 //! and the correctness gate every kernel is held to; [`validate`] runs a kernel against them.
+//! [`routing`] groups MoE (token, expert) pairs into the row blocks the grouped kernels take.
 
 pub mod arch;
 pub mod cache;
@@ -18,6 +19,7 @@ pub mod gpu;
 pub mod jit;
 pub mod key;
 pub mod reference;
+pub mod routing;
 pub mod template;
 pub mod tune;
 pub mod tuning_db;

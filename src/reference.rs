@@ -1,5 +1,8 @@
 //! CPU references (f64) and the BitNet b1.58 packed layout: the one implementation that
 //! tests, the tuner's correctness gate and the engine's CPU backend all compare against.
+//! [`moe`] builds the MoE gate_up reference on [`ternary_linear`].
+
+pub mod moe;
 
 use rayon::prelude::*;
 

@@ -14,6 +14,7 @@ use mangrove::gpu::TimingPlan;
 use mangrove::jit::Jit;
 use mangrove::template::{format_params, Catalog, Params};
 use mangrove::tune::context::TuneContext;
+use mangrove::tune::gateup::{tune_gateup, DEFAULT_MOE, GATEUP_BUCKETS};
 use mangrove::tune::gemv::{tune_gemv, BITNET_2B_SHAPES};
 use mangrove::tune::probe::{probe_case, ProbeReference};
 use mangrove::tune::space::Shard;
@@ -48,6 +49,27 @@ enum Cmd {
         shapes: Vec<(i64, i64)>,
         /// Token counts to tune.
         #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
+        m: Vec<i64>,
+    },
+    /// The MoE gate_up stage: grouped GEMM over experts on tokens sorted by expert and padded
+    /// to BLOCK_M, ternary expert weights, SiLU(gate)·up fused in the epilogue.
+    Gateup {
+        #[command(flatten)]
+        common: Common,
+        /// Experts.
+        #[arg(long, default_value_t = DEFAULT_MOE.0)]
+        experts: i64,
+        /// Experts per token.
+        #[arg(long, default_value_t = DEFAULT_MOE.1)]
+        topk: i64,
+        /// Hidden size.
+        #[arg(long, default_value_t = DEFAULT_MOE.2)]
+        hidden: i64,
+        /// Expert intermediate size.
+        #[arg(long, default_value_t = DEFAULT_MOE.3)]
+        inter: i64,
+        /// Token counts (M buckets).
+        #[arg(long, value_delimiter = ',', default_values_t = GATEUP_BUCKETS.to_vec())]
         m: Vec<i64>,
     },
     /// The M>1 ternary linear gate: run the tuned GEMV path for M tokens (row chunks of at most
@@ -183,6 +205,16 @@ fn run(cli: Cli) -> Result<()> {
             let outcomes = tune_gemv(&ctx, &shapes, &m, &pb)?;
             pb.finish_and_clear();
             finish(&ctx, &common, "ternary_gemv", outcomes)
+        }
+        Cmd::Gateup { common, experts, topk, hidden, inter, m } => {
+            let ctx = context(&common)?;
+            if !common.json {
+                println!("gateup: E={experts} TOPK={topk} H={hidden} I={inter} × M {m:?}, {}", ctx.settings.strategy);
+            }
+            let pb = progress(common.json);
+            let outcomes = tune_gateup(&ctx, (experts, topk, hidden, inter), &m, &pb)?;
+            pb.finish_and_clear();
+            finish(&ctx, &common, "moe_gateup", outcomes)
         }
         Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => {
             let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };

@@ -13,7 +13,7 @@ use mangrove::gpu::{Gpu, GpuError};
 use mangrove::jit::{Jit, KernelRequest, Outcome};
 use mangrove::key::KeyInputs;
 use mangrove::template::{format_params, parse_params, Catalog, ParamRole};
-use mangrove::validate::check_ternary_gemv;
+use mangrove::validate::check_entry;
 
 #[derive(Parser)]
 #[command(name = "mangrove", version, about = "Kernel JIT compiler, cache and decode service for NVIDIA GPUs")]
@@ -279,8 +279,7 @@ fn warm(catalog: Catalog, dir: &std::path::Path, archs: &[Arch], recompile: bool
             let loaded = gpu.load(&f.entry)?;
             load_ms += t.elapsed().as_secs_f64() * 1e3;
             drop(loaded);
-            let run = check_ternary_gemv(gpu, &f.entry, 0x5eed ^ checks.len() as u64, 1, gate.rel_floor)?;
-            let d = run[0].deltas;
+            let d = check_entry(gpu, &f.entry, 0x5eed ^ checks.len() as u64, gate.rel_floor)?.deltas;
             checks.push((format_params(&f.entry.inputs.params), d, d.passes(&gate)));
         }
     }

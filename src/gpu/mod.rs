@@ -3,6 +3,7 @@
 //! [`GpuError::NoDevice`] as a normal answer: the driver library is probed before cudarc
 //! touches it (cudarc panics otherwise). With `compile`, the only module that imports cudarc.
 
+mod moe;
 mod ternary;
 mod timing;
 
@@ -13,6 +14,7 @@ use cudarc::driver::{self as cu, CudaContext, CudaFunction, CudaModule, CudaStre
 use crate::arch::Arch;
 use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
+pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use ternary::TernaryGemv;
 pub use timing::{TimingPlan, TimingStats};
 
@@ -32,6 +34,8 @@ pub enum GpuError {
     Shape { kernel: String, what: String },
     #[error("kernel '{kernel}' was compiled for {compiled} but this GPU is {device}")]
     ArchMismatch { kernel: String, compiled: Arch, device: Arch },
+    #[error("kernel '{kernel}' needs {wanted} bytes of dynamic shared memory; this GPU allows {limit} per block")]
+    SharedMemory { kernel: String, wanted: u32, limit: i32 },
 }
 
 pub(crate) fn driver_err(context: impl Into<String>) -> impl FnOnce(cu::DriverError) -> GpuError {
@@ -127,7 +131,11 @@ impl Gpu {
             .load_module(cudarc::nvrtc::Ptx::from_binary(entry.cubin.clone()))
             .map_err(driver_err(format!("loading cubin of {}", entry.inputs.template)))?;
         let func = module.load_function(&entry.entry).map_err(driver_err(format!("finding {}", entry.entry)))?;
-        Ok(LoadedKernel { name: entry.inputs.template.clone(), launch: entry.launch, _module: module, func })
+        let kernel = LoadedKernel { name: entry.inputs.template.clone(), launch: entry.launch, _module: module, func };
+        if kernel.launch.shared_bytes > DEFAULT_DYNAMIC_SHARED {
+            kernel.allow_dynamic_shared(self.info.max_shared_per_block_optin)?;
+        }
+        Ok(kernel)
     }
 
     /// Copies a host slice to a new device buffer.
@@ -160,7 +168,35 @@ impl Gpu {
     }
 }
 
+/// Dynamic shared memory a kernel may use without opting in (48 KB on every arch).
+const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;
+
+/// Checks `(buffer, elements, expected)` triples; the first mismatch is a [`GpuError::Shape`]
+/// naming the buffer and the shape (`what_shape`) that fixed the expectation.
+pub(crate) fn check_lengths(kernel: &str, what_shape: &str, buffers: &[(&str, usize, usize)]) -> Result<(), GpuError> {
+    match buffers.iter().find(|(_, got, want)| got != want) {
+        Some((what, got, want)) => Err(GpuError::Shape {
+            kernel: kernel.to_owned(),
+            what: format!("{what} has {got} elements, {what_shape} needs {want}"),
+        }),
+        None => Ok(()),
+    }
+}
+
 impl LoadedKernel {
+    /// Opts the kernel in to its `launch.shared_bytes` of dynamic shared memory, which the
+    /// driver requires above 48 KB; more than the device's per-block limit is an error.
+    pub(crate) fn allow_dynamic_shared(&self, optin_limit: i32) -> Result<(), GpuError> {
+        let wanted = self.launch.shared_bytes;
+        if i64::from(wanted) > i64::from(optin_limit) {
+            return Err(GpuError::SharedMemory { kernel: self.name.clone(), wanted, limit: optin_limit });
+        }
+        use cu::sys::CUfunction_attribute as F;
+        self.func
+            .set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, wanted as i32)
+            .map_err(driver_err(format!("allowing {wanted} bytes of shared memory for {}", self.name)))
+    }
+
     pub(crate) fn config(&self) -> cu::LaunchConfig {
         cu::LaunchConfig {
             grid_dim: (self.launch.grid[0], self.launch.grid[1], self.launch.grid[2]),

@@ -3,7 +3,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
 /// A loaded ternary GEMV for one (M, N, K, config) with its workspace.
@@ -48,15 +48,9 @@ impl TernaryGemv {
         y: &mut DeviceBuffer<u16>,
         scale: f32,
     ) -> Result<(), GpuError> {
+        let shape = format!("M={} N={} K={}", self.m, self.n, self.k);
         let expect = [("w", w.len(), self.n / 4 * self.k), ("x", x.len(), self.m * self.k), ("y", y.len(), self.m * self.n)];
-        for (what, got, want) in expect {
-            if got != want {
-                return Err(GpuError::Shape {
-                    kernel: self.kernel.name.clone(),
-                    what: format!("{what} has {got} elements, M={} N={} K={} needs {want}", self.m, self.n, self.k),
-                });
-            }
-        }
+        check_lengths(&self.kernel.name, &shape, &expect)?;
         let cfg = self.kernel.config();
         let mut b = gpu.stream().launch_builder(&self.kernel.func);
         b.arg(w).arg(x).arg(y).arg(&scale).arg(&mut self.partial).arg(&mut self.counters);

@@ -207,10 +207,16 @@ pub struct Catalog {
 }
 
 /// Templates compiled into the binary: (schema TOML, Tera source).
-const EMBEDDED: &[(&str, &str)] = &[(
-    include_str!("../../kernel_templates/ternary_gemv.toml"),
-    include_str!("../../kernel_templates/ternary_gemv.cu.tera"),
-)];
+const EMBEDDED: &[(&str, &str)] = &[
+    (
+        include_str!("../../kernel_templates/ternary_gemv.toml"),
+        include_str!("../../kernel_templates/ternary_gemv.cu.tera"),
+    ),
+    (
+        include_str!("../../kernel_templates/moe_gateup.toml"),
+        include_str!("../../kernel_templates/moe_gateup.cu.tera"),
+    ),
+];
 
 impl Catalog {
     /// The templates shipped inside the binary (`kernel_templates/` at build time).

@@ -9,3 +9,4 @@ pub mod workload;
 pub mod context;
 pub mod gemv;
 pub mod probe;
+pub mod gateup;

@@ -3,8 +3,10 @@
 
 use crate::cache::CacheEntry;
 use crate::check::Deltas;
-use crate::gpu::{DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats};
-use crate::validate::TernaryCase;
+use crate::gpu::{DeviceBuffer, ExpertWeights, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats};
+use crate::gpu::MoeGateUp;
+use crate::reference::moe::MoeShape;
+use crate::validate::{MoeCase, TernaryCase};
 
 /// A problem instance the tuner can check and time kernels on.
 pub trait Workload {
@@ -63,6 +65,56 @@ impl Workload for GemvWorkload {
 
     fn min_bytes(&self) -> usize {
         self.n / 4 * self.k + 2 * self.m * self.k + 2 * self.m * self.n
+    }
+}
+
+/// The MoE gate_up stage: one (M, E, TOPK, H, I) with its checked case and a ring of expert
+/// weight copies (the routing is fixed per workload, as in one decode step).
+pub struct GateupWorkload {
+    case: MoeCase,
+    ring: Vec<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
+    act: DeviceBuffer<u16>,
+    bytes: usize,
+}
+
+impl GateupWorkload {
+    pub fn new(gpu: &Gpu, shape: MoeShape, seed: u64) -> Result<Self, GpuError> {
+        let case = MoeCase::new(gpu, shape, seed)?;
+        let p = &case.problem;
+        let copies = rotation_count(p.w_gate.len() + p.w_up.len(), gpu.info().l2_bytes as usize);
+        let ring = (0..copies.saturating_sub(1))
+            .map(|_| Ok((gpu.upload(&p.w_gate)?, gpu.upload(&p.w_up)?)))
+            .collect::<Result<_, GpuError>>()?;
+        let used = case.experts_used();
+        let bytes = 2 * used * shape.inter / 4 * shape.hidden + 2 * shape.tokens * shape.hidden + 2 * shape.pairs() * shape.inter;
+        Ok(Self { act: gpu.zeros(shape.pairs() * shape.inter)?, case, ring, bytes })
+    }
+}
+
+impl Workload for GateupWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &mut MoeGateUp::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let mut op = MoeGateUp::new(gpu, entry)?;
+        self.case.routing(gpu, op.block_m)?;
+        let case = &self.case;
+        let routing = case.routing_for(op.block_m).expect("built just above");
+        let (ring, act) = (&self.ring, &mut self.act);
+        let n = ring.len() + 1;
+        gpu.time_launches(plan, |i| {
+            let (wg, wu) = match i % n {
+                0 => (&case.w_gate, &case.w_up),
+                j => (&ring[j - 1].0, &ring[j - 1].1),
+            };
+            let w = ExpertWeights { w_gate: wg, w_up: wu, s_gate: &case.s_gate, s_up: &case.s_up };
+            op.launch(gpu, &case.x, w, routing, act)
+        })
+    }
+
+    fn min_bytes(&self) -> usize {
+        self.bytes
     }
 }
 

@@ -1,0 +1,54 @@
+//! `mangrove-tune gateup`: the MoE gate_up stage (ternary experts, SiLU(gate)·up fused) over
+//! token-count buckets, for one MoE shape.
+
+use indicatif::ProgressBar;
+
+use super::context::TuneContext;
+use super::sweep::{sweep, SweepOutcome, TuneError};
+use super::workload::{GateupWorkload, Workload};
+use crate::reference::moe::MoeShape;
+use crate::template::Params;
+
+/// The default ternary MoE shape (Qwen-MoE-like): experts, top-k, hidden, expert intermediate.
+pub const DEFAULT_MOE: (i64, i64, i64, i64) = (64, 8, 2048, 1408);
+
+/// M buckets the gate_up stage is tuned for by default.
+pub const GATEUP_BUCKETS: &[i64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+/// Tunes every M for one (E, TOPK, H, I); returns one outcome per M, in order.
+pub fn tune_gateup(
+    ctx: &TuneContext,
+    (e, topk, h, i): (i64, i64, i64, i64),
+    ms: &[i64],
+    progress: &ProgressBar,
+) -> Result<Vec<(Params, SweepOutcome)>, TuneError> {
+    if topk > e {
+        return Err(TuneError::Input(format!("--topk {topk} exceeds --experts {e}")));
+    }
+    let mut out = Vec::new();
+    for &m in ms {
+        let problem: Params =
+            [("M", m), ("E", e), ("TOPK", topk), ("H", h), ("I", i)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        ctx.jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any work
+        progress.set_message(format!("gateup M={m}"));
+        let shape = MoeShape { tokens: m as usize, hidden: h as usize, inter: i as usize, experts: e as usize, topk: topk as usize };
+        let mut work = match (&ctx.gpu, ctx.settings.compile_only) {
+            (Some(g), false) => Some(GateupWorkload::new(g, shape, 43)?),
+            _ => None,
+        };
+        let o = sweep(
+            &ctx.jit,
+            ctx.gpu.as_ref(),
+            &ctx.limits,
+            "moe_gateup",
+            &problem,
+            work.as_mut().map(|w| w as &mut dyn Workload),
+            &ctx.settings,
+            ctx.copy_bw_gbs,
+            &ctx.provenance,
+            progress,
+        )?;
+        out.push((problem, o));
+    }
+    Ok(out)
+}

@@ -1,0 +1,116 @@
+//! GPU tests (H100 via scripts/gpu-check) of the ternary MoE gate_up kernel against the f64
+//! CPU reference on fresh random data and routings: every routed row written, max_rel within
+//! bf16 rounding. Without a GPU they report "skipped: no GPU"; with MANGROVE_REQUIRE_GPU=1 a
+//! missing GPU fails.
+
+mod common;
+
+use mangrove::check::Gate;
+use mangrove::gpu::{DeviceRouting, ExpertWeights, Gpu, GpuError, MoeGateUp};
+use mangrove::jit::KernelRequest;
+use mangrove::routing::align_block_size;
+use mangrove::template::{format_params, parse_params};
+use mangrove::validate::check_moe_gateup;
+
+fn gpu_or_skip() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
+            if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
+            }
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+const GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
+
+/// (E, TOPK, H, I): the Qwen-MoE-like default and a small shape.
+const SHAPES: [&str; 2] = ["E=64 TOPK=8 H=2048 I=1408", "E=8 TOPK=2 H=512 I=256"];
+
+/// Tile configs: small and large BLOCK_M, 1 to 3 stages, dynamic shared memory above 48 KB.
+const CONFIGS: [&str; 7] = [
+    "BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 GROUP_M=1 WARPS=4 STAGES=3",
+    "BLOCK_M=16 BLOCK_N=64 BLOCK_K=32 GROUP_M=4 WARPS=2 STAGES=1",
+    "BLOCK_M=32 BLOCK_N=128 BLOCK_K=64 GROUP_M=8 WARPS=4 STAGES=2",
+    "BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 WARPS=4 STAGES=3",
+    "BLOCK_M=128 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 WARPS=8 STAGES=3",
+    "BLOCK_M=128 BLOCK_N=32 BLOCK_K=32 GROUP_M=1 WARPS=4 STAGES=1",
+    "BLOCK_M=64 BLOCK_N=128 BLOCK_K=128 GROUP_M=4 WARPS=8 STAGES=2",
+];
+
+fn request(arch: mangrove::arch::Arch, params: &str) -> KernelRequest {
+    let p: Vec<&str> = params.split_whitespace().collect();
+    KernelRequest { template: "moe_gateup".into(), params: parse_params(&p).unwrap(), arch }
+}
+
+#[test]
+fn moe_gateup_matches_f64_reference() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let arch = gpu.info().arch;
+    let reqs: Vec<KernelRequest> = [1, 16, 128]
+        .into_iter()
+        .flat_map(|m| SHAPES.iter().flat_map(move |s| CONFIGS.iter().map(move |c| format!("M={m} {s} {c}"))))
+        .map(|p| request(arch, &p))
+        .collect();
+    let fetched = jit.get_many(&reqs);
+    let mut failures = Vec::new();
+    for (i, f) in fetched.into_iter().enumerate() {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        let what = format_params(&f.entry.inputs.params);
+        let run = check_moe_gateup(&gpu, &f.entry, 2000 + i as u64, GATE.rel_floor).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let d = run.deltas;
+        let r = &f.entry.resources;
+        println!("{what}: {d} regs={} spills={} smem={}", r.registers, r.spill_stores, f.entry.launch.shared_bytes);
+        if !d.passes(&GATE) {
+            failures.push(format!("{what}: {d}"));
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
+}
+
+#[test]
+fn repeated_runs_are_bit_identical() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    for c in [CONFIGS[0], CONFIGS[4]] {
+        let f = jit.get(&request(gpu.info().arch, &format!("M=16 {} {c}", SHAPES[0]))).unwrap();
+        let first = check_moe_gateup(&gpu, &f.entry, 5, GATE.rel_floor).unwrap();
+        for _ in 0..3 {
+            let again = check_moe_gateup(&gpu, &f.entry, 5, GATE.rel_floor).unwrap();
+            assert!(again.deltas.passes(&GATE), "{c}: {}", again.deltas);
+            assert_eq!(again.output, first.output, "{c}: runs differ bitwise");
+        }
+    }
+}
+
+#[test]
+fn shape_mismatch_is_an_error_not_a_crash() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let f = jit.get(&request(gpu.info().arch, &format!("M=2 {}", SHAPES[1]))).unwrap();
+    let mut op = MoeGateUp::new(&gpu, &f.entry).unwrap();
+    let (e, h, n) = (op.experts, op.hidden, op.inter);
+    let w_gate = gpu.zeros::<u8>(e * n / 4 * h).unwrap();
+    let w_up = gpu.zeros::<u8>(e * n / 4 * h).unwrap();
+    let scales = gpu.zeros::<f32>(e).unwrap();
+    let w = ExpertWeights { w_gate: &w_gate, w_up: &w_up, s_gate: &scales, s_up: &scales };
+    let x = gpu.zeros::<u16>(h).unwrap(); // M=1 worth of activations, kernel wants M=2
+    let mut act = gpu.zeros::<u16>(2 * op.topk * n).unwrap();
+    let routing = DeviceRouting::upload(&gpu, &align_block_size(&[0, 1, 2, 3], e, op.block_m).unwrap()).unwrap();
+    let err = op.launch(&gpu, &x, w, &routing, &mut act).unwrap_err();
+    assert!(err.to_string().contains(&format!("x has {h} elements")), "{err}");
+    let x = gpu.zeros::<u16>(2 * h).unwrap();
+    let other = DeviceRouting::upload(&gpu, &align_block_size(&[0, 1, 2, 3], e, 2 * op.block_m).unwrap()).unwrap();
+    let err = op.launch(&gpu, &x, w, &other, &mut act).unwrap_err();
+    assert!(err.to_string().contains("routing of padded length"), "{err}");
+    op.launch(&gpu, &x, w, &routing, &mut act).unwrap();
+    gpu.sync().unwrap();
+}
