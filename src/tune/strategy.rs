@@ -58,18 +58,21 @@ impl<F: FnMut(&Params) -> Option<f64>> Evaluator for F {
 }
 
 /// Runs `strategy` over `candidates`; `tunables` maps each tunable name to its ordered values
-/// (neighbours differ in one tunable by one step).
+/// (neighbours differ in one tunable by one step). `seeds` (e.g. the template's default config)
+/// are evaluated first and count against the budget, so a search never ends slower than them.
 pub fn search(
     strategy: Strategy,
     candidates: &[Params],
     tunables: &BTreeMap<String, Vec<i64>>,
+    seeds: &[Params],
     eval: &mut dyn Evaluator,
 ) -> SearchResult {
     let mut out = SearchResult::default();
+    let seeds: Vec<Params> = seeds.iter().filter(|s| candidates.contains(s)).cloned().collect();
     match strategy {
         Strategy::Exhaustive => {
             eval.prefetch(candidates);
-            for c in candidates {
+            for c in seeds.iter().chain(candidates.iter().filter(|c| !seeds.contains(c))) {
                 out.evaluated.push((c.clone(), eval.cost(c)));
             }
         }
@@ -81,7 +84,12 @@ pub fn search(
             order.shuffle(&mut rng);
             let budget = budget.min(candidates.len());
             let random_phase = budget.div_ceil(2);
-            let first: Vec<Params> = order.iter().take(random_phase).map(|p| (*p).clone()).collect();
+            let first: Vec<Params> = seeds
+                .iter()
+                .cloned()
+                .chain(order.iter().filter(|p| !seeds.contains(p)).map(|p| (*p).clone()))
+                .take(random_phase.max(seeds.len()))
+                .collect();
             eval.prefetch(&first);
             for p in &first {
                 seen.insert(format_params(p));
@@ -162,7 +170,7 @@ mod tests {
     #[test]
     fn exhaustive_finds_the_minimum() {
         let (c, t) = setup();
-        let r = search(Strategy::Exhaustive, &c, &t, &mut cost);
+        let r = search(Strategy::Exhaustive, &c, &t, &[], &mut cost);
         assert_eq!(r.evaluated.len(), c.len());
         let best = &r.ranked()[0].0;
         assert_eq!((best["A"], best["B"]), (8, 3));
@@ -173,7 +181,7 @@ mod tests {
     fn budgeted_finds_the_minimum_with_fewer_evaluations() {
         let (c, t) = setup();
         for seed in 0..20 {
-            let r = search(Strategy::Budgeted { budget: 16, seed }, &c, &t, &mut cost);
+            let r = search(Strategy::Budgeted { budget: 16, seed }, &c, &t, &[], &mut cost);
             assert!(r.evaluated.len() <= 16);
             let best = &r.ranked()[0].0;
             assert_eq!((best["A"], best["B"]), (8, 3), "seed {seed}");
@@ -183,9 +191,21 @@ mod tests {
     }
 
     #[test]
+    fn seeds_come_first_and_bound_the_result() {
+        let (c, t) = setup();
+        let seed: Params = [("A".to_string(), 8), ("B".to_string(), 3)].into();
+        for strategy in [Strategy::Exhaustive, Strategy::Budgeted { budget: 2, seed: 5 }] {
+            let r = search(strategy, &c, &t, std::slice::from_ref(&seed), &mut cost);
+            assert_eq!(r.evaluated[0].0, seed, "{strategy}");
+            assert_eq!(r.ranked()[0].0, seed, "{strategy}: nothing beats the optimum seed");
+            assert_eq!(r.evaluated.iter().filter(|(p, _)| *p == seed).count(), 1);
+        }
+    }
+
+    #[test]
     fn budget_larger_than_space_is_exhaustive() {
         let (c, t) = setup();
-        let r = search(Strategy::Budgeted { budget: 1000, seed: 1 }, &c, &t, &mut cost);
+        let r = search(Strategy::Budgeted { budget: 1000, seed: 1 }, &c, &t, &[], &mut cost);
         assert_eq!(r.evaluated.len(), c.len());
     }
 }

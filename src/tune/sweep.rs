@@ -187,13 +187,16 @@ pub fn sweep(
         measured: BTreeMap::new(),
         failure: None,
     };
-    let found = search(settings.strategy, &mine, &tunable_values, &mut eval);
+    // The template's default config is always measured first: the baseline of "tuned vs
+    // default", and a floor no winner can fall below.
+    let default = t.resolve(problem).ok();
+    let found = search(settings.strategy, &mine, &tunable_values, default.as_slice(), &mut eval);
     if let Some(e) = eval.failure.take() {
         return Err(e);
     }
     // The fixed default config, timed on the same workload, is the baseline for "tuned vs default".
     let mut default_us = None;
-    if let Ok(d) = t.resolve(problem) {
+    if let Some(d) = default {
         eval.compile(std::slice::from_ref(&d));
         default_us = match eval.measured.get(&d) {
             Some((s, _)) => Some(s.median_us),
