@@ -50,7 +50,14 @@ struct ChunkedLinear {
 }
 
 impl ChunkedLinear {
-    fn new(gpu: &Gpu, jit: &Jit, db: &TuningDb, arch: Arch, x_bits: &[u16], m: usize, n: i64, k: i64) -> Result<(Self, LookupRule, Params), TuneError> {
+    fn new(
+        gpu: &Gpu,
+        jit: &Jit,
+        db: &TuningDb,
+        arch: Arch,
+        x_bits: &[u16],
+        (m, n, k): (usize, i64, i64),
+    ) -> Result<(Self, LookupRule, Params), TuneError> {
         let mut chunks = Vec::new();
         let mut rule = LookupRule::Default;
         let mut params = Params::new();
@@ -117,7 +124,7 @@ pub fn probe_case(
     let mut rule = LookupRule::Default;
     let result = (|| -> Result<(), TuneError> {
         let prob = TernaryProblem::random(m, n as usize, k as usize, seed);
-        let (mut lin, r, params) = ChunkedLinear::new(gpu, jit, db, arch, &prob.x_bits, m, n, k)?;
+        let (mut lin, r, params) = ChunkedLinear::new(gpu, jit, db, arch, &prob.x_bits, (m, n, k))?;
         rule = r;
         record.params = params;
         let ring: Vec<DeviceBuffer<u8>> = (0..rotation_count(prob.packed.len(), gpu.info().l2_bytes as usize))
@@ -132,7 +139,7 @@ pub fn probe_case(
                 let mut rows = Vec::with_capacity(m * n as usize);
                 for r in 0..m {
                     let xr = &prob.x_bits[r * k as usize..(r + 1) * k as usize];
-                    let (mut one, _, _) = ChunkedLinear::new(gpu, jit, db, arch, xr, 1, n, k)?;
+                    let (mut one, _, _) = ChunkedLinear::new(gpu, jit, db, arch, xr, (1, n, k))?;
                     one.launch(gpu, &ring[0], prob.scale)?;
                     rows.extend(one.output(gpu)?.into_iter().map(|b| half::bf16::from_bits(b).to_f64()));
                 }

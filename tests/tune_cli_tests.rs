@@ -1,0 +1,112 @@
+//! `mangrove-tune` without a GPU: clear errors for bad flags, compile-only sweeps that write
+//! nothing, and merge through the command line.
+
+use std::process::Command;
+
+use mangrove::check::{Deltas, Gate};
+use mangrove::tuning_db::{Provenance, Record, Timed, TuningDb};
+
+fn tune(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove-tune")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+#[test]
+fn bad_flags_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = dir.path().join("c");
+    let c = c.to_str().unwrap();
+    let cases: [(&[&str], &str); 6] = [
+        (&["gemv", "--cache-dir", c, "--shapes", "2560by2560"], "bad shape '2560by2560'"),
+        (&["gemv", "--cache-dir", c, "--shard", "3/3"], "bad shard '3/3'"),
+        (&["gemv", "--cache-dir", c, "--arch", "sm91"], "unknown arch 'sm91'"),
+        (&["gemv", "--cache-dir", c, "--strategy", "budgeted", "--budget", "0"], "--budget must be at least 1"),
+        (&["gemv", "--cache-dir", c, "--m", "9", "--shapes", "64x64", "--compile-only"], "M in 1..=8, got 9"),
+        (&["merge", "/nonexistent/db", "-o", c], "is not a tuning DB folder"),
+    ];
+    for (args, needle) in cases {
+        let (ok, _, err) = tune(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[test]
+fn compile_only_sweep_prunes_with_reasons_and_writes_no_db() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let db = dir.path().join("db");
+    let (ok, out, err) = tune(&[
+        "gemv", "--cache-dir", cache.to_str().unwrap(), "--db", db.to_str().unwrap(), "--shapes", "64x1000",
+        "--m", "8", "--shard", "0/8", "--compile-only", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["compile_only"], true);
+    assert_eq!(v["written"], false);
+    let job = &v["jobs"][0];
+    assert_eq!(job["candidates"], 432);
+    let reasons: Vec<&str> = job["pruned"].as_array().unwrap().iter().map(|p| p["reason"].as_str().unwrap()).collect();
+    assert!(reasons.iter().any(|r| r.contains("K % VEC == 0")), "VEC=16 cannot divide K=1000: {reasons:?}");
+    assert!(!db.exists(), "compile-only must not create the DB");
+}
+
+fn record(threads: i64, us: f64) -> Record {
+    let timed = |t: i64, us: f64| Timed {
+        params: [("THREADS".to_string(), t)].into(),
+        median_us: us,
+        p95_us: us,
+        mean_us: us,
+        gb_s: 1.0,
+        frac_copy_bw: 0.1,
+        deltas: Deltas::default(),
+    };
+    Record {
+        problem: [("N".to_string(), 64), ("K".to_string(), 64)].into(),
+        m: 1,
+        winner: timed(threads, us),
+        runner_ups: vec![],
+        candidates: 1,
+        pruned: 0,
+        rejected: 0,
+        timed: 1,
+        strategy: "exhaustive".into(),
+        gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
+        copy_bw_gbs: 3000.0,
+        default_us: None,
+        provenance: Provenance::default(),
+    }
+}
+
+#[test]
+fn merge_command_keeps_the_fastest_and_reports_conflicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, out) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("out"));
+    let mut da = TuningDb::default();
+    da.upsert("ternary_gemv", record(64, 5.0));
+    da.save(&a).unwrap();
+    let mut db = TuningDb::default();
+    db.upsert("ternary_gemv", record(128, 4.0));
+    db.save(&b).unwrap();
+    let (ok, stdout, err) = tune(&["merge", a.to_str().unwrap(), b.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("conflict ternary_gemv") && stdout.contains("kept 4.00"), "{stdout}");
+    let merged = TuningDb::load(&out).unwrap();
+    assert_eq!(merged.templates["ternary_gemv"].records[0].winner.params["THREADS"], 128);
+}
+
+#[test]
+fn shipped_h100_db_loads_and_covers_the_default_shapes() {
+    let db = TuningDb::load(std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100"))).unwrap();
+    let gemv = &db.templates["ternary_gemv"];
+    for (n, k) in mangrove::tune::gemv::BITNET_2B_SHAPES {
+        for m in [1, 2, 4, 8] {
+            let p = [("N".to_string(), *n), ("K".to_string(), *k)].into();
+            assert_eq!(db.lookup("ternary_gemv", &p, m).rule, mangrove::tuning_db::LookupRule::Exact, "{n}x{k} M={m}");
+        }
+    }
+    assert!(gemv.records.iter().all(|r| r.winner.deltas.non_finite == 0 && r.provenance.gpu_name.contains("H100")));
+    assert_eq!(db.templates["moe_gateup"].records.len(), 10);
+    assert!(db.gates.iter().all(|g| g.passed));
+}
