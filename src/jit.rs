@@ -32,7 +32,7 @@ pub enum Outcome {
 }
 
 /// One kernel request.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KernelRequest {
     pub template: String,
     pub params: Params,

@@ -12,12 +12,14 @@
 //! [`routing`] groups MoE (token, expert) pairs into the row blocks the grouped kernels take.
 
 pub mod arch;
+pub mod bundle;
 pub mod cache;
 pub mod check;
 pub mod compile;
 pub mod gpu;
 pub mod jit;
 pub mod key;
+pub mod plan;
 pub mod reference;
 pub mod routing;
 pub mod template;

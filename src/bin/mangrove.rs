@@ -14,6 +14,9 @@ use mangrove::jit::{Jit, KernelRequest, Outcome};
 use mangrove::key::KeyInputs;
 use mangrove::template::{format_params, parse_params, Catalog, ParamRole};
 use mangrove::validate::check_entry;
+use mangrove::bundle::{self, BlessItem, Bundle};
+use mangrove::plan::{plan, ShapeConfig};
+use mangrove::tuning_db::TuningDb;
 
 #[derive(Parser)]
 #[command(name = "mangrove", version, about = "Kernel JIT compiler, cache and decode service for NVIDIA GPUs")]
@@ -84,11 +87,40 @@ enum CacheCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Re-hash every entry; evict corrupt ones.
+    /// Re-hash every entry and evict corrupt ones; or, given a bundle folder, verify the bundle
+    /// (every hash, the manifest digest, no missing or extra file) without opening the cache.
     Verify {
+        bundle: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
+    /// Freeze the kernels `mangrove serve` needs for a model, tuning DB and arch into a bundle.
+    Bless {
+        #[arg(long)]
+        tuning_db: PathBuf,
+        /// Model folder (its config.json decides the shapes).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "sm90")]
+        arch: Arch,
+        #[arg(long)]
+        out: PathBuf,
+        /// Largest batch the server will run (every M up to it is blessed).
+        #[arg(long, default_value_t = 16)]
+        max_batch: i64,
+        /// Run each kernel once against the CPU reference on this GPU before blessing it.
+        #[arg(long)]
+        verify_on_gpu: bool,
+    },
+    /// Write every cache entry (optionally of one arch) into a bundle.
+    Export {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        arch: Option<Arch>,
+    },
+    /// Insert every kernel of a verified bundle into the cache.
+    Import { bundle: PathBuf },
     /// Evict least-recently-used entries until the cache holds at most --max-bytes.
     Gc {
         #[arg(long)]
@@ -182,8 +214,51 @@ fn templates(catalog: &Catalog, json: bool) -> Result<()> {
 }
 
 fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
+    if let CacheCmd::Verify { bundle: Some(b), json } = &cmd {
+        let m = bundle::verify(b)?;
+        if *json {
+            println!("{}", serde_json::json!({"bundle": b, "kernels": m.kernels.len(), "arch": m.arch.to_string(), "ok": true}));
+        } else {
+            println!("bundle {} OK: {} kernels for {}, manifest digest and every cubin hash match", b.display(), m.kernels.len(), m.arch);
+        }
+        return Ok(());
+    }
+    if let CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu } = cmd {
+        return bless(dir, &tuning_db, &model, arch, &out, max_batch, verify_on_gpu);
+    }
     let cache = Cache::open(dir)?;
     match cmd {
+        CacheCmd::Bless { .. } => unreachable!("handled above"),
+        CacheCmd::Export { out, arch } => {
+            let mut items = Vec::new();
+            let mut archs = std::collections::BTreeSet::new();
+            for s in cache.list()? {
+                let key = mangrove::key::KernelKey::from_hex(&s.key).expect("listed keys are hex");
+                if let mangrove::cache::Lookup::Hit(e) = cache.get(&key)? {
+                    if arch.is_none_or(|a| a == e.inputs.arch) {
+                        archs.insert(e.inputs.arch);
+                        items.push(BlessItem { entry: *e, family: None, m: None, db_rule: None, gpu_check: None });
+                    }
+                }
+            }
+            let arch = match (arch, archs.len()) {
+                (Some(a), _) => a,
+                (None, 1) => *archs.iter().next().expect("one arch"),
+                (None, 0) => bail!("the cache holds no kernels to export"),
+                (None, _) => bail!("the cache holds kernels for {archs:?}: pass --arch (a bundle is for one arch)"),
+            };
+            let n = items.len();
+            bundle::write(&out, arch, [("exported_from".to_string(), dir.display().to_string())].into(), items)?;
+            println!("exported {n} kernels for {arch} to {}", out.display());
+        }
+        CacheCmd::Import { bundle: b } => {
+            let bundle = Bundle::open(&b)?;
+            let entries = bundle.entries()?;
+            for e in &entries {
+                cache.put(&e.inputs.key(), e)?;
+            }
+            println!("imported {} kernels from {} into {}", entries.len(), b.display(), dir.display());
+        }
         CacheCmd::Stats { json } => {
             let list = cache.list()?;
             let bytes: u64 = list.iter().map(|e| e.bytes).sum();
@@ -205,7 +280,7 @@ fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
                 }
             }
         }
-        CacheCmd::Verify { json } => {
+        CacheCmd::Verify { json, .. } => {
             let r = cache.verify()?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&r)?);
@@ -224,6 +299,66 @@ fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
             println!("removed {} entries: {} → {} bytes", r.removed, r.before_bytes, r.after_bytes);
         }
     }
+    Ok(())
+}
+
+fn bless(
+    cache_dir: &std::path::Path,
+    tuning_db: &std::path::Path,
+    model: &std::path::Path,
+    arch: Arch,
+    out: &std::path::Path,
+    max_batch: i64,
+    verify_on_gpu: bool,
+) -> Result<()> {
+    if !(1..=512).contains(&max_batch) {
+        bail!("--max-batch must be in 1..=512, got {max_batch}");
+    }
+    if !tuning_db.is_dir() {
+        bail!("tuning DB folder {} does not exist", tuning_db.display());
+    }
+    let config = ShapeConfig::from_model_dir(model)?;
+    let db = TuningDb::load(tuning_db)?;
+    let planned = plan(&config, &db, arch, max_batch);
+    let gpu = if verify_on_gpu {
+        let g = Gpu::open(0).context("--verify-on-gpu")?;
+        if g.info().arch.cc != arch.cc {
+            bail!("--verify-on-gpu: this GPU is {}, the bundle is for {arch}", g.info().arch);
+        }
+        Some(g)
+    } else {
+        None
+    };
+    let jit = open_jit(Catalog::embedded(), cache_dir, false)?;
+    let reqs: Vec<KernelRequest> = planned.iter().map(|p| p.request.clone()).collect();
+    let mut items = Vec::new();
+    let mut failed = Vec::new();
+    for (p, f) in planned.iter().zip(jit.get_many(&reqs)) {
+        let f = f.map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} M={}", p.family, p.m))?;
+        let gpu_check = match &gpu {
+            Some(g) => {
+                let d = check_entry(g, &f.entry, 0xB1E55 ^ p.m as u64, 1e-3)?.deltas;
+                if !d.passes(&Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 }) {
+                    failed.push(format!("{} M={}: {d}", p.family, p.m));
+                }
+                Some(d)
+            }
+            None => None,
+        };
+        items.push(BlessItem { entry: f.entry, family: Some(p.family.clone()), m: Some(p.m), db_rule: Some(format!("{:?}", p.rule)), gpu_check });
+    }
+    if !failed.is_empty() {
+        bail!("refusing to bless: {} kernels failed the GPU check:\n{}", failed.len(), failed.join("\n"));
+    }
+    let source = [
+        ("tuning_db".to_string(), tuning_db.display().to_string()),
+        ("model".to_string(), model.display().to_string()),
+        ("command".to_string(), std::env::args().collect::<Vec<_>>().join(" ")),
+    ]
+    .into();
+    let m = bundle::write(out, arch, source, items)?;
+    let defaults = planned.iter().filter(|p| p.rule == mangrove::tuning_db::LookupRule::Default).count();
+    println!("blessed {} kernels for {arch} into {} ({} from tuned records, {defaults} on template defaults)", m.kernels.len(), out.display(), planned.len() - defaults);
     Ok(())
 }
 

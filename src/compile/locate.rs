@@ -109,6 +109,11 @@ pub fn load() -> Result<&'static LoadedNvrtc, (Vec<String>, String)> {
         .map_err(Clone::clone)
 }
 
+/// True once this process has loaded NVRTC (offline serving must never do so).
+pub fn is_loaded() -> bool {
+    LOADED.get().is_some_and(|r| r.is_ok())
+}
+
 fn builtins_in(dir: &Path) -> Option<PathBuf> {
     let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
         .ok()?

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 
 use crate::arch::Arch;
 use crate::template::RenderedKernel;
-pub use locate::INSTALL_HINT;
+pub use locate::{is_loaded as nvrtc_loaded, INSTALL_HINT};
 pub use resources::ResourceReport;
 
 /// Errors of the compile stage; a failed compile keeps NVRTC's log, options and the source lines.

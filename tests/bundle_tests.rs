@@ -1,0 +1,168 @@
+//! Blessed bundles on CI (no GPU): bless for sm_90 and sm_120 from the shipped H100 tuning DB,
+//! verify, detect any flipped byte naming the file, serve lookups offline without loading
+//! NVRTC, name the kernels a bundle lacks, and round-trip through export/import.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use mangrove::arch::Arch;
+use mangrove::bundle::{self, Bundle, BundleError};
+use mangrove::plan::{plan, ShapeConfig};
+use mangrove::template::Catalog;
+use mangrove::tuning_db::TuningDb;
+
+fn mangrove(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+fn shipped_db() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning_db/h100")
+}
+
+/// A model folder whose config.json has the bitnet-b1.58-2B shapes.
+fn model_dir(root: &Path) -> PathBuf {
+    let dir = root.join("model");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5,
+            "num_hidden_layers": 30, "vocab_size": 128256}"#,
+    )
+    .unwrap();
+    dir
+}
+
+fn bless(root: &Path, arch: &str) -> PathBuf {
+    let out = root.join(format!("bundle-{arch}"));
+    let cache = root.join("cache");
+    let (ok, stdout, err) = mangrove(&[
+        "--cache-dir", cache.to_str().unwrap(), "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(),
+        "--model", model_dir(root).to_str().unwrap(), "--arch", arch, "--out", out.to_str().unwrap(), "--max-batch", "8",
+    ]);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("blessed"), "{stdout}");
+    out
+}
+
+fn verify_problems(dir: &Path) -> Vec<String> {
+    match bundle::verify(dir) {
+        Ok(_) => vec![],
+        Err(BundleError::Verify { problems, .. }) => problems,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn bless_verify_and_offline_lookup_for_sm90_and_sm120() {
+    let root = tempfile::tempdir().unwrap();
+    for arch in ["sm90", "sm120"] {
+        let dir = bless(root.path(), arch);
+        let (ok, out, err) = mangrove(&["cache", "verify", dir.to_str().unwrap()]);
+        assert!(ok && out.contains("OK"), "{out}{err}");
+
+        // Offline: every planned kernel is found by key, with no NVRTC in this process.
+        let b = Bundle::open(&dir).unwrap();
+        let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
+        let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), arch.parse::<Arch>().unwrap(), 8);
+        assert_eq!(b.manifest.kernels.len(), planned.len());
+        assert!(b.missing(&Catalog::embedded(), &planned).unwrap().is_empty());
+        for p in &planned {
+            let e = b.get(&b.key_for(&Catalog::embedded(), &p.request).unwrap()).unwrap().unwrap();
+            assert_eq!(&e.cubin[..4], b"\x7fELF");
+        }
+        assert!(!mangrove::compile::nvrtc_loaded(), "offline lookups must not load NVRTC");
+    }
+}
+
+#[test]
+fn any_flipped_byte_fails_verify_naming_the_file() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = bless(root.path(), "sm90");
+    let manifest = bundle::verify(&dir).unwrap();
+    let flip = |path: &Path| {
+        let mut b = std::fs::read(path).unwrap();
+        let i = b.len() / 2;
+        b[i] ^= 0x01;
+        std::fs::write(path, b).unwrap();
+    };
+    let cubin = manifest.kernels[0].file.clone();
+    flip(&dir.join(&cubin));
+    let p = verify_problems(&dir);
+    assert!(p.len() == 1 && p[0].starts_with(&cubin), "{p:?}");
+    flip(&dir.join(&cubin)); // back
+    assert!(verify_problems(&dir).is_empty());
+
+    flip(&dir.join("manifest.json"));
+    let p = verify_problems(&dir);
+    assert!(p.iter().any(|l| l.starts_with("manifest.json")), "{p:?}");
+    flip(&dir.join("manifest.json"));
+
+    std::fs::write(dir.join("kernels/stray.cubin"), b"x").unwrap();
+    let p = verify_problems(&dir);
+    assert!(p.iter().any(|l| l.starts_with("kernels/stray.cubin") && l.contains("extra")), "{p:?}");
+    std::fs::remove_file(dir.join("kernels/stray.cubin")).unwrap();
+
+    let gone = manifest.kernels[1].file.clone();
+    std::fs::remove_file(dir.join(&gone)).unwrap();
+    let p = verify_problems(&dir);
+    assert!(p.iter().any(|l| l.starts_with(&gone) && l.contains("missing")), "{p:?}");
+    let (ok, _, err) = mangrove(&["cache", "verify", dir.to_str().unwrap()]);
+    assert!(!ok && err.contains(&gone), "{err}");
+}
+
+#[test]
+fn a_bundle_missing_a_kernel_names_it() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = bless(root.path(), "sm90");
+    let b = Bundle::open(&dir).unwrap();
+    // Re-bless without the first kernel: a complete, valid bundle that lacks one planned kernel.
+    let dropped = b.manifest.kernels[0].clone();
+    let items = b
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.inputs.key().to_hex() != dropped.key)
+        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
+        .collect();
+    let partial = root.path().join("partial");
+    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    let p = Bundle::open(&partial).unwrap();
+    let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
+    let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
+    let missing = p.missing(&Catalog::embedded(), &planned).unwrap();
+    assert_eq!(missing.len(), 1);
+    assert_eq!(p.key_for(&Catalog::embedded(), &missing[0].request).unwrap().to_hex(), dropped.key);
+}
+
+#[test]
+fn export_then_import_round_trips_through_sled() {
+    let root = tempfile::tempdir().unwrap();
+    let dir = bless(root.path(), "sm90");
+    let fresh = root.path().join("fresh-cache");
+    let (ok, out, err) = mangrove(&["--cache-dir", fresh.to_str().unwrap(), "cache", "import", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let n = Bundle::open(&dir).unwrap().manifest.kernels.len();
+    assert!(out.contains(&format!("imported {n} kernels")), "{out}");
+    let exported = root.path().join("exported");
+    let (ok, _, err) = mangrove(&["--cache-dir", fresh.to_str().unwrap(), "cache", "export", "--out", exported.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let a: Vec<String> = Bundle::open(&dir).unwrap().manifest.kernels.iter().map(|k| k.cubin_blake3.clone()).collect();
+    let b: Vec<String> = Bundle::open(&exported).unwrap().manifest.kernels.iter().map(|k| k.cubin_blake3.clone()).collect();
+    assert_eq!(a, b);
+}
+
+#[test]
+fn bless_bad_input_is_clear() {
+    let root = tempfile::tempdir().unwrap();
+    let out = root.path().join("b");
+    let (ok, _, err) = mangrove(&[
+        "cache", "bless", "--tuning-db", "/nonexistent", "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("tuning DB folder /nonexistent does not exist"), "{err}");
+    let (ok, _, err) = mangrove(&[
+        "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(), "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(),
+    ]);
+    assert!(!ok && err.contains("config.json"), "{err}");
+    assert!(!out.exists(), "nothing half-written");
+}
