@@ -22,6 +22,7 @@ pub mod key;
 pub mod plan;
 pub mod reference;
 pub mod routing;
+pub mod service;
 pub mod template;
 pub mod tune;
 pub mod tuning_db;

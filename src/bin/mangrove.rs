@@ -73,6 +73,15 @@ enum Cmd {
     },
     /// Show the GPU this process sees, or why there is none.
     Gpu,
+    /// Serve the JIT cache over HTTP so many engine processes share one sled cache
+    /// (single-flight compiles, tuning-DB lookups).
+    Jitd {
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// Tuning DB answered on /v1/tuning/{template}.
+        #[arg(long)]
+        tuning_db: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,6 +178,22 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cache { cmd } => cache_cmd(&cache_dir, cmd),
         Cmd::Warm { arch, recompile, json } => warm(catalog, &cache_dir, &arch, recompile, json),
+        Cmd::Jitd { listen, tuning_db } => {
+            let db = match &tuning_db {
+                Some(d) => TuningDb::load(d)?,
+                None => TuningDb::default(),
+            };
+            let state = mangrove::service::ServiceState::new(open_jit(catalog, &cache_dir, false)?, db);
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::bind(&listen).await.with_context(|| format!("binding {listen}"))?;
+                eprintln!("jitd listening on http://{} (cache {})", listener.local_addr()?, cache_dir.display());
+                axum::serve(listener, mangrove::service::app(state))
+                    .with_graceful_shutdown(async { let _ = tokio::signal::ctrl_c().await; })
+                    .await?;
+                Ok::<_, anyhow::Error>(())
+            })
+        }
         Cmd::Gpu => {
             match Gpu::open(0) {
                 Ok(g) => println!("{}", serde_json::to_string_pretty(g.info())?),
