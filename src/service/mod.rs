@@ -26,11 +26,14 @@ use crate::key::KernelKey;
 use crate::template::Params;
 use crate::tuning_db::TuningDb;
 
+/// One in-flight compile that every request for the same key awaits.
+type Flight = Arc<OnceCell<Result<Arc<Served>, String>>>;
+
 /// Shared state of the service.
 pub struct ServiceState {
     pub jit: Jit,
     pub db: TuningDb,
-    inflight: Mutex<HashMap<KernelKey, Arc<OnceCell<Result<Arc<Served>, String>>>>>,
+    inflight: Mutex<HashMap<KernelKey, Flight>>,
     /// Kernels compiled (misses) since start.
     pub compiles: AtomicU64,
     pub requests: AtomicU64,
