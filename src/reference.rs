@@ -70,6 +70,32 @@ pub fn ternary_linear(packed: &[u8], n: usize, k: usize, x: &[f64], m: usize, sc
     y
 }
 
+/// BitNet's per-token activation quantization (transformers' offline AutoBitLinear): for each
+/// row, s = 127 / max(|x|, 1e-5) and q = round_half_even(x * s) clamped to [-128, 127], in f32.
+/// Returns (q [m, k], s [m]); the linear's output is then (q · W) / s * weight_scale.
+pub fn quantize_per_token(x: &[f32], m: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    assert_eq!(x.len(), m * k, "x must be m*k");
+    let mut q = Vec::with_capacity(m * k);
+    let mut scales = Vec::with_capacity(m);
+    for row in x.chunks(k.max(1)).take(m) {
+        let max = row.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-5);
+        let s = 127.0f32 / max;
+        scales.push(s);
+        q.extend(row.iter().map(|v| (v * s).round_ties_even().clamp(-128.0, 127.0) as i8));
+    }
+    (q, scales)
+}
+
+/// y[m, r] = weight_scale / s[m] * sum_c W[r, c] * q[m, c] in f64 (the W2A8 linear).
+pub fn ternary_linear_w2a8(packed: &[u8], n: usize, k: usize, q: &[i8], s: &[f32], m: usize, weight_scale: f64) -> Vec<f64> {
+    let qf: Vec<f64> = q.iter().map(|&v| v as f64).collect();
+    let mut y = ternary_linear(packed, n, k, &qf, m, weight_scale);
+    for (mi, row) in y.chunks_mut(n).enumerate() {
+        row.iter_mut().for_each(|v| *v /= s[mi] as f64);
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -84,6 +110,16 @@ mod tests {
         // Byte (0, 0) holds rows 0, 2, 4, 6 of column 0 at bits 0, 2, 4, 6.
         let expect = (0..4).fold(0u8, |b, q| b | (((w[q * 2 * k] + 1) as u8) << (2 * q)));
         assert_eq!(p[0], expect);
+    }
+
+    #[test]
+    fn per_token_quantization_follows_bitnet() {
+        let x = [0.5f32, -1.0, 0.25, 0.0, 2.0, -2.0, 1.0, 0.00390625];
+        let (q, s) = quantize_per_token(&x, 2, 4);
+        assert_eq!(s, vec![127.0, 63.5]);
+        assert_eq!(q, vec![64, -127, 32, 0, 127, -127, 64, 0]); // 63.5 rounds to 64 (even), 0.248 to 0
+        let (q0, s0) = quantize_per_token(&[0.0; 3], 1, 3);
+        assert_eq!((q0, s0), (vec![0, 0, 0], vec![127.0 / 1e-5]));
     }
 
     #[test]

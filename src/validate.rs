@@ -6,9 +6,9 @@ use rand::{Rng, SeedableRng};
 
 use crate::cache::CacheEntry;
 use crate::check::{Deltas, POISON_BF16};
-use crate::gpu::{DeviceBuffer, DeviceRouting, ExpertWeights, Gpu, GpuError, MoeGateUp, TernaryGemv};
+use crate::gpu::{ActMode, Activations, DeviceBuffer, DeviceRouting, ExpertWeights, Gpu, GpuError, MoeGateUp, TernaryGemv};
 use crate::reference::moe::{moe_gateup, MoeShape, TernaryExperts};
-use crate::reference::{pack_ternary, ternary_linear};
+use crate::reference::{pack_ternary, quantize_per_token, ternary_linear, ternary_linear_w2a8};
 use crate::routing::align_block_size;
 
 /// Random inputs of one ternary linear problem (never zeros).
@@ -48,41 +48,69 @@ pub struct CheckedRun {
     pub output: Vec<u16>,
 }
 
-/// A random problem resident on the GPU with its f64 reference, reusable across kernels.
+/// A random problem resident on the GPU with its f64 references (one per activation mode,
+/// computed on first use), reusable across kernels of both GEMV templates.
 pub struct TernaryCase {
     pub problem: TernaryProblem,
-    pub reference: Vec<f64>,
+    /// Per-token int8 activations and scales (BitNet's quantization of `problem.x_bits`).
+    pub q: Vec<i8>,
+    pub q_scale: Vec<f32>,
+    references: [std::sync::OnceLock<Vec<f64>>; 2],
     w: DeviceBuffer<u8>,
     x: DeviceBuffer<u16>,
+    xq: DeviceBuffer<i8>,
+    xs: DeviceBuffer<f32>,
     y: DeviceBuffer<u16>,
 }
 
 impl TernaryCase {
-    /// Draws a fresh problem from `seed`, computes its reference and uploads it.
+    /// Draws a fresh problem from `seed` and uploads it in both activation forms.
     pub fn new(gpu: &Gpu, m: usize, n: usize, k: usize, seed: u64) -> Result<Self, GpuError> {
         let problem = TernaryProblem::random(m, n, k, seed);
-        let reference = problem.reference();
+        let xf: Vec<f32> = problem.x_bits.iter().map(|&b| half::bf16::from_bits(b).to_f32()).collect();
+        let (q, q_scale) = quantize_per_token(&xf, m, k);
         Ok(Self {
             w: gpu.upload(&problem.packed)?,
             x: gpu.upload(&problem.x_bits)?,
+            xq: gpu.upload(&q)?,
+            xs: gpu.upload(&q_scale)?,
             y: gpu.upload(&vec![POISON_BF16; m * n])?,
+            references: Default::default(),
             problem,
-            reference,
+            q,
+            q_scale,
         })
     }
 
-    /// The activations on the device.
-    pub fn x(&self) -> &DeviceBuffer<u16> {
-        &self.x
+    /// The f64 reference of `mode`: bf16 x exactly, or the quantized q / scale.
+    pub fn reference(&self, mode: ActMode) -> &[f64] {
+        let p = &self.problem;
+        match mode {
+            ActMode::Bf16 => self.references[0].get_or_init(|| p.reference()),
+            ActMode::W2A8 => self.references[1]
+                .get_or_init(|| ternary_linear_w2a8(&p.packed, p.n, p.k, &self.q, &self.q_scale, p.m, p.scale as f64)),
+        }
     }
 
-    /// Poisons the output, launches `entry` once and compares with the reference.
+    /// The activations on the device in the form `mode` takes.
+    pub fn activations(&self, mode: ActMode) -> Activations<'_> {
+        match mode {
+            ActMode::Bf16 => Activations::Bf16(&self.x),
+            ActMode::W2A8 => Activations::Int8 { q: &self.xq, scale: &self.xs },
+        }
+    }
+
+    /// Poisons the output, launches `op` once and compares with the reference of its mode.
     pub fn run(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rel_floor: f64) -> Result<CheckedRun, GpuError> {
         gpu.write(&vec![POISON_BF16; self.problem.m * self.problem.n], &mut self.y)?;
-        op.launch(gpu, &self.w, &self.x, &mut self.y, self.problem.scale)?;
+        let x = match op.mode {
+            ActMode::Bf16 => Activations::Bf16(&self.x),
+            ActMode::W2A8 => Activations::Int8 { q: &self.xq, scale: &self.xs },
+        };
+        op.launch(gpu, &self.w, x, &mut self.y, self.problem.scale)?;
         gpu.sync()?;
         let output = gpu.download(&self.y)?;
-        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, &self.reference, rel_floor), output })
+        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, self.reference(op.mode), rel_floor), output })
     }
 }
 
@@ -231,7 +259,7 @@ pub fn check_moe_gateup(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64
 pub fn check_entry(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     match entry.inputs.template.as_str() {
         "moe_gateup" => check_moe_gateup(gpu, entry, seed, rel_floor),
-        "ternary_gemv" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
+        "ternary_gemv" | "ternary_gemv_w2a8" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
         other => Err(GpuError::Shape { kernel: other.into(), what: "no validator for this template".into() }),
     }
 }

@@ -89,6 +89,30 @@ fn split_k_is_bit_identical_across_runs() {
 }
 
 #[test]
+fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
+    let Some(gpu) = gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let mut reqs = cases(gpu.info().arch);
+    for r in &mut reqs {
+        r.template = "ternary_gemv_w2a8".into();
+    }
+    let mut failures = Vec::new();
+    for (i, f) in jit.get_many(&reqs).into_iter().enumerate() {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        let what = format_params(&f.entry.inputs.params);
+        let runs = check_ternary_gemv(&gpu, &f.entry, 5000 + i as u64, 3, GATE.rel_floor).unwrap();
+        println!("w2a8 {what}: {} regs={}", runs[0].deltas, f.entry.resources.registers);
+        for r in &runs {
+            if !r.deltas.passes(&GATE) || r.output != runs[0].output {
+                failures.push(format!("{what}: {}", r.deltas));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
+}
+
+#[test]
 fn shape_mismatch_is_an_error_not_a_crash() {
     let Some(gpu) = gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
@@ -98,6 +122,6 @@ fn shape_mismatch_is_an_error_not_a_crash() {
     let w = gpu.zeros::<u8>(64 * 256).unwrap();
     let x = gpu.zeros::<u16>(256).unwrap(); // M=1 worth of activations, kernel wants M=2
     let mut y = gpu.zeros::<u16>(2 * 256).unwrap();
-    let err = op.launch(&gpu, &w, &x, &mut y, 1.0).unwrap_err();
+    let err = op.launch(&gpu, &w, mangrove::gpu::Activations::Bf16(&x), &mut y, 1.0).unwrap_err();
     assert!(err.to_string().contains("x has 256 elements"), "{err}");
 }

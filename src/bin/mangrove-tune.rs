@@ -10,7 +10,7 @@ use mangrove::arch::Arch;
 use mangrove::cache::{self, Cache};
 use mangrove::check::Gate;
 use mangrove::compile::Compiler;
-use mangrove::gpu::TimingPlan;
+use mangrove::gpu::{ActMode, TimingPlan};
 use mangrove::jit::Jit;
 use mangrove::template::{format_params, Catalog, Params};
 use mangrove::tune::context::TuneContext;
@@ -50,6 +50,9 @@ enum Cmd {
         /// Token counts to tune.
         #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
         m: Vec<i64>,
+        /// Activation mode: bf16 (ternary_gemv) or int8 per-token W2A8 (ternary_gemv_w2a8).
+        #[arg(long, value_enum, default_value = "bf16")]
+        act: ActArg,
     },
     /// The MoE gate_up stage: grouped GEMM over experts on tokens sorted by expert and padded
     /// to BLOCK_M, ternary expert weights, SiLU(gate)·up fused in the epilogue.
@@ -102,6 +105,8 @@ enum Cmd {
         /// Write the full report here as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "bf16")]
+        act: ActArg,
     },
     /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
     Merge {
@@ -111,6 +116,21 @@ enum Cmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ActArg {
+    Bf16,
+    W2a8,
+}
+
+impl ActArg {
+    fn mode(self) -> ActMode {
+        match self {
+            ActArg::Bf16 => ActMode::Bf16,
+            ActArg::W2a8 => ActMode::W2A8,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -195,16 +215,16 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Gemv { common, shapes, m } => {
+        Cmd::Gemv { common, shapes, m, act } => {
             let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
             let ctx = context(&common)?;
             if !common.json {
                 println!("gemv: shapes {} × M {:?}, {}", shapes.iter().map(|(n, k)| format!("{n}x{k}")).collect::<Vec<_>>().join(","), m, ctx.settings.strategy);
             }
             let pb = progress(common.json);
-            let outcomes = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            let outcomes = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
             pb.finish_and_clear();
-            finish(&ctx, &common, "ternary_gemv", outcomes)
+            finish(&ctx, &common, act.mode().template(), outcomes)
         }
         Cmd::Gateup { common, experts, topk, hidden, inter, m } => {
             let ctx = context(&common)?;
@@ -270,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { common, shapes, m, report } => {
+        Cmd::Bench { common, shapes, m, report, act } => {
             let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
             let mut ctx = context(&common)?;
             if ctx.settings.compile_only {
@@ -279,9 +299,9 @@ fn run(cli: Cli) -> Result<()> {
             let budget = common.budget;
             ctx.settings.strategy = Strategy::Exhaustive;
             let pb = progress(common.json);
-            let exhaustive = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            let exhaustive = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
             ctx.settings.strategy = Strategy::Budgeted { budget, seed: common.seed };
-            let budgeted = tune_gemv(&ctx, &shapes, &m, &pb)?;
+            let budgeted = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
             pb.finish_and_clear();
             let mut rows = Vec::new();
             println!("copy bandwidth {:.0} GB/s; budgeted = {} configs timed per job", ctx.copy_bw_gbs, budget);
@@ -319,7 +339,7 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&path, serde_json::to_string_pretty(&full)? + "\n").with_context(|| format!("writing {}", path.display()))?;
             }
             if !common.no_write {
-                finish(&ctx, &Common { json: false, ..common }, "ternary_gemv", exhaustive)?;
+                finish(&ctx, &Common { json: false, ..common }, act.mode().template(), exhaustive)?;
             }
             Ok(())
         }

@@ -15,7 +15,7 @@ use crate::arch::Arch;
 use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
-pub use ternary::TernaryGemv;
+pub use ternary::{ActMode, Activations, TernaryGemv};
 pub use timing::{TimingPlan, TimingStats};
 
 /// A device allocation of `T` elements.

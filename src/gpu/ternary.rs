@@ -1,62 +1,135 @@
-//! Host side of the `ternary_gemv` template: owns the split-K workspace and launches the
-//! kernel with its argument list. Shapes come from the entry's rendered parameters.
+//! Host side of the ternary GEMV templates (`ternary_gemv`: bf16 activations;
+//! `ternary_gemv_w2a8`: int8 per-token activations): owns the split-K workspace and launches
+//! the kernel with its argument list. Shapes come from the entry's rendered parameters.
 
 use cudarc::driver::PushKernelArg;
 
 use super::{check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
+/// How activations reach the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum ActMode {
+    /// bf16 activations, f32 accumulation (`ternary_gemv`).
+    Bf16,
+    /// int8 activations with a per-token scale, int32 accumulation (`ternary_gemv_w2a8`).
+    W2A8,
+}
+
+impl ActMode {
+    /// The template implementing this mode.
+    pub fn template(self) -> &'static str {
+        match self {
+            ActMode::Bf16 => "ternary_gemv",
+            ActMode::W2A8 => "ternary_gemv_w2a8",
+        }
+    }
+}
+
+/// Activations in the form the kernel's mode takes.
+pub enum Activations<'a> {
+    Bf16(&'a DeviceBuffer<u16>),
+    /// int8 values [M, K] and per-token scales [M] (q = round(x * scale)).
+    Int8 { q: &'a DeviceBuffer<i8>, scale: &'a DeviceBuffer<f32> },
+}
+
 /// A loaded ternary GEMV for one (M, N, K, config) with its workspace.
 pub struct TernaryGemv {
     kernel: LoadedKernel,
+    pub mode: ActMode,
     pub m: usize,
     pub n: usize,
     pub k: usize,
-    partial: DeviceBuffer<f32>,
+    /// Split-K partials: f32 for bf16 mode, i32 for W2A8 (same size, 4 bytes each).
+    partial_f: DeviceBuffer<f32>,
+    partial_i: DeviceBuffer<i32>,
     counters: DeviceBuffer<u32>,
 }
 
 impl TernaryGemv {
-    /// Loads a `ternary_gemv` cache entry and allocates its workspace.
+    /// Loads a ternary GEMV cache entry (either mode) and allocates its workspace.
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let mode = match entry.inputs.template.as_str() {
+            "ternary_gemv" => ActMode::Bf16,
+            "ternary_gemv_w2a8" => ActMode::W2A8,
+            other => {
+                return Err(GpuError::Shape { kernel: other.into(), what: "not a ternary GEMV kernel".into() });
+            }
+        };
         let p = &entry.inputs.params;
         let get = |name: &str| -> Result<usize, GpuError> {
             p.get(name).map(|&v| v as usize).ok_or_else(|| GpuError::Shape {
                 kernel: entry.inputs.template.clone(),
-                what: format!("entry has no parameter {name}; is it a ternary_gemv kernel?"),
+                what: format!("entry has no parameter {name}"),
             })
         };
         let (m, n, k, split) = (get("M")?, get("N")?, get("K")?, get("SPLIT_K")?);
         let kernel = gpu.load(entry)?;
         let tiles = kernel.launch.grid[0] as usize;
-        let partial = gpu.zeros::<f32>(if split > 1 { split * m * n } else { 1 })?;
-        let counters = gpu.zeros::<u32>(tiles.max(1))?;
-        Ok(Self { kernel, m, n, k, partial, counters })
+        let work = if split > 1 { split * m * n } else { 1 };
+        let (fw, iw) = if mode == ActMode::Bf16 { (work, 1) } else { (1, work) };
+        Ok(Self {
+            partial_f: gpu.zeros::<f32>(fw)?,
+            partial_i: gpu.zeros::<i32>(iw)?,
+            counters: gpu.zeros::<u32>(tiles.max(1))?,
+            kernel,
+            mode,
+            m,
+            n,
+            k,
+        })
     }
 
     /// Bytes one call must move at least: packed weights, activations in, outputs out.
     pub fn min_bytes(&self) -> usize {
-        self.n / 4 * self.k + 2 * self.m * self.k + 2 * self.m * self.n
+        let act = match self.mode {
+            ActMode::Bf16 => 2 * self.m * self.k,
+            ActMode::W2A8 => self.m * self.k + 4 * self.m,
+        };
+        self.n / 4 * self.k + act + 2 * self.m * self.n
     }
 
-    /// y = scale * W x for packed `w` [N/4, K], bf16 `x` [M, K], bf16 `y` [M, N]; queued on the stream.
+    /// y = W x (scaled) for packed `w` [N/4, K] and bf16 `y` [M, N]; queued on the stream.
     pub fn launch(
         &mut self,
         gpu: &Gpu,
         w: &DeviceBuffer<u8>,
-        x: &DeviceBuffer<u16>,
+        x: Activations,
         y: &mut DeviceBuffer<u16>,
         scale: f32,
     ) -> Result<(), GpuError> {
         let shape = format!("M={} N={} K={}", self.m, self.n, self.k);
-        let expect = [("w", w.len(), self.n / 4 * self.k), ("x", x.len(), self.m * self.k), ("y", y.len(), self.m * self.n)];
-        check_lengths(&self.kernel.name, &shape, &expect)?;
+        let mut lens = vec![("w", w.len(), self.n / 4 * self.k), ("y", y.len(), self.m * self.n)];
+        match (&x, self.mode) {
+            (Activations::Bf16(x), ActMode::Bf16) => lens.push(("x", x.len(), self.m * self.k)),
+            (Activations::Int8 { q, scale }, ActMode::W2A8) => {
+                lens.push(("q", q.len(), self.m * self.k));
+                lens.push(("x_scale", scale.len(), self.m));
+            }
+            _ => {
+                return Err(GpuError::Shape {
+                    kernel: self.kernel.name.clone(),
+                    what: format!("activations do not match the kernel's {:?} mode", self.mode),
+                })
+            }
+        }
+        check_lengths(&self.kernel.name, &shape, &lens)?;
         let cfg = self.kernel.config();
         let mut b = gpu.stream().launch_builder(&self.kernel.func);
-        b.arg(w).arg(x).arg(y).arg(&scale).arg(&mut self.partial).arg(&mut self.counters);
-        // SAFETY: the argument list matches the kernel signature in ternary_gemv.cu.tera
-        // (w, x, y, scale, partial, counters); buffer sizes were checked above and the
-        // workspace was sized from the same parameters the kernel was rendered with.
+        b.arg(w);
+        match x {
+            Activations::Bf16(x) => {
+                b.arg(x).arg(y).arg(&scale).arg(&mut self.partial_f);
+            }
+            Activations::Int8 { q, scale: xs } => {
+                b.arg(q).arg(xs).arg(y).arg(&scale).arg(&mut self.partial_i);
+            }
+        }
+        b.arg(&mut self.counters);
+        // SAFETY: the argument lists match the kernel signatures in ternary_gemv.cu.tera
+        // (w, x, y, scale, partial, counters) and ternary_gemv_w2a8.cu.tera (w, q, x_scale, y,
+        // scale, partial, counters), the mode was checked against the activations, every
+        // buffer length above, and the workspace was sized from the rendered parameters.
         unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
         Ok(())
     }

@@ -5,14 +5,16 @@ use indicatif::ProgressBar;
 use super::context::TuneContext;
 use super::sweep::{sweep, SweepOutcome, TuneError};
 use super::workload::{GemvWorkload, Workload};
+use crate::gpu::ActMode;
 use crate::template::Params;
 
 /// The bitnet-b1.58-2B decode shapes (N×K): fused QKV, O, fused gate/up, down.
 pub const BITNET_2B_SHAPES: &[(i64, i64)] = &[(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)];
 
-/// Tunes every (shape, M); returns one outcome per job, in order.
+/// Tunes every (shape, M) of the GEMV template of `mode`; returns one outcome per job, in order.
 pub fn tune_gemv(
     ctx: &TuneContext,
+    mode: ActMode,
     shapes: &[(i64, i64)],
     ms: &[i64],
     progress: &ProgressBar,
@@ -33,7 +35,7 @@ pub fn tune_gemv(
                 &ctx.jit,
                 ctx.gpu.as_ref(),
                 &ctx.limits,
-                "ternary_gemv",
+                mode.template(),
                 &problem,
                 work.as_mut().map(|w| w as &mut dyn Workload),
                 &ctx.settings,

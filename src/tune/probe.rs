@@ -5,7 +5,7 @@
 
 use crate::arch::Arch;
 use crate::check::{Deltas, Gate, POISON_BF16};
-use crate::gpu::{DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
+use crate::gpu::{Activations, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
 use crate::jit::{Jit, KernelRequest};
 use crate::template::Params;
 use crate::tuning_db::{GateRecord, LookupRule, Provenance, TuningDb};
@@ -79,7 +79,7 @@ impl ChunkedLinear {
 
     fn launch(&mut self, gpu: &Gpu, w: &DeviceBuffer<u8>, scale: f32) -> Result<(), GpuError> {
         for (op, x, y) in &mut self.chunks {
-            op.launch(gpu, w, x, y, scale)?;
+            op.launch(gpu, w, Activations::Bf16(x), y, scale)?;
         }
         Ok(())
     }

@@ -58,12 +58,13 @@ impl Workload for GemvWorkload {
     fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
         let mut op = TernaryGemv::new(gpu, entry)?;
         let (weights, y, scale) = (&self.weights, &mut self.y, self.case.problem.scale);
-        let x = self.case.x();
+        let case = &self.case;
         let copies = weights.len();
-        gpu.time_launches(plan, |i| op.launch(gpu, &weights[i % copies], x, y, scale))
+        gpu.time_launches(plan, |i| op.launch(gpu, &weights[i % copies], case.activations(op.mode), y, scale))
     }
 
     fn min_bytes(&self) -> usize {
+        // bf16 activations; a W2A8 kernel moves slightly less, so its GB/s is a lower bound.
         self.n / 4 * self.k + 2 * self.m * self.k + 2 * self.m * self.n
     }
 }
