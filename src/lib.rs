@@ -20,6 +20,7 @@ pub mod gpu;
 pub mod jit;
 pub mod key;
 pub mod plan;
+pub mod provision;
 pub mod reference;
 pub mod routing;
 pub mod service;

@@ -166,3 +166,36 @@ fn bless_bad_input_is_clear() {
     assert!(!ok && err.contains("config.json"), "{err}");
     assert!(!out.exists(), "nothing half-written");
 }
+
+#[test]
+fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kernels() {
+    use mangrove::provision::{provision, FallbackReason, KernelSource, ProvisionError};
+    let root = tempfile::tempdir().unwrap();
+    let dir = bless(root.path(), "sm90");
+    let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
+    let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
+    let source = KernelSource::Blessed { bundle: Bundle::open(&dir).unwrap(), catalog: Catalog::embedded(), fallback: None };
+    let got = provision(&planned, &source).unwrap();
+    assert_eq!(got.obtained.get("Bundle"), Some(&planned.len()));
+    assert_eq!(got.entries.len(), planned.len());
+    assert!(got.fallbacks.iter().all(|(_, _, r)| *r == FallbackReason::NoTunedConfig));
+    assert!(!mangrove::compile::nvrtc_loaded(), "offline provisioning must not load NVRTC");
+
+    // The same bundle without one kernel: refused at start, the kernel named.
+    let b = Bundle::open(&dir).unwrap();
+    let dropped = &b.manifest.kernels[0];
+    let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
+    let items = b
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.inputs.key().to_hex() != dropped.key)
+        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
+        .collect();
+    let partial = root.path().join("partial");
+    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), fallback: None };
+    let err = provision(&planned, &source).unwrap_err();
+    assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if l.len() == 1), "{err}");
+    assert!(err.to_string().contains(&label), "{err} should name {label}");
+}
