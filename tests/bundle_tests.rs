@@ -45,6 +45,22 @@ fn bless(root: &Path, arch: &str) -> PathBuf {
     out
 }
 
+/// Re-blesses `dir` without its first kernel: a complete, valid bundle lacking one planned kernel.
+fn without_first_kernel(dir: &Path, root: &Path) -> (PathBuf, bundle::ManifestKernel) {
+    let b = Bundle::open(dir).unwrap();
+    let dropped = b.manifest.kernels[0].clone();
+    let items = b
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.inputs.key().to_hex() != dropped.key)
+        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
+        .collect();
+    let partial = root.join("partial");
+    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    (partial, dropped)
+}
+
 fn verify_problems(dir: &Path) -> Vec<String> {
     match bundle::verify(dir) {
         Ok(_) => vec![],
@@ -115,18 +131,7 @@ fn any_flipped_byte_fails_verify_naming_the_file() {
 fn a_bundle_missing_a_kernel_names_it() {
     let root = tempfile::tempdir().unwrap();
     let dir = bless(root.path(), "sm90");
-    let b = Bundle::open(&dir).unwrap();
-    // Re-bless without the first kernel: a complete, valid bundle that lacks one planned kernel.
-    let dropped = b.manifest.kernels[0].clone();
-    let items = b
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.inputs.key().to_hex() != dropped.key)
-        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
-        .collect();
-    let partial = root.path().join("partial");
-    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    let (partial, dropped) = without_first_kernel(&dir, root.path());
     let p = Bundle::open(&partial).unwrap();
     let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
     let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
@@ -182,18 +187,8 @@ fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kerne
     assert!(!mangrove::compile::nvrtc_loaded(), "offline provisioning must not load NVRTC");
 
     // The same bundle without one kernel: refused at start, the kernel named.
-    let b = Bundle::open(&dir).unwrap();
-    let dropped = &b.manifest.kernels[0];
+    let (partial, dropped) = without_first_kernel(&dir, root.path());
     let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
-    let items = b
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.inputs.key().to_hex() != dropped.key)
-        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
-        .collect();
-    let partial = root.path().join("partial");
-    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
     let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), fallback: None };
     let err = provision(&planned, &source).unwrap_err();
     assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if l.len() == 1), "{err}");

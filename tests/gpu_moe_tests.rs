@@ -5,28 +5,12 @@
 
 mod common;
 
-use mangrove::check::Gate;
-use mangrove::gpu::{DeviceRouting, ExpertWeights, Gpu, GpuError, MoeGateUp};
+use mangrove::gpu::{DeviceRouting, ExpertWeights, MoeGateUp};
 use mangrove::jit::KernelRequest;
 use mangrove::routing::align_block_size;
 use mangrove::template::{format_params, parse_params};
 use mangrove::validate::check_moe_gateup;
 
-fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
-            if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
-            }
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
-const GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
 
 /// (E, TOPK, H, I): the Qwen-MoE-like default and a small shape.
 const SHAPES: [&str; 2] = ["E=64 TOPK=8 H=2048 I=1408", "E=8 TOPK=2 H=512 I=256"];
@@ -49,7 +33,7 @@ fn request(arch: mangrove::arch::Arch, params: &str) -> KernelRequest {
 
 #[test]
 fn moe_gateup_matches_f64_reference() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     let arch = gpu.info().arch;
@@ -63,11 +47,11 @@ fn moe_gateup_matches_f64_reference() {
     for (i, f) in fetched.into_iter().enumerate() {
         let f = f.unwrap_or_else(|e| panic!("{e}"));
         let what = format_params(&f.entry.inputs.params);
-        let run = check_moe_gateup(&gpu, &f.entry, 2000 + i as u64, GATE.rel_floor).unwrap_or_else(|e| panic!("{what}: {e}"));
+        let run = check_moe_gateup(&gpu, &f.entry, 2000 + i as u64, common::GPU_GATE.rel_floor).unwrap_or_else(|e| panic!("{what}: {e}"));
         let d = run.deltas;
         let r = &f.entry.resources;
         println!("{what}: {d} regs={} spills={} smem={}", r.registers, r.spill_stores, f.entry.launch.shared_bytes);
-        if !d.passes(&GATE) {
+        if !d.passes(&common::GPU_GATE) {
             failures.push(format!("{what}: {d}"));
         }
     }
@@ -76,15 +60,15 @@ fn moe_gateup_matches_f64_reference() {
 
 #[test]
 fn repeated_runs_are_bit_identical() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     for c in [CONFIGS[0], CONFIGS[4]] {
         let f = jit.get(&request(gpu.info().arch, &format!("M=16 {} {c}", SHAPES[0]))).unwrap();
-        let first = check_moe_gateup(&gpu, &f.entry, 5, GATE.rel_floor).unwrap();
+        let first = check_moe_gateup(&gpu, &f.entry, 5, common::GPU_GATE.rel_floor).unwrap();
         for _ in 0..3 {
-            let again = check_moe_gateup(&gpu, &f.entry, 5, GATE.rel_floor).unwrap();
-            assert!(again.deltas.passes(&GATE), "{c}: {}", again.deltas);
+            let again = check_moe_gateup(&gpu, &f.entry, 5, common::GPU_GATE.rel_floor).unwrap();
+            assert!(again.deltas.passes(&common::GPU_GATE), "{c}: {}", again.deltas);
             assert_eq!(again.output, first.output, "{c}: runs differ bitwise");
         }
     }
@@ -92,7 +76,7 @@ fn repeated_runs_are_bit_identical() {
 
 #[test]
 fn shape_mismatch_is_an_error_not_a_crash() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     let f = jit.get(&request(gpu.info().arch, &format!("M=2 {}", SHAPES[1]))).unwrap();

@@ -4,28 +4,11 @@
 
 mod common;
 
-use mangrove::check::Gate;
-use mangrove::gpu::{Gpu, GpuError};
 use mangrove::jit::KernelRequest;
 use mangrove::template::{format_params, parse_params};
 use mangrove::validate::check_ternary_gemv;
 
-fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(g) => Some(g),
-        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
-            if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
-            }
-            eprintln!("skipped: no GPU ({e})");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 const SHAPES: [(i64, i64); 4] = [(2560, 2560), (6912, 2560), (2560, 6912), (3000, 1000)];
-const GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
 
 /// M × shape × split, cycling the other tunables so many configs are covered.
 fn cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
@@ -50,7 +33,7 @@ fn cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
 
 #[test]
 fn ternary_gemv_matches_f64_reference() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     let reqs = cases(gpu.info().arch);
@@ -59,10 +42,10 @@ fn ternary_gemv_matches_f64_reference() {
     for (i, f) in fetched.into_iter().enumerate() {
         let f = f.unwrap_or_else(|e| panic!("{e}"));
         let what = format_params(&f.entry.inputs.params);
-        let runs = check_ternary_gemv(&gpu, &f.entry, 1000 + i as u64, 1, GATE.rel_floor).unwrap();
+        let runs = check_ternary_gemv(&gpu, &f.entry, 1000 + i as u64, 1, common::GPU_GATE.rel_floor).unwrap();
         let d = runs[0].deltas;
         println!("{what}: {d} regs={}", f.entry.resources.registers);
-        if !d.passes(&GATE) {
+        if !d.passes(&common::GPU_GATE) {
             failures.push(format!("{what}: {d}"));
         }
     }
@@ -71,7 +54,7 @@ fn ternary_gemv_matches_f64_reference() {
 
 #[test]
 fn split_k_is_bit_identical_across_runs() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     for split in [2, 4, 8] {
@@ -79,9 +62,9 @@ fn split_k_is_bit_identical_across_runs() {
             let p = format!("M=4 N={n} K={k} SPLIT_K={split} VEC=8 THREADS=256");
             let req = common::gemv(gpu.info().arch, &p.split(' ').collect::<Vec<_>>());
             let f = jit.get(&req).unwrap();
-            let runs = check_ternary_gemv(&gpu, &f.entry, 77, 10, GATE.rel_floor).unwrap();
+            let runs = check_ternary_gemv(&gpu, &f.entry, 77, 10, common::GPU_GATE.rel_floor).unwrap();
             for (r, run) in runs.iter().enumerate() {
-                assert!(run.deltas.passes(&GATE), "{p} run {r}: {}", run.deltas);
+                assert!(run.deltas.passes(&common::GPU_GATE), "{p} run {r}: {}", run.deltas);
                 assert_eq!(run.output, runs[0].output, "{p}: run {r} differs bitwise from run 0");
             }
         }
@@ -90,7 +73,7 @@ fn split_k_is_bit_identical_across_runs() {
 
 #[test]
 fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     let mut reqs = cases(gpu.info().arch);
@@ -101,10 +84,10 @@ fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
     for (i, f) in jit.get_many(&reqs).into_iter().enumerate() {
         let f = f.unwrap_or_else(|e| panic!("{e}"));
         let what = format_params(&f.entry.inputs.params);
-        let runs = check_ternary_gemv(&gpu, &f.entry, 5000 + i as u64, 3, GATE.rel_floor).unwrap();
+        let runs = check_ternary_gemv(&gpu, &f.entry, 5000 + i as u64, 3, common::GPU_GATE.rel_floor).unwrap();
         println!("w2a8 {what}: {} regs={}", runs[0].deltas, f.entry.resources.registers);
         for r in &runs {
-            if !r.deltas.passes(&GATE) || r.output != runs[0].output {
+            if !r.deltas.passes(&common::GPU_GATE) || r.output != runs[0].output {
                 failures.push(format!("{what}: {}", r.deltas));
             }
         }
@@ -114,7 +97,7 @@ fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
 
 #[test]
 fn shape_mismatch_is_an_error_not_a_crash() {
-    let Some(gpu) = gpu_or_skip() else { return };
+    let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     let f = jit.get(&common::gemv(gpu.info().arch, &["M=2", "N=256", "K=256"])).unwrap();

@@ -7,7 +7,10 @@ use crate::jit::Jit;
 use crate::tuning_db::Provenance;
 
 use super::space::DeviceLimits;
-use super::sweep::SweepSettings;
+use super::sweep::{sweep, SweepOutcome, SweepSettings, TuneError};
+use super::workload::Workload;
+use crate::template::Params;
+use indicatif::ProgressBar;
 
 /// Bytes per copy when measuring the copy bandwidth (1 GiB: far beyond L2).
 pub const COPY_BW_BYTES: usize = 1 << 30;
@@ -56,6 +59,22 @@ impl TuneContext {
 
     pub fn arch(&self) -> Arch {
         self.settings.arch
+    }
+
+    /// True when this run times kernels (a GPU of the arch, not --compile-only).
+    pub fn timing(&self) -> bool {
+        self.gpu.is_some() && !self.settings.compile_only
+    }
+
+    /// One sweep of `template` on `problem` with this run's settings and `workload`.
+    pub fn sweep(
+        &self,
+        template: &str,
+        problem: &Params,
+        workload: Option<&mut dyn Workload>,
+        progress: &ProgressBar,
+    ) -> Result<SweepOutcome, TuneError> {
+        sweep(&self.jit, self.gpu.as_ref(), &self.limits, template, problem, workload, &self.settings, self.copy_bw_gbs, &self.provenance, progress)
     }
 }
 

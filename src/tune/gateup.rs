@@ -4,7 +4,7 @@
 use indicatif::ProgressBar;
 
 use super::context::TuneContext;
-use super::sweep::{sweep, SweepOutcome, TuneError};
+use super::sweep::{SweepOutcome, TuneError};
 use super::workload::{GateupWorkload, Workload};
 use crate::reference::moe::MoeShape;
 use crate::template::Params;
@@ -32,22 +32,11 @@ pub fn tune_gateup(
         ctx.jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any work
         progress.set_message(format!("gateup M={m}"));
         let shape = MoeShape { tokens: m as usize, hidden: h as usize, inter: i as usize, experts: e as usize, topk: topk as usize };
-        let mut work = match (&ctx.gpu, ctx.settings.compile_only) {
-            (Some(g), false) => Some(GateupWorkload::new(g, shape, 43)?),
+        let mut work = match &ctx.gpu {
+            Some(g) if ctx.timing() => Some(GateupWorkload::new(g, shape, 43)?),
             _ => None,
         };
-        let o = sweep(
-            &ctx.jit,
-            ctx.gpu.as_ref(),
-            &ctx.limits,
-            "moe_gateup",
-            &problem,
-            work.as_mut().map(|w| w as &mut dyn Workload),
-            &ctx.settings,
-            ctx.copy_bw_gbs,
-            &ctx.provenance,
-            progress,
-        )?;
+        let o = ctx.sweep("moe_gateup", &problem, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
         out.push((problem, o));
     }
     Ok(out)

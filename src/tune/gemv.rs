@@ -3,7 +3,7 @@
 use indicatif::ProgressBar;
 
 use super::context::TuneContext;
-use super::sweep::{sweep, SweepOutcome, TuneError};
+use super::sweep::{SweepOutcome, TuneError};
 use super::workload::{GemvWorkload, Workload};
 use crate::gpu::ActMode;
 use crate::template::Params;
@@ -27,22 +27,11 @@ pub fn tune_gemv(
             }
             let problem: Params = [("M".to_string(), m), ("N".to_string(), n), ("K".to_string(), k)].into();
             progress.set_message(format!("gemv M={m} N={n} K={k}"));
-            let mut work = match (&ctx.gpu, ctx.settings.compile_only) {
-                (Some(g), false) => Some(GemvWorkload::new(g, m as usize, n as usize, k as usize, 42)?),
+            let mut work = match &ctx.gpu {
+                Some(g) if ctx.timing() => Some(GemvWorkload::new(g, m as usize, n as usize, k as usize, 42)?),
                 _ => None,
             };
-            let o = sweep(
-                &ctx.jit,
-                ctx.gpu.as_ref(),
-                &ctx.limits,
-                mode.template(),
-                &problem,
-                work.as_mut().map(|w| w as &mut dyn Workload),
-                &ctx.settings,
-                ctx.copy_bw_gbs,
-                &ctx.provenance,
-                progress,
-            )?;
+            let o = ctx.sweep(mode.template(), &problem, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
             out.push((problem, o));
         }
     }

@@ -4,6 +4,8 @@
 use std::path::Path;
 
 use mangrove::arch::Arch;
+use mangrove::check::Gate;
+use mangrove::gpu::{Gpu, GpuError};
 use mangrove::cache::Cache;
 use mangrove::compile::Compiler;
 use mangrove::jit::{Jit, KernelRequest};
@@ -23,4 +25,22 @@ pub fn jit_with(catalog: Catalog, dir: &Path) -> Jit {
 /// A ternary_gemv request with `NAME=VALUE` overrides.
 pub fn gemv(arch: Arch, params: &[&str]) -> KernelRequest {
     KernelRequest { template: "ternary_gemv".into(), params: parse_params(params).unwrap(), arch }
+}
+
+/// The gate GPU tests hold kernels to: bf16 output rounding (2^-8) with margin.
+pub const GPU_GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
+
+/// The GPU, or None with "skipped: no GPU" (a failure when MANGROVE_REQUIRE_GPU=1).
+pub fn gpu_or_skip() -> Option<Gpu> {
+    match Gpu::open(0) {
+        Ok(g) => Some(g),
+        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
+            if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
+            }
+            eprintln!("skipped: no GPU ({e})");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
 }
