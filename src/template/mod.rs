@@ -44,6 +44,8 @@ pub struct Template {
     pub source: String,
     /// blake3 of schema text and template text (hex); part of every kernel key.
     pub content_hash: String,
+    /// The source parsed once, so a render (every cache hit) does not re-parse it.
+    engine: tera::Tera,
 }
 
 /// Launch geometry of one rendered kernel.
@@ -80,7 +82,12 @@ impl Template {
                 });
             }
         }
-        let t = Self { schema, source: source.to_owned(), content_hash: String::new() };
+        let mut engine = tera::Tera::default();
+        engine.add_raw_template(&schema.name, source).map_err(|e| TemplateError::Render {
+            template: schema.name.clone(),
+            reason: error_chain(&e),
+        })?;
+        let t = Self { schema, source: source.to_owned(), content_hash: String::new(), engine };
         for sample in &t.schema.samples {
             t.resolve(sample).map_err(|e| TemplateError::Schema { template: t.name().into(), reason: format!("sample {sample:?}: {e}") })?;
         }
@@ -159,7 +166,7 @@ impl Template {
         for (k, v) in &params {
             ctx.insert(k.as_str(), v);
         }
-        let source = tera::Tera::one_off(&self.source, &ctx, false).map_err(|e| TemplateError::Render {
+        let source = self.engine.render(self.name(), &ctx).map_err(|e| TemplateError::Render {
             template: self.name().into(),
             reason: error_chain(&e),
         })?;
