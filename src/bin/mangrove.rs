@@ -70,6 +70,34 @@ enum Cmd {
     },
     /// Show the GPU this process sees, or why there is none.
     Gpu,
+    /// Write a random-weight checkpoint (config.json, model.safetensors, tokenizer.json).
+    GenModel {
+        #[arg(long, value_enum)]
+        preset: mangrove::engine::genmodel::Preset,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Serve a checkpoint over the OpenAI-compatible HTTP API.
+    Serve {
+        /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, env = "MANGROVE_MODEL")]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Compute backend (this build: cpu).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Tuning DB folder for the GPU backend (reported in /health; unused by cpu).
+        #[arg(long, env = "MANGROVE_TUNING_DB")]
+        tuning_db: Option<PathBuf>,
+        /// Name served in /v1/models (default: the checkpoint folder's name).
+        #[arg(long)]
+        model_name: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -94,6 +122,25 @@ enum CacheCmd {
         #[arg(long)]
         max_bytes: u64,
     },
+}
+
+/// Loads the model, serves until Ctrl-C, then prints the metrics as JSON.
+fn serve(model: &std::path::Path, host: &str, port: u16, backend: &str, tuning_db: Option<PathBuf>, name: Option<String>) -> Result<()> {
+    use mangrove::engine::{metrics::Metrics, server, Engine};
+    let engine = Engine::open(model, backend, name).with_context(|| format!("loading {}", model.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
+        eprintln!("mangrove: serving {} on http://{} (backend {backend})", engine.name, listener.local_addr()?);
+        let state = server::AppState::new(engine, metrics.clone(), tuning_db);
+        server::serve(listener, state, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&metrics.json())?);
+        Ok(())
+    })
 }
 
 fn main() {
@@ -137,6 +184,12 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cache { cmd } => cache_cmd(&cache_dir, cmd),
         Cmd::Warm { arch, recompile, json } => warm(catalog, &cache_dir, &arch, recompile, json),
+        Cmd::GenModel { preset, out, seed } => {
+            mangrove::engine::genmodel::generate(preset, &out, seed)?;
+            println!("wrote {preset:?} checkpoint to {}", out.display());
+            Ok(())
+        }
+        Cmd::Serve { model, host, port, backend, tuning_db, model_name } => serve(&model, &host, port, &backend, tuning_db, model_name),
         Cmd::Gpu => {
             match Gpu::open(0) {
                 Ok(g) => println!("{}", serde_json::to_string_pretty(g.info())?),
