@@ -91,6 +91,12 @@ pub struct Engine {
     pub eos: Option<u32>,
 }
 
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("name", &self.name).field("backend", &self.backend.name()).field("eos", &self.eos).finish()
+    }
+}
+
 impl Engine {
     /// Loads the checkpoint in `dir` onto `backend` (only `"cpu"` in this build).
     pub fn open(dir: &Path, backend: &str, name: Option<String>) -> Result<Self, EngineError> {
