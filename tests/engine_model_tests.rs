@@ -414,3 +414,32 @@ fn malformed_checkpoints_name_the_problem() {
 fn open_err_backend(dir: &Path) -> String {
     Engine::open(dir, "cuda", None).unwrap_err().to_string()
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn requests_submitted_together_share_decode_steps() {
+    let dir = gen(Preset::Tiny, 4);
+    let engine = Arc::new(Engine::open(dir.path(), "cpu", None).unwrap());
+    let metrics = Arc::new(Metrics::default());
+    let (handle, _task) = batcher::spawn(engine.clone(), metrics.clone());
+    // The engine task cannot run before we await, so all three join the first step.
+    let mut rxs = Vec::new();
+    for (i, p) in ["a", "bb bb", "the cat"].iter().enumerate() {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let prompt = engine.tokenizer.encode(p).unwrap();
+        let sampling = SamplingParams { temperature: 0.7, top_p: 1.0, seed: Some(i as u64) };
+        handle.submit(GenRequest { prompt, max_tokens: 4, sampling, stop: vec![], events: tx }).unwrap();
+        rxs.push(rx);
+    }
+    for mut rx in rxs {
+        while let Some(e) = rx.recv().await {
+            if let GenEvent::Done(f) = e {
+                assert_eq!((f.completion_tokens, f.error), (4, None));
+                break;
+            }
+        }
+    }
+    let j = metrics.json();
+    assert_eq!(j["tokens_generated"], 12);
+    let attention = j["paths"].as_array().unwrap().iter().find(|p| p["family"] == "attention").unwrap();
+    assert_eq!(attention["count"], 4, "three sequences, four batched steps: {j}");
+}
