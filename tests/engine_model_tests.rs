@@ -1,4 +1,7 @@
 //! The CPU backend against an independent, straightforward f64 implementation written here
+
+// The reference below is written as plain index loops on purpose: it must read like the math.
+#![allow(clippy::needless_range_loop)]
 //! (plain loops; it shares nothing with the engine but the checkpoint bytes), KV-cache and
 //! batching consistency, seeded determinism, and clear errors for malformed checkpoints.
 
