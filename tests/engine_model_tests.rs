@@ -1,9 +1,9 @@
 //! The CPU backend against an independent, straightforward f64 implementation written here
+//! (plain loops; it shares nothing with the engine but the checkpoint bytes), KV-cache and
+//! batching consistency, seeded determinism, and clear errors for malformed checkpoints.
 
 // The reference below is written as plain index loops on purpose: it must read like the math.
 #![allow(clippy::needless_range_loop)]
-//! (plain loops; it shares nothing with the engine but the checkpoint bytes), KV-cache and
-//! batching consistency, seeded determinism, and clear errors for malformed checkpoints.
 
 use std::collections::HashMap;
 use std::path::Path;
