@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
@@ -99,9 +99,17 @@ impl Gen {
 
     /// Packed ternary `prefix.weight` [n/4, k] (about a third zeros) and `prefix.weight_scale`.
     fn ternary(&mut self, prefix: &str, n: usize, k: usize) {
-        let data: Vec<u8> = (0..n / 4 * k)
-            .map(|_| (0..4).fold(0u8, |b, q| b | (self.rng.random_range(0u8..3) << (2 * q))))
-            .collect();
+        // One random byte per packed byte: 243 = 3^5 values map evenly onto the 81 = 3^4
+        // codes of four ternary weights; the 13 values above are rejected.
+        let lut: Vec<u8> = (0..81u32).map(|v| (0..4).fold(0u8, |b, q| b | (((v / 3u32.pow(q)) % 3) as u8) << (2 * q))).collect();
+        let len = n / 4 * k;
+        let mut data = Vec::with_capacity(len);
+        let mut buf = vec![0u8; 1 << 16];
+        while data.len() < len {
+            self.rng.fill_bytes(&mut buf);
+            let need = len - data.len();
+            data.extend(buf.iter().filter(|&&r| r < 243).map(|&r| lut[(r % 81) as usize]).take(need));
+        }
         self.tensors.insert(format!("{prefix}.weight"), (Dtype::U8, vec![n / 4, k], data));
         let scale = (k as f32).powf(-0.5) * self.rng.random_range(0.8f32..1.2);
         self.bf16(format!("{prefix}.weight_scale"), vec![1], |_| scale);
@@ -229,4 +237,33 @@ pub fn tokenizer_json(vocab: usize) -> serde_json::Value {
             "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
             "vocab": vocab_map, "merges": merges}
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ternary_codes_are_valid_and_balanced() {
+        let mut g = Gen { rng: StdRng::seed_from_u64(1), tensors: BTreeMap::new() };
+        g.ternary("w", 64, 256);
+        let (_, shape, data) = &g.tensors["w.weight"];
+        assert_eq!(shape, &vec![16, 256]);
+        let w = crate::reference::unpack_ternary(data, 64, 256);
+        assert!(data.iter().all(|b| (0..4).all(|q| (b >> (2 * q)) & 3 != 3)));
+        for v in -1..=1 {
+            let frac = w.iter().filter(|&&x| x == v).count() as f64 / w.len() as f64;
+            assert!((frac - 1.0 / 3.0).abs() < 0.03, "{v}: {frac}");
+        }
+        assert!(g.tensors.contains_key("w.weight_scale"));
+    }
+
+    #[test]
+    fn tokenizer_json_has_the_vocab_size() {
+        let t = tokenizer_json(TINY_VOCAB);
+        let n = t["model"]["vocab"].as_object().unwrap().len() + t["added_tokens"].as_array().unwrap().len();
+        assert_eq!(n, TINY_VOCAB);
+        assert_eq!(t["added_tokens"][1]["content"], "<|end_of_text|>");
+        assert_eq!(t["added_tokens"][1]["id"], 298);
+    }
 }
