@@ -200,6 +200,10 @@ async fn bad_requests_are_openai_style_4xx() {
             assert_eq!(err["param"], p, "{path} {body}: {v}");
         }
     }
+    // An oversized body is a JSON 413, not a bare text error.
+    let (st, text) = s.post_raw("/v1/completions", format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20))).await;
+    assert_eq!(st, 413, "{text}");
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string());
     // Still healthy afterwards.
     assert_eq!(s.get("/health").await.0, 200);
 }
@@ -221,4 +225,28 @@ async fn models_health_and_metrics() {
         "mangrove_path_total{family=\"lm_head\",variant=\"cpu_reference\"} 2"] {
         assert!(t.contains(needle), "{needle}: {t}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_retires_its_sequence() {
+    use futures::StreamExt;
+    let s = start(Preset::Tiny).await;
+    let body = json!({"prompt": "go", "max_tokens": 400, "stream": true, "temperature": 0});
+    let r = s.client.post(format!("{}/v1/completions", s.base)).body(body.to_string()).send().await.unwrap();
+    let mut bytes = r.bytes_stream();
+    let first = bytes.next().await.unwrap().unwrap();
+    assert!(first.starts_with(b"data: "), "{first:?}");
+    drop(bytes);
+    // The engine notices the closed channel and stops generating well before 400 tokens.
+    let mut active = String::new();
+    for _ in 0..200 {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        active = s.get("/metrics").await.1;
+        if active.contains("mangrove_active_sequences 0") {
+            break;
+        }
+    }
+    assert!(active.contains("mangrove_active_sequences 0"), "{active}");
+    let generated: u64 = active.lines().find_map(|l| l.strip_prefix("mangrove_tokens_generated_total ")).unwrap().parse().unwrap();
+    assert!(generated < 400, "{generated}");
 }

@@ -6,6 +6,7 @@ use std::convert::Infallible;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -72,8 +73,12 @@ struct ChatBody {
 const DEFAULT_MAX_TOKENS: usize = 16;
 const MAX_STOPS: usize = 4;
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}"), None))
+/// A request body: unreadable (e.g. too large) or invalid JSON is a 4xx ApiError.
+type Body = Result<Bytes, BytesRejection>;
+
+fn parse<T: serde::de::DeserializeOwned>(body: Body) -> Result<T, ApiError> {
+    let body = body.map_err(|e| ApiError { status: e.status(), ..ApiError::invalid(e.body_text(), None) })?;
+    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("Invalid JSON body: {e}"), None))
 }
 
 /// Which API shape a response takes.
@@ -126,9 +131,9 @@ impl Ctx {
     }
 }
 
-async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
+async fn completions(State(st): State<AppState>, body: Body) -> Response {
     let run = async {
-        let b: CompletionBody = parse(&body)?;
+        let b: CompletionBody = parse(body)?;
         let prompt = match b.prompt {
             None | Some(serde_json::Value::Null) => return Err(ApiError::invalid("Missing required parameter: 'prompt'", Some("prompt"))),
             Some(serde_json::Value::String(s)) => Prompt::Text(s),
@@ -143,9 +148,9 @@ async fn completions(State(st): State<AppState>, body: Bytes) -> Response {
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
-async fn chat(State(st): State<AppState>, body: Bytes) -> Response {
+async fn chat(State(st): State<AppState>, body: Body) -> Response {
     let run = async {
-        let b: ChatBody = parse(&body)?;
+        let b: ChatBody = parse(body)?;
         let messages = b.messages.ok_or_else(|| ApiError::invalid("Missing required parameter: 'messages'", Some("messages")))?;
         if messages.is_empty() {
             return Err(ApiError::invalid("'messages' must not be empty", Some("messages")));

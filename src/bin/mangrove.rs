@@ -124,7 +124,7 @@ enum CacheCmd {
     },
 }
 
-/// Loads the model, serves until Ctrl-C, then prints the metrics as JSON.
+/// Loads the model, serves until Ctrl-C or SIGTERM, then prints the metrics as JSON.
 fn serve(model: &std::path::Path, host: &str, port: u16, backend: &str, tuning_db: Option<PathBuf>, name: Option<String>) -> Result<()> {
     use mangrove::engine::{metrics::Metrics, server, Engine};
     let engine = Engine::open(model, backend, name).with_context(|| format!("loading {}", model.display()))?;
@@ -134,13 +134,32 @@ fn serve(model: &std::path::Path, host: &str, port: u16, backend: &str, tuning_d
         let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
         eprintln!("mangrove: serving {} on http://{} (backend {backend})", engine.name, listener.local_addr()?);
         let state = server::AppState::new(engine, metrics.clone(), tuning_db);
-        server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
+        server::serve(listener, state, shutdown_signal())
         .await?;
         println!("{}", serde_json::to_string_pretty(&metrics.json())?);
         Ok(())
     })
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 fn main() {
