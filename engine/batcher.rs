@@ -188,7 +188,7 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
 
 /// Records `tok`, sends the new text, and says whether the sequence is done.
 fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
-    let eos = engine.eos == Some(tok);
+    let eos = engine.eos.contains(&tok);
     s.generated.push(tok);
     let text = engine.tokenizer.decode(&s.generated).unwrap_or_default();
     let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| text.find(st.as_str())).min();

@@ -61,9 +61,9 @@ pub struct ConfigFile {
     #[serde(default = "default_act")]
     pub hidden_act: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bos_token_id: Option<u32>,
+    pub bos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub eos_token_id: Option<u32>,
+    pub eos_token_id: Option<TokenIds>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quantization_config: Option<QuantizationConfigFile>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -74,6 +74,24 @@ pub struct ConfigFile {
     pub moe_intermediate_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_topk_prob: Option<bool>,
+}
+
+/// A token id field that HF configs write as one id or a list (`eos_token_id`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum TokenIds {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// All ids.
+    pub fn ids(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(t) => vec![*t],
+            TokenIds::Many(v) => v.clone(),
+        }
+    }
 }
 
 fn default_theta() -> f64 {
@@ -127,7 +145,8 @@ pub struct ModelConfig {
     pub act: Activation,
     pub scale: ScaleConvention,
     pub moe: Option<MoeConfig>,
-    pub eos_token_id: Option<u32>,
+    /// `eos_token_id` (one or several); empty when absent.
+    pub eos_token_ids: Vec<u32>,
 }
 
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
@@ -213,7 +232,7 @@ impl ModelConfig {
             act,
             scale,
             moe,
-            eos_token_id: f.eos_token_id,
+            eos_token_ids: f.eos_token_id.as_ref().map_or_else(Vec::new, TokenIds::ids),
         };
         // Packed ternary rows come four to a byte: every output dimension must divide by 4.
         for (key, n) in [
@@ -275,5 +294,8 @@ mod tests {
         let mut v = base();
         v["quantization_config"]["linear_class"] = "bitlinear".into();
         assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap().scale, ScaleConvention::Divide);
+        let mut v = base();
+        v["eos_token_id"] = serde_json::json!([128001, 128009]);
+        assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap().eos_token_ids, vec![128001, 128009]);
     }
 }

@@ -10,7 +10,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
-use super::config::{ConfigFile, QuantizationConfigFile};
+use super::config::{ConfigFile, QuantizationConfigFile, TokenIds};
 
 /// Errors of writing a checkpoint.
 #[derive(Debug, thiserror::Error)]
@@ -65,8 +65,8 @@ pub fn preset_config(p: Preset) -> ConfigFile {
         rope_theta: if p == Preset::Bitnet2b { 500000.0 } else { 10000.0 },
         tie_word_embeddings: tied,
         hidden_act: "relu2".into(),
-        bos_token_id: Some(if p == Preset::Bitnet2b { 128000 } else { 297 }),
-        eos_token_id: Some(if p == Preset::Bitnet2b { 128001 } else { 298 }),
+        bos_token_id: Some(TokenIds::One(if p == Preset::Bitnet2b { 128000 } else { 297 })),
+        eos_token_id: Some(TokenIds::One(if p == Preset::Bitnet2b { 128001 } else { 298 })),
         quantization_config: Some(QuantizationConfigFile {
             quant_method: "bitnet".into(),
             linear_class: "autobitlinear".into(),

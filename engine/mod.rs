@@ -87,8 +87,9 @@ pub struct Engine {
     pub name: String,
     pub backend: Arc<dyn Backend>,
     pub tokenizer: Tokenizer,
-    /// Token that ends a sequence, from `config.json` or the tokenizer.
-    pub eos: Option<u32>,
+    /// Tokens that end a sequence: `config.json`'s `eos_token_id` plus the tokenizer's
+    /// end-of-text / end-of-turn tokens.
+    pub eos: Vec<u32>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -105,7 +106,8 @@ impl Engine {
         }
         let model = Model::load(dir)?;
         let tokenizer = Tokenizer::load(dir)?;
-        let eos = model.config.eos_token_id.or_else(|| tokenizer.eos_id());
+        let mut eos = model.config.eos_token_ids.clone();
+        eos.extend(tokenizer.end_ids().into_iter().filter(|t| !model.config.eos_token_ids.contains(t)));
         let name = name.unwrap_or_else(|| {
             let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
             canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())

@@ -131,7 +131,7 @@ impl Model {
                 k: r.ternary(&format!("{p}.self_attn.k_proj"), c.kv_dim(), h)?,
                 v: r.ternary(&format!("{p}.self_attn.v_proj"), c.kv_dim(), h)?,
                 o: r.ternary(&format!("{p}.self_attn.o_proj"), h, c.q_dim())?,
-                attn_sub_norm: r.vector(&format!("{p}.self_attn.attn_sub_norm.weight"), h)?,
+                attn_sub_norm: r.vector(&format!("{p}.self_attn.attn_sub_norm.weight"), c.q_dim())?,
                 post_attn_norm: r.vector(&format!("{p}.post_attention_layernorm.weight"), h)?,
                 ffn,
             });

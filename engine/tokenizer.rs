@@ -12,7 +12,7 @@ pub enum TokenizerError {
     Run(String),
 }
 
-/// End-of-sequence token names tried when `config.json` has no `eos_token_id`.
+/// End-of-text and end-of-turn token names; any the vocabulary has ends a sequence.
 const EOS_NAMES: [&str; 4] = ["<|end_of_text|>", "<|eot_id|>", "</s>", "<|endoftext|>"];
 
 /// A loaded tokenizer.
@@ -33,11 +33,31 @@ pub struct ChatMessage {
     pub content: String,
 }
 
-/// The chat template: `"{role}: {content}\n"` per message, then `"assistant:"`.
-pub fn chat_prompt(messages: &[ChatMessage]) -> String {
-    let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
-    s.push_str("assistant:");
-    s
+/// How `messages` become a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChatTemplate {
+    /// `"{role}: {content}\n"` per message, then `"assistant:"`.
+    Simple,
+    /// bitnet-b1.58-2B-4T's: `"{Role}: {content}<|eot_id|>"` per message, then `"Assistant: "`
+    /// (the tokenizer's post-processor adds `<|begin_of_text|>`).
+    BitNet,
+}
+
+/// Applies `template` to `messages`.
+pub fn chat_prompt(messages: &[ChatMessage], template: ChatTemplate) -> String {
+    match template {
+        ChatTemplate::Simple => {
+            let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
+            s.push_str("assistant:");
+            s
+        }
+        ChatTemplate::BitNet => {
+            let cap = |r: &str| r.chars().take(1).flat_map(char::to_uppercase).chain(r.chars().skip(1)).collect::<String>();
+            let mut s: String = messages.iter().map(|m| format!("{}: {}<|eot_id|>", cap(&m.role), m.content.trim())).collect();
+            s.push_str("Assistant: ");
+            s
+        }
+    }
 }
 
 impl Tokenizer {
@@ -69,9 +89,19 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The first end-of-sequence token the vocabulary knows.
-    pub fn eos_id(&self) -> Option<u32> {
-        EOS_NAMES.iter().find_map(|n| self.inner.token_to_id(n))
+    /// The end-of-text / end-of-turn tokens the vocabulary knows.
+    pub fn end_ids(&self) -> Vec<u32> {
+        EOS_NAMES.iter().filter_map(|n| self.inner.token_to_id(n)).collect()
+    }
+
+    /// The chat template this vocabulary calls for: [`ChatTemplate::BitNet`] when it has
+    /// `<|eot_id|>` (bitnet-b1.58-2B-4T), else [`ChatTemplate::Simple`].
+    pub fn chat_template(&self) -> ChatTemplate {
+        if self.inner.token_to_id("<|eot_id|>").is_some() {
+            ChatTemplate::BitNet
+        } else {
+            ChatTemplate::Simple
+        }
     }
 }
 
@@ -82,6 +112,7 @@ mod tests {
     #[test]
     fn chat_template() {
         let m = [ChatMessage { role: "user".into(), content: "hi".into() }];
-        assert_eq!(chat_prompt(&m), "user: hi\nassistant:");
+        assert_eq!(chat_prompt(&m, ChatTemplate::Simple), "user: hi\nassistant:");
+        assert_eq!(chat_prompt(&m, ChatTemplate::BitNet), "User: hi<|eot_id|>Assistant: ");
     }
 }

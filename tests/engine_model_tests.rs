@@ -309,7 +309,7 @@ fn tokenizer_covers_any_text() {
         assert!(ids.iter().all(|&t| (t as usize) < e.config().vocab));
         assert_eq!(e.tokenizer.decode(&ids).unwrap(), text);
     }
-    assert_eq!(e.eos, Some(298));
+    assert_eq!(e.eos, vec![298]);
 }
 
 async fn generate_text(engine: Arc<Engine>, prompt: &str, sampling: SamplingParams, max_tokens: usize) -> (String, usize) {

@@ -155,7 +155,8 @@ async fn chat(State(st): State<AppState>, body: Body) -> Response {
         if messages.is_empty() {
             return Err(ApiError::invalid("'messages' must not be empty", Some("messages")));
         }
-        start(&st, Kind::Chat, Prompt::Text(chat_prompt(&messages)), b.common).await
+        let template = st.engine().tokenizer.chat_template();
+        start(&st, Kind::Chat, Prompt::Text(chat_prompt(&messages, template)), b.common).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
