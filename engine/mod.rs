@@ -3,9 +3,10 @@
 //! embedded default); [`sampling`] picks tokens; [`batcher`] runs continuous batching on a
 //! background task; [`server`] exposes it over an OpenAI-compatible HTTP API; [`metrics`]
 //! counts requests, tokens and which kernel path each layer family ran. [`genmodel`] writes
-//! random checkpoints in the same format. The format is documented in `engine/README.md`.
+//! random checkpoints in the same format; [`bench`] times decode steps. The format is documented in `engine/README.md`.
 
 pub mod batcher;
+pub mod bench;
 pub mod config;
 pub mod cpu;
 pub mod genmodel;

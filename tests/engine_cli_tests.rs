@@ -47,6 +47,22 @@ fn gen_model_then_serve_then_shutdown_dumps_metrics() {
 }
 
 #[test]
+fn bench_decode_reports_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().to_str().unwrap();
+    let gen = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["gen-model", "--preset", "tiny", "--out", m]).status().unwrap();
+    assert!(gen.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+        .args(["bench-decode", "--model", m, "--batch", "3", "--prompt-tokens", "5", "--steps", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["backend"].as_str(), j["batch"].as_u64(), j["decode_steps"].as_u64()), (Some("cpu"), Some(3), Some(4)));
+    assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+}
+
+#[test]
 fn serve_reports_a_bad_checkpoint_clearly() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("config.json"), "{}").unwrap();

@@ -39,8 +39,11 @@ enum Stop {
 struct Common {
     #[serde(default)]
     model: Option<String>,
-    #[serde(default)]
+    #[serde(default, alias = "max_completion_tokens")]
     max_tokens: Option<i64>,
+    /// Choices per request: only 1 is supported.
+    #[serde(default)]
+    n: Option<i64>,
     #[serde(default)]
     temperature: Option<f64>,
     #[serde(default)]
@@ -173,6 +176,9 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
         if *m != engine.name {
             return Err(ApiError::unknown_model(m));
         }
+    }
+    if c.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("only n = 1 is supported", Some("n")));
     }
     let cfg = engine.config();
     let ids = match prompt {

@@ -79,6 +79,21 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Time decode on a backend: prefill a batch of synthetic prompts, then greedy steps.
+    BenchDecode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve a checkpoint over the OpenAI-compatible HTTP API.
     Serve {
         /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
@@ -206,6 +221,20 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::GenModel { preset, out, seed } => {
             mangrove::engine::genmodel::generate(preset, &out, seed)?;
             println!("wrote {preset:?} checkpoint to {}", out.display());
+            Ok(())
+        }
+        Cmd::BenchDecode { model, backend, batch, prompt_tokens, steps, json } => {
+            if batch == 0 || prompt_tokens == 0 {
+                bail!("--batch and --prompt-tokens must be positive");
+            }
+            let engine = mangrove::engine::Engine::open(&model, &backend, None).with_context(|| format!("loading {}", model.display()))?;
+            let r = mangrove::engine::bench::bench_decode(engine.backend.as_ref(), batch, prompt_tokens, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("backend {}  batch {}  prompt {} tokens  prefill {:.1} ms", r.backend, r.batch, r.prompt_tokens, r.prefill_ms);
+                println!("decode {} steps  {:.2} ms/step  {:.1} tokens/s", r.decode_steps, r.step_ms, r.tokens_per_s);
+            }
             Ok(())
         }
         Cmd::Serve { model, host, port, backend, tuning_db, model_name } => serve(&model, &host, port, &backend, tuning_db, model_name),
