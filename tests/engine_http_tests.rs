@@ -252,3 +252,22 @@ async fn dropped_stream_retires_its_sequence() {
     let generated: u64 = active.lines().find_map(|l| l.strip_prefix("mangrove_tokens_generated_total ")).unwrap().parse().unwrap();
     assert!(generated < 400, "{generated}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_router_answers_without_a_socket() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+    let dir = tempfile::tempdir().unwrap();
+    generate(Preset::Tiny, dir.path(), 1).unwrap();
+    let engine = Engine::open(dir.path(), "cpu", Some("tiny".into())).unwrap();
+    let app = server::app(AppState::new(engine, Arc::new(Metrics::default()), None));
+    let req = Request::post("/v1/completions").body(Body::from(json!({"prompt": "hi", "max_tokens": 3, "temperature": 0}).to_string())).unwrap();
+    let r = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let r = app.oneshot(Request::get("/health").body(Body::empty()).unwrap()).await.unwrap();
+    let v: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();
+    assert!(v["tuning_db"].is_null(), "{v}");
+}
