@@ -446,3 +446,28 @@ async fn requests_submitted_together_share_decode_steps() {
     let attention = j["paths"].as_array().unwrap().iter().find(|p| p["family"] == "attention").unwrap();
     assert_eq!(attention["count"], 4, "three sequences, four batched steps: {j}");
 }
+
+#[test]
+fn llama3_style_tokenizer_with_lookahead_regex_and_bos_loads() {
+    // bitnet-b1.58-2B-4T ships a Llama 3 tokenizer: a Split pre-tokenizer whose regex needs
+    // lookahead (fancy-regex) and a TemplateProcessing post-processor that adds BOS.
+    let dir = gen(Preset::Tiny, 1);
+    let mut t = mangrove::engine::genmodel::tokenizer_json(300);
+    let pattern = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+    t["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}]});
+    t["post_processor"] = serde_json::json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [297], "tokens": ["<|begin_of_text|>"]}}});
+    std::fs::write(dir.path().join("tokenizer.json"), t.to_string()).unwrap();
+    let e = Engine::open(dir.path(), "cpu", None).unwrap();
+    let text = "Hello   world's 12345 tests!\n\n  end";
+    let ids = e.tokenizer.encode(text).unwrap();
+    assert_eq!(ids[0], 297, "BOS first: {ids:?}");
+    assert_eq!(e.tokenizer.decode(&ids).unwrap(), text);
+    // Special tokens written in the text (chat templates) become their ids.
+    let ids = e.tokenizer.encode("hi<|end_of_text|>").unwrap();
+    assert_eq!(ids.last(), Some(&298));
+}
