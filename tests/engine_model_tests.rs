@@ -89,7 +89,8 @@ impl Ckpt {
             for c in 0..x.len() {
                 acc += w[r][c] * xq[c];
             }
-            y[r] = acc / s * ws;
+            // AutoBitLinear multiplies by weight_scale; BitLinear divides by it.
+            y[r] = if self.cfg["quantization_config"]["linear_class"] == "bitlinear" { acc / (s * ws) } else { acc / s * ws };
         }
         y
     }
@@ -237,8 +238,12 @@ fn argmax(v: &[f64]) -> u32 {
     (0..v.len()).fold(0, |b, i| if v[i] > v[b] { i } else { b }) as u32
 }
 
-fn check_against_reference(preset: Preset) {
+fn check_against_reference(preset: Preset, linear_class: &str) {
     let dir = gen(preset, 11);
+    let cpath = dir.path().join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cpath).unwrap()).unwrap();
+    cfg["quantization_config"]["linear_class"] = linear_class.into();
+    std::fs::write(&cpath, cfg.to_string()).unwrap();
     let model = Model::load(dir.path()).unwrap();
     let ck = read_ckpt(dir.path());
     let prompt = [5u32, 72, 101, 108, 108, 111, 298, 33];
@@ -262,12 +267,17 @@ fn check_against_reference(preset: Preset) {
 
 #[test]
 fn tiny_logits_match_independent_f64_reference() {
-    check_against_reference(Preset::Tiny);
+    check_against_reference(Preset::Tiny, "autobitlinear");
+}
+
+#[test]
+fn tiny_bitlinear_class_divides_by_weight_scale_like_the_reference() {
+    check_against_reference(Preset::Tiny, "bitlinear");
 }
 
 #[test]
 fn tiny_moe_logits_match_independent_f64_reference() {
-    check_against_reference(Preset::TinyMoe);
+    check_against_reference(Preset::TinyMoe, "autobitlinear");
 }
 
 #[test]
