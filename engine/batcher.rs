@@ -82,27 +82,49 @@ impl BatcherHandle {
     }
 }
 
+/// Settings of the engine task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatcherConfig {
+    /// Most prompt tokens one sequence feeds per step (chunked prefill), so a long prompt
+    /// does not stall the decode steps of the others.
+    pub prefill_chunk: usize,
+}
+
+impl Default for BatcherConfig {
+    fn default() -> Self {
+        BatcherConfig { prefill_chunk: 512 }
+    }
+}
+
 struct Seq {
     req: GenRequest,
     cache: KvCache,
-    /// Tokens to feed next step: the prompt, then the last sampled token.
+    /// Tokens to feed: the prompt, then the last sampled token.
     pending: Vec<u32>,
+    /// How many of `pending` are already in the cache.
+    fed: usize,
     generated: Vec<u32>,
     sampler: Sampler,
     /// Bytes of the decoded text already sent.
     emitted: usize,
 }
 
-/// Starts the engine task on the current tokio runtime.
+/// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
+    spawn_with(engine, metrics, BatcherConfig::default())
+}
+
+/// Starts the engine task on the current tokio runtime.
+pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (BatcherHandle { tx }, tokio::spawn(run(engine, metrics, rx)))
+    (BatcherHandle { tx }, tokio::spawn(run(engine, metrics, cfg, rx)))
 }
 
 fn admit(engine: &Engine, req: GenRequest) -> Seq {
     Seq {
         cache: KvCache::new(engine.config()),
         pending: req.prompt.clone(),
+        fed: 0,
         generated: Vec::new(),
         sampler: Sampler::new(req.sampling),
         emitted: 0,
@@ -110,7 +132,8 @@ fn admit(engine: &Engine, req: GenRequest) -> Seq {
     }
 }
 
-async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, mut rx: mpsc::UnboundedReceiver<GenRequest>) {
+async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::UnboundedReceiver<GenRequest>) {
+    let chunk = cfg.prefill_chunk.max(1);
     let mut active: Vec<Seq> = Vec::new();
     loop {
         if active.is_empty() {
@@ -131,10 +154,15 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, mut rx: mpsc::Unbounded
         let backend = engine.backend.clone();
         let mut seqs = std::mem::take(&mut active);
         let step = tokio::task::spawn_blocking(move || {
-            let mut inputs: Vec<SeqInput> =
-                seqs.iter_mut().map(|s| SeqInput { tokens: &s.pending, cache: &mut s.cache }).collect();
+            let mut inputs: Vec<SeqInput> = seqs
+                .iter_mut()
+                .map(|s| SeqInput { tokens: &s.pending[s.fed..(s.fed + chunk).min(s.pending.len())], cache: &mut s.cache })
+                .collect();
             let out = backend.forward(&mut inputs);
             drop(inputs);
+            if out.is_ok() {
+                seqs.iter_mut().for_each(|s| s.fed = (s.fed + chunk).min(s.pending.len()));
+            }
             (seqs, out)
         })
         .await;
@@ -163,6 +191,11 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, mut rx: mpsc::Unbounded
             metrics.fallback(family, *reason);
         }
         for (mut s, l) in seqs.into_iter().zip(logits) {
+            if s.fed < s.pending.len() {
+                // Mid-prefill: these logits are not the last prompt position's.
+                active.push(s);
+                continue;
+            }
             let tok = s.sampler.sample(&l);
             metrics.generated(1);
             if let Some(reason) = advance(&engine, &mut s, tok) {
@@ -170,6 +203,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, mut rx: mpsc::Unbounded
                 let _ = s.req.events.send(GenEvent::Done(f));
             } else {
                 s.pending = vec![tok];
+                s.fed = 0;
                 active.push(s);
             }
         }

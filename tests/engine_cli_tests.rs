@@ -12,6 +12,18 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// Kills the server if the test fails before it exits on its own.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn gen_model_then_serve_then_shutdown_dumps_metrics() {
     let dir = tempfile::tempdir().unwrap();
@@ -24,12 +36,15 @@ fn gen_model_then_serve_then_shutdown_dumps_metrics() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join(f).exists(), "{f}");
     }
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mangrove"))
-        .args(["serve", "--model", out.to_str().unwrap(), "--port", "0", "--tuning-db", "tuning_db/h100"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mangrove"))
+            .args(["serve", "--model", out.to_str().unwrap(), "--port", "0", "--tuning-db", "tuning_db/h100"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
     // "mangrove: serving NAME on http://ADDR (backend cpu)"
     let mut line = String::new();
     BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();

@@ -481,3 +481,38 @@ fn llama3_style_tokenizer_with_lookahead_regex_and_bos_loads() {
     let ids = e.tokenizer.encode("hi<|end_of_text|>").unwrap();
     assert_eq!(ids.last(), Some(&298));
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn chunked_prefill_gives_the_same_tokens() {
+    let dir = gen(Preset::Tiny, 8);
+    let engine = Arc::new(Engine::open(dir.path(), "cpu", None).unwrap());
+    let prompt = engine.tokenizer.encode("a prompt long enough to need several chunks").unwrap();
+    assert!(prompt.len() > 10);
+    let run = |chunk: usize| {
+        let (engine, prompt) = (engine.clone(), prompt.clone());
+        async move {
+            let metrics = Arc::new(Metrics::default());
+            let (handle, _task) = batcher::spawn_with(engine, metrics.clone(), batcher::BatcherConfig { prefill_chunk: chunk });
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let sampling = SamplingParams { temperature: 0.9, top_p: 1.0, seed: Some(77) };
+            handle.submit(GenRequest { prompt, max_tokens: 5, sampling, stop: vec![], events: tx }).unwrap();
+            let mut text = String::new();
+            while let Some(e) = rx.recv().await {
+                match e {
+                    GenEvent::Delta(d) => text.push_str(&d),
+                    GenEvent::Done(f) => {
+                        assert_eq!(f.completion_tokens, 5);
+                        break;
+                    }
+                }
+            }
+            let steps = metrics.json()["paths"].as_array().unwrap().iter().find(|p| p["family"] == "attention").unwrap()["count"].as_u64().unwrap();
+            (text, steps)
+        }
+    };
+    let (whole, whole_steps) = run(512).await;
+    let (chunked, chunked_steps) = run(3).await;
+    assert_eq!(whole, chunked);
+    assert_eq!(whole_steps, 5);
+    assert_eq!(chunked_steps as usize, prompt.len().div_ceil(3) + 4);
+}

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use axum::Router;
 
-use super::batcher::{self, BatcherHandle};
+use super::batcher::{self, BatcherConfig, BatcherHandle};
 use super::metrics::Metrics;
 use super::Engine;
 use error::ApiError;
@@ -33,10 +33,15 @@ struct Inner {
 }
 
 impl AppState {
-    /// Starts the engine task for `engine` on the current runtime.
+    /// Starts the engine task for `engine` on the current runtime, default batcher settings.
     pub fn new(engine: Engine, metrics: Arc<Metrics>, tuning_db: Option<PathBuf>) -> Self {
+        Self::with_config(engine, metrics, tuning_db, BatcherConfig::default())
+    }
+
+    /// Starts the engine task for `engine` on the current runtime.
+    pub fn with_config(engine: Engine, metrics: Arc<Metrics>, tuning_db: Option<PathBuf>, cfg: BatcherConfig) -> Self {
         let engine = Arc::new(engine);
-        let (batcher, _task) = batcher::spawn(engine.clone(), metrics.clone());
+        let (batcher, _task) = batcher::spawn_with(engine.clone(), metrics.clone(), cfg);
         AppState { inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, next_id: AtomicU64::new(0) }) }
     }
 

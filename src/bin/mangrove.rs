@@ -112,6 +112,9 @@ enum Cmd {
         /// Name served in /v1/models (default: the checkpoint folder's name).
         #[arg(long)]
         model_name: Option<String>,
+        /// Most prompt tokens a sequence prefills per step (chunked prefill).
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
     },
 }
 
@@ -140,41 +143,55 @@ enum CacheCmd {
 }
 
 /// Loads the model, serves until Ctrl-C or SIGTERM, then prints the metrics as JSON.
-fn serve(model: &std::path::Path, host: &str, port: u16, backend: &str, tuning_db: Option<PathBuf>, name: Option<String>) -> Result<()> {
+fn serve(
+    model: &std::path::Path,
+    host: &str,
+    port: u16,
+    backend: &str,
+    tuning_db: Option<PathBuf>,
+    name: Option<String>,
+    batcher: mangrove::engine::batcher::BatcherConfig,
+) -> Result<()> {
+    if batcher.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be positive");
+    }
     use mangrove::engine::{metrics::Metrics, server, Engine};
     let engine = Engine::open(model, backend, name).with_context(|| format!("loading {}", model.display()))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(Metrics::default());
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
         let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
         eprintln!("mangrove: serving {} on http://{} (backend {backend})", engine.name, listener.local_addr()?);
-        let state = server::AppState::new(engine, metrics.clone(), tuning_db);
-        server::serve(listener, state, shutdown_signal())
+        let state = server::AppState::with_config(engine, metrics.clone(), tuning_db, batcher);
+        server::serve(listener, state, shutdown)
         .await?;
         println!("{}", serde_json::to_string_pretty(&metrics.json())?);
         Ok(())
     })
 }
 
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            },
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
+/// A future that resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed here,
+/// before the server announces itself, so an early signal is never the default (fatal) one.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
+    })
+}
+
+/// A future that resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
         let _ = tokio::signal::ctrl_c().await;
-    }
+    })
 }
 
 fn main() {
@@ -237,7 +254,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { model, host, port, backend, tuning_db, model_name } => serve(&model, &host, port, &backend, tuning_db, model_name),
+        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk } => {
+            let batcher = mangrove::engine::batcher::BatcherConfig { prefill_chunk };
+            serve(&model, &host, port, &backend, tuning_db, model_name, batcher)
+        }
         Cmd::Gpu => {
             match Gpu::open(0) {
                 Ok(g) => println!("{}", serde_json::to_string_pretty(g.info())?),
