@@ -18,7 +18,9 @@ use super::Engine;
 pub struct GenRequest {
     /// Prompt token ids (non-empty).
     pub prompt: Vec<u32>,
+    /// Most tokens to generate.
     pub max_tokens: usize,
+    /// Temperature, top_p and seed.
     pub sampling: SamplingParams,
     /// Generation stops before the first occurrence of any of these.
     pub stop: Vec<String>,
@@ -48,8 +50,11 @@ impl FinishReason {
 /// The end of a sequence.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finish {
+    /// Why it ended.
     pub reason: FinishReason,
+    /// Prompt length in tokens (`usage.prompt_tokens`).
     pub prompt_tokens: usize,
+    /// Tokens generated, EOS included (`usage.completion_tokens`).
     pub completion_tokens: usize,
     /// Set when the step failed; the text so far is still valid.
     pub error: Option<String>,
@@ -58,7 +63,9 @@ pub struct Finish {
 /// What a request's receiver gets: text deltas, then one `Done`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GenEvent {
+    /// New text (possibly several tokens' worth, or none held back yet).
     Delta(String),
+    /// The sequence ended; nothing follows.
     Done(Finish),
 }
 

@@ -80,7 +80,9 @@ pub struct ConfigFile {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum TokenIds {
+    /// A single id.
     One(u32),
+    /// Several ids.
     Many(Vec<u32>),
 }
 
@@ -122,28 +124,46 @@ pub enum ScaleConvention {
 /// Mixture-of-experts shape (Qwen3-MoE key names).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MoeConfig {
+    /// `num_experts`.
     pub experts: usize,
+    /// `num_experts_per_tok`.
     pub topk: usize,
+    /// `moe_intermediate_size`: rows of each expert's gate and up.
     pub inter: usize,
+    /// Renormalize the top-k router weights to sum 1.
     pub norm_topk_prob: bool,
 }
 
 /// The validated runtime configuration the engine runs on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelConfig {
+    /// `hidden_size` (H).
     pub hidden: usize,
+    /// `intermediate_size` (I) of the dense MLP.
     pub inter: usize,
+    /// `num_hidden_layers`.
     pub layers: usize,
+    /// `num_attention_heads`.
     pub heads: usize,
+    /// `num_key_value_heads` (GQA).
     pub kv_heads: usize,
+    /// `head_dim`, default H / heads.
     pub head_dim: usize,
+    /// `vocab_size` (V).
     pub vocab: usize,
+    /// `max_position_embeddings`: the context window.
     pub max_positions: usize,
+    /// `rms_norm_eps`.
     pub rms_eps: f64,
+    /// `rope_theta`.
     pub rope_theta: f64,
+    /// `tie_word_embeddings`: the LM head is the embedding matrix.
     pub tied: bool,
+    /// `hidden_act` of the dense MLP.
     pub act: Activation,
+    /// How `weight_scale` applies (`quantization_config.linear_class`).
     pub scale: ScaleConvention,
+    /// Expert shape when the MLPs are mixtures of experts.
     pub moe: Option<MoeConfig>,
     /// `eos_token_id` (one or several); empty when absent.
     pub eos_token_ids: Vec<u32>,

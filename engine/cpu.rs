@@ -52,7 +52,9 @@ impl KvCache {
 
 /// One sequence of a batch: the tokens to append and the cache they extend.
 pub struct SeqInput<'a> {
+    /// New tokens, appended after the cached positions.
     pub tokens: &'a [u32],
+    /// The sequence's cache; grows by `tokens.len()`.
     pub cache: &'a mut KvCache,
 }
 

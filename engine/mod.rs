@@ -85,8 +85,11 @@ impl Backend for CpuBackend {
 
 /// A model ready to serve: backend, tokenizer and identity.
 pub struct Engine {
+    /// Model name served in `/v1/models` and checked against requests' `model`.
     pub name: String,
+    /// Where the forward runs.
     pub backend: Arc<dyn Backend>,
+    /// The checkpoint's tokenizer.
     pub tokenizer: Tokenizer,
     /// Tokens that end a sequence: `config.json`'s `eos_token_id` plus the tokenizer's
     /// end-of-text / end-of-turn tokens.

@@ -32,11 +32,13 @@ pub enum LoadError {
 /// One ternary projection: W [n, k] packed as uint8 [n/4, k], with its `weight_scale`.
 #[derive(Debug, Clone)]
 pub struct TernaryLinear {
+    /// uint8 [n/4, k] in the [`crate::reference::pack_ternary`] layout.
     pub packed: Vec<u8>,
     /// Output rows.
     pub n: usize,
     /// Input columns.
     pub k: usize,
+    /// `weight_scale`.
     pub scale: f64,
 }
 
@@ -52,8 +54,11 @@ pub enum Ffn {
 /// One expert of an MoE block.
 #[derive(Debug, Clone)]
 pub struct Expert {
+    /// `gate_proj` [moe_inter, H].
     pub gate: TernaryLinear,
+    /// `up_proj` [moe_inter, H].
     pub up: TernaryLinear,
+    /// `down_proj` [H, moe_inter].
     pub down: TernaryLinear,
 }
 
