@@ -176,6 +176,7 @@ async fn bad_requests_are_openai_style_4xx() {
         ("/v1/completions", json!({"prompt": 5}).to_string(), 400, Some("prompt")),
         ("/v1/completions", json!({"prompt": ""}).to_string(), 400, Some("prompt")),
         ("/v1/completions", json!({"prompt": [100000]}).to_string(), 400, Some("prompt")),
+        ("/v1/completions", json!({"prompt": [4294967301u64]}).to_string(), 400, Some("prompt")),
         ("/v1/chat/completions", json!({"max_tokens": 3}).to_string(), 400, Some("messages")),
         ("/v1/chat/completions", json!({"messages": []}).to_string(), 400, Some("messages")),
         ("/v1/chat/completions", json!({"messages": [{"role": "user"}]}).to_string(), 400, None),

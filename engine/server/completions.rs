@@ -142,7 +142,8 @@ async fn completions(State(st): State<AppState>, body: Body) -> Response {
             Some(serde_json::Value::String(s)) => Prompt::Text(s),
             Some(serde_json::Value::Array(a)) if a.len() == 1 && a[0].is_string() => Prompt::Text(a[0].as_str().unwrap_or_default().into()),
             Some(serde_json::Value::Array(a)) if !a.is_empty() && a.iter().all(|v| v.is_u64()) => {
-                Prompt::Ids(a.iter().filter_map(|v| v.as_u64()).map(|v| v as u32).collect())
+                // Ids beyond u32 become u32::MAX, which the vocabulary check rejects.
+                Prompt::Ids(a.iter().filter_map(|v| v.as_u64()).map(|v| u32::try_from(v).unwrap_or(u32::MAX)).collect())
             }
             Some(_) => return Err(ApiError::invalid("'prompt' must be a string, a list of one string, or a list of token ids", Some("prompt"))),
         };
