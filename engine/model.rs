@@ -17,6 +17,8 @@ pub enum LoadError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {source}")]
     Config { path: PathBuf, source: ConfigError },
+    #[error("{path} is not a valid safetensors index: {message}")]
+    Index { path: PathBuf, message: String },
     #[error("{path} is not a valid safetensors file: {message}")]
     Safetensors { path: PathBuf, message: String },
     #[error("tensor `{name}` is missing from model.safetensors")]
@@ -88,21 +90,41 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `dir/config.json` and `dir/model.safetensors`.
+    /// Loads `dir/config.json` and `dir/model.safetensors` (or the shards listed in
+    /// `dir/model.safetensors.index.json` when there is no single file).
     pub fn load(dir: &Path) -> Result<Self, LoadError> {
         let cpath = dir.join("config.json");
         let text = std::fs::read_to_string(&cpath).map_err(|source| LoadError::Io { path: cpath.clone(), source })?;
         let config = ModelConfig::from_json(&text).map_err(|source| LoadError::Config { path: cpath, source })?;
-        let wpath = dir.join("model.safetensors");
-        let bytes = std::fs::read(&wpath).map_err(|source| LoadError::Io { path: wpath.clone(), source })?;
-        let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| LoadError::Safetensors { path: wpath.clone(), message: e.to_string() })?;
-        Self::from_safetensors(config, &st)
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files = if !single.exists() && index.exists() { shard_files(&index)? } else { vec![single] };
+        let bytes: Vec<Vec<u8>> = files
+            .iter()
+            .map(|p| std::fs::read(p).map_err(|source| LoadError::Io { path: p.clone(), source }))
+            .collect::<Result<_, _>>()?;
+        let shards: Vec<SafeTensors> = bytes
+            .iter()
+            .zip(&files)
+            .map(|(b, p)| SafeTensors::deserialize(b).map_err(|e| LoadError::Safetensors { path: p.clone(), message: e.to_string() }))
+            .collect::<Result<_, _>>()?;
+        Self::from_shards(config, &shards)
     }
 
     /// Builds a model from parsed tensors, checking each against `config`.
     pub fn from_safetensors(config: ModelConfig, st: &SafeTensors) -> Result<Self, LoadError> {
-        let r = Reader { st, names: st.names().into_iter().map(|n| (n.to_string(), ())).collect() };
+        Self::from_shards(config, std::slice::from_ref(st))
+    }
+
+    /// Builds a model from tensors spread over shards (the first shard holding a name wins).
+    pub fn from_shards(config: ModelConfig, shards: &[SafeTensors]) -> Result<Self, LoadError> {
+        let mut names = HashMap::new();
+        for (i, st) in shards.iter().enumerate() {
+            for n in st.names() {
+                names.entry(n.to_string()).or_insert(i);
+            }
+        }
+        let r = Reader { shards, names };
         let c = &config;
         let (h, v) = (c.hidden, c.vocab);
         let embed = r.float("model.embed_tokens.weight", &[v, h])?;
@@ -152,9 +174,31 @@ impl Model {
     }
 }
 
+/// The shard files a `model.safetensors.index.json` lists (`weight_map` values), in order.
+fn shard_files(index: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let bad = |message: String| LoadError::Index { path: index.to_path_buf(), message };
+    let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io { path: index.to_path_buf(), source })?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let mut files: Vec<&str> = Vec::new();
+    for (name, f) in map {
+        let f = f.as_str().ok_or_else(|| bad(format!("`weight_map.{name}` is not a file name")))?;
+        if f.contains('/') || f.contains('\\') || f == ".." {
+            return Err(bad(format!("shard `{f}` is not a plain file name")));
+        }
+        if !files.contains(&f) {
+            files.push(f);
+        }
+    }
+    files.sort_unstable();
+    let dir = index.parent().unwrap_or(Path::new("."));
+    Ok(files.into_iter().map(|f| dir.join(f)).collect())
+}
+
 struct Reader<'a, 'b> {
-    st: &'a SafeTensors<'b>,
-    names: HashMap<String, ()>,
+    shards: &'a [SafeTensors<'b>],
+    /// Tensor name → index of the shard holding it.
+    names: HashMap<String, usize>,
 }
 
 fn dtype_name(d: Dtype) -> String {
@@ -162,11 +206,14 @@ fn dtype_name(d: Dtype) -> String {
 }
 
 impl Reader<'_, '_> {
+    fn tensor(&self, name: &str) -> Result<safetensors::tensor::TensorView<'_>, LoadError> {
+        let missing = || LoadError::Missing { name: name.into() };
+        let &i = self.names.get(name).ok_or_else(missing)?;
+        self.shards[i].tensor(name).map_err(|_| missing())
+    }
+
     fn view(&self, name: &str, shape: &[usize]) -> Result<safetensors::tensor::TensorView<'_>, LoadError> {
-        if !self.names.contains_key(name) {
-            return Err(LoadError::Missing { name: name.into() });
-        }
-        let t = self.st.tensor(name).map_err(|_| LoadError::Missing { name: name.into() })?;
+        let t = self.tensor(name)?;
         if t.shape() != shape {
             return Err(LoadError::Shape { name: name.into(), expected: shape.to_vec(), got: t.shape().to_vec() });
         }
@@ -202,7 +249,7 @@ impl Reader<'_, '_> {
             return Err(LoadError::Value { name, value: format!("byte {b:#04x}"), problem: "code 3 is not a packed ternary value" });
         }
         let sname = format!("{prefix}.weight_scale");
-        let st = self.st.tensor(&sname).map_err(|_| LoadError::Missing { name: sname.clone() })?;
+        let st = self.tensor(&sname)?;
         if st.shape().iter().product::<usize>() != 1 {
             return Err(LoadError::Shape { name: sname, expected: vec![1], got: st.shape().to_vec() });
         }

@@ -516,3 +516,33 @@ async fn chunked_prefill_gives_the_same_tokens() {
     assert_eq!(whole_steps, 5);
     assert_eq!(chunked_steps as usize, prompt.len().div_ceil(3) + 4);
 }
+
+#[test]
+fn sharded_checkpoint_with_index_loads_the_same_model() {
+    let dir = gen(Preset::TinyMoe, 6);
+    let whole = Model::load(dir.path()).unwrap();
+    // Split the tensors over two shards and write the HF index.
+    let bytes = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
+    names.sort();
+    let mut map = serde_json::Map::new();
+    for (i, part) in names.chunks(names.len() / 2 + 1).enumerate() {
+        let file = format!("model-{:05}-of-00002.safetensors", i + 1);
+        let views: Vec<_> = part.iter().map(|n| (n.clone(), st.tensor(n).unwrap())).collect();
+        safetensors::serialize_to_file(views, None, &dir.path().join(&file)).unwrap();
+        part.iter().for_each(|n| drop(map.insert(n.clone(), file.clone().into())));
+    }
+    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
+    let index = dir.path().join("model.safetensors.index.json");
+    std::fs::write(&index, serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let sharded = Model::load(dir.path()).unwrap();
+    let run = |m: &Model| cpu::forward(m, &mut [SeqInput { tokens: &[1, 2, 3], cache: &mut KvCache::new(&m.config) }]).unwrap();
+    assert_eq!(run(&whole), run(&sharded));
+    // A missing shard is named.
+    std::fs::remove_file(dir.path().join("model-00002-of-00002.safetensors")).unwrap();
+    let e = Model::load(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
+    std::fs::write(&index, "{\"weight_map\": 3}").unwrap();
+    assert!(Model::load(dir.path()).unwrap_err().to_string().contains("weight_map"));
+}
