@@ -165,16 +165,22 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
                 .iter_mut()
                 .map(|s| SeqInput { tokens: &s.pending[s.fed..(s.fed + chunk).min(s.pending.len())], cache: &mut s.cache })
                 .collect();
+            let fed: usize = inputs.iter().map(|i| i.tokens.len()).sum();
+            let t = std::time::Instant::now();
             let out = backend.forward(&mut inputs);
+            let timing = (fed, t.elapsed());
             drop(inputs);
             if out.is_ok() {
                 seqs.iter_mut().for_each(|s| s.fed = (s.fed + chunk).min(s.pending.len()));
             }
-            (seqs, out)
+            (seqs, out, timing)
         })
         .await;
         let (seqs, out) = match step {
-            Ok(v) => v,
+            Ok((seqs, out, (fed, elapsed))) => {
+                metrics.step(fed, elapsed);
+                (seqs, out)
+            }
             Err(e) => {
                 // The forward panicked; its sequences are lost, their receivers see a closed channel.
                 eprintln!("mangrove engine: forward step failed: {e}");

@@ -35,6 +35,9 @@ pub struct Metrics {
     prompt_tokens: AtomicU64,
     tokens_generated: AtomicU64,
     active: AtomicI64,
+    steps: AtomicU64,
+    step_nanos: AtomicU64,
+    step_tokens: AtomicU64,
     paths: Mutex<BTreeMap<(String, String), u64>>,
     fallbacks: Mutex<BTreeMap<(String, String), u64>>,
 }
@@ -54,6 +57,13 @@ impl Metrics {
     /// Counts generated tokens.
     pub fn generated(&self, n: usize) {
         self.tokens_generated.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one forward step that fed `tokens` tokens and took `elapsed`.
+    pub fn step(&self, tokens: usize, elapsed: std::time::Duration) {
+        self.steps.fetch_add(1, Ordering::Relaxed);
+        self.step_nanos.fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
+        self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
     }
 
     /// Sets the number of sequences in the running batch.
@@ -95,6 +105,9 @@ impl Metrics {
         counter("mangrove_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens.load(Ordering::Relaxed).to_string());
         counter("mangrove_tokens_generated_total", "Tokens generated.", "counter", self.tokens_generated().to_string());
         counter("mangrove_active_sequences", "Sequences in the running batch.", "gauge", self.active().to_string());
+        counter("mangrove_forward_steps_total", "Batched forward steps run.", "counter", self.steps.load(Ordering::Relaxed).to_string());
+        counter("mangrove_forward_seconds_total", "Wall time spent in forward steps.", "counter", format!("{:.6}", self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9));
+        counter("mangrove_forward_tokens_total", "Tokens fed to forward steps (prefill and decode).", "counter", self.step_tokens.load(Ordering::Relaxed).to_string());
         s.push_str("# HELP mangrove_path_total Forward steps that ran a (layer family, kernel variant).\n# TYPE mangrove_path_total counter\n");
         for ((f, v), n) in self.paths.lock().unwrap_or_else(|e| e.into_inner()).iter() {
             s.push_str(&format!("mangrove_path_total{{family=\"{}\",variant=\"{}\"}} {n}\n", label(f), label(v)));
@@ -120,6 +133,9 @@ impl Metrics {
             "prompt_tokens": self.prompt_tokens.load(Ordering::Relaxed),
             "tokens_generated": self.tokens_generated(),
             "active_sequences": self.active(),
+            "forward_steps": self.steps.load(Ordering::Relaxed),
+            "forward_seconds": self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
+            "forward_tokens": self.step_tokens.load(Ordering::Relaxed),
             "paths": table(&self.paths, "variant"),
             "fallbacks": table(&self.fallbacks, "reason"),
         })
@@ -136,10 +152,13 @@ mod tests {
         m.paths_ran(&[("attention", "cpu_reference"), ("attention", "cpu_reference")]);
         m.fallback("mlp_down", FallbackReason::NoTunedKernel);
         m.generated(3);
+        m.step(5, std::time::Duration::from_millis(1500));
         let t = m.prometheus();
         assert!(t.contains("mangrove_path_total{family=\"attention\",variant=\"cpu_reference\"} 2"), "{t}");
         assert!(t.contains("mangrove_fallback_total{family=\"mlp_down\",reason=\"no_tuned_kernel\"} 1"), "{t}");
         assert!(t.contains("mangrove_tokens_generated_total 3"));
+        assert!(t.contains("mangrove_forward_seconds_total 1.500000"), "{t}");
+        assert!(t.contains("mangrove_forward_tokens_total 5"), "{t}");
         assert_eq!(m.json()["paths"][0]["count"], 2);
     }
 }

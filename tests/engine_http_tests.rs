@@ -231,6 +231,7 @@ async fn models_health_and_metrics() {
         "mangrove_requests_total 1".to_string(),
         format!("mangrove_tokens_generated_total {n}"),
         "# TYPE mangrove_fallback_total counter".into(),
+        format!("mangrove_forward_steps_total {n}"),
         format!("mangrove_path_total{{family=\"lm_head\",variant=\"cpu_reference\"}} {n}"),
     ] {
         assert!(t.contains(&needle), "{needle}: {t}");
