@@ -61,12 +61,12 @@ pub struct SeqInput<'a> {
 /// The (layer family, kernel variant) pairs one forward of this backend runs.
 pub fn paths(cfg: &ModelConfig) -> Vec<(&'static str, &'static str)> {
     let mut fams = vec!["embedding", "rmsnorm", "attn_qkv", "rope", "attention", "attn_o"];
-    fams.extend(match cfg.moe {
-        None => ["mlp_gate_up", "mlp_down", ""],
-        Some(_) => ["moe_router", "moe_gate_up", "moe_down"],
-    });
+    match cfg.moe {
+        None => fams.extend(["mlp_gate_up", "mlp_down"]),
+        Some(_) => fams.extend(["moe_router", "moe_gate_up", "moe_down"]),
+    }
     fams.push("lm_head");
-    fams.into_iter().filter(|f| !f.is_empty()).map(|f| (f, VARIANT)).collect()
+    fams.into_iter().map(|f| (f, VARIANT)).collect()
 }
 
 /// The kernel variant name this backend reports for every family.

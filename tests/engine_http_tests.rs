@@ -97,6 +97,9 @@ async fn chat_completion_and_moe_model() {
     let last = chunks.last().unwrap();
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["usage"]["completion_tokens"], 5);
+    let (_, m) = s.get("/metrics").await;
+    assert!(m.contains("mangrove_path_total{family=\"moe_gate_up\",variant=\"cpu_reference\"} 10"), "{m}");
+    assert!(!m.contains("family=\"mlp_gate_up\""), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
