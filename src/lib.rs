@@ -10,12 +10,16 @@
 //! [`jit`] runs stages 1–4 for a request; [`reference`] and [`check`] are the CPU reference
 //! and the correctness gate every kernel is held to; [`validate`] runs a kernel against them.
 //! [`routing`] groups MoE (token, expert) pairs into the row blocks the grouped kernels take.
+//! 6. [`engine`] — decode engine: HF BitNet checkpoints on a backend (CPU reference today),
+//!    continuous batching and the OpenAI-compatible server (`mangrove serve`).
 
 pub mod arch;
 pub mod bundle;
 pub mod cache;
 pub mod check;
 pub mod compile;
+#[path = "../engine/mod.rs"]
+pub mod engine;
 pub mod gpu;
 pub mod jit;
 pub mod key;

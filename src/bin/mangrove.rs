@@ -82,6 +82,52 @@ enum Cmd {
         #[arg(long)]
         tuning_db: Option<PathBuf>,
     },
+    /// Write a random-weight checkpoint (config.json, model.safetensors, tokenizer.json).
+    GenModel {
+        #[arg(long, value_enum)]
+        preset: mangrove::engine::genmodel::Preset,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Time decode on a backend: prefill a batch of synthetic prompts, then greedy steps.
+    BenchDecode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a checkpoint over the OpenAI-compatible HTTP API.
+    Serve {
+        /// Checkpoint folder (config.json, model.safetensors, tokenizer.json).
+        #[arg(long, env = "MANGROVE_MODEL")]
+        model: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8000)]
+        port: u16,
+        /// Compute backend (this build: cpu).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        /// Tuning DB folder for the GPU backend (reported in /health; unused by cpu).
+        #[arg(long, env = "MANGROVE_TUNING_DB")]
+        tuning_db: Option<PathBuf>,
+        /// Name served in /v1/models (default: the checkpoint folder's name).
+        #[arg(long)]
+        model_name: Option<String>,
+        /// Most prompt tokens a sequence prefills per step (chunked prefill).
+        #[arg(long, default_value_t = 512)]
+        prefill_chunk: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -135,6 +181,58 @@ enum CacheCmd {
         #[arg(long)]
         max_bytes: u64,
     },
+}
+
+/// Loads the model, serves until Ctrl-C or SIGTERM, then prints the metrics as JSON.
+fn serve(
+    model: &std::path::Path,
+    host: &str,
+    port: u16,
+    backend: &str,
+    tuning_db: Option<PathBuf>,
+    name: Option<String>,
+    batcher: mangrove::engine::batcher::BatcherConfig,
+) -> Result<()> {
+    if batcher.prefill_chunk == 0 {
+        bail!("--prefill-chunk must be positive");
+    }
+    use mangrove::engine::{metrics::Metrics, server, Engine};
+    let engine = Engine::open(model, backend, name).with_context(|| format!("loading {}", model.display()))?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let metrics = std::sync::Arc::new(Metrics::default());
+        let shutdown = shutdown_signal().context("installing signal handlers")?;
+        let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
+        eprintln!("mangrove: serving {} on http://{} (backend {backend})", engine.name, listener.local_addr()?);
+        let state = server::AppState::with_config(engine, metrics.clone(), tuning_db, batcher);
+        server::serve(listener, state, shutdown)
+        .await?;
+        println!("{}", serde_json::to_string_pretty(&metrics.json())?);
+        Ok(())
+    })
+}
+
+/// A future that resolves on SIGINT (Ctrl-C) or SIGTERM. The handlers are installed here,
+/// before the server announces itself, so an early signal is never the default (fatal) one.
+#[cfg(unix)]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+    })
+}
+
+/// A future that resolves on Ctrl-C.
+#[cfg(not(unix))]
+fn shutdown_signal() -> std::io::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }
 
 fn main() {
@@ -193,6 +291,29 @@ fn run(cli: Cli) -> Result<()> {
                     .await?;
                 Ok::<_, anyhow::Error>(())
             })
+        }
+        Cmd::GenModel { preset, out, seed } => {
+            mangrove::engine::genmodel::generate(preset, &out, seed)?;
+            println!("wrote {preset:?} checkpoint to {}", out.display());
+            Ok(())
+        }
+        Cmd::BenchDecode { model, backend, batch, prompt_tokens, steps, json } => {
+            if batch == 0 || prompt_tokens == 0 {
+                bail!("--batch and --prompt-tokens must be positive");
+            }
+            let engine = mangrove::engine::Engine::open(&model, &backend, None).with_context(|| format!("loading {}", model.display()))?;
+            let r = mangrove::engine::bench::bench_decode(engine.backend.as_ref(), batch, prompt_tokens, steps)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!("backend {}  batch {}  prompt {} tokens  prefill {:.1} ms", r.backend, r.batch, r.prompt_tokens, r.prefill_ms);
+                println!("decode {} steps  {:.2} ms/step  {:.1} tokens/s", r.decode_steps, r.step_ms, r.tokens_per_s);
+            }
+            Ok(())
+        }
+        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk } => {
+            let batcher = mangrove::engine::batcher::BatcherConfig { prefill_chunk };
+            serve(&model, &host, port, &backend, tuning_db, model_name, batcher)
         }
         Cmd::Gpu => {
             match Gpu::open(0) {

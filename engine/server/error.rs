@@ -1,0 +1,58 @@
+//! The one HTTP error type: every failure a handler can meet becomes an OpenAI-style JSON
+//! body `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx status. Internal
+//! details stay in the server log, never in the response.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// An API error response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<&'static str>,
+    pub code: Option<&'static str>,
+}
+
+impl ApiError {
+    /// 400 `invalid_request_error` about `param`.
+    pub fn invalid(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        ApiError { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param, code: None }
+    }
+
+    /// 404 for a model name this server does not serve.
+    pub fn unknown_model(name: &str) -> Self {
+        ApiError {
+            status: StatusCode::NOT_FOUND,
+            message: format!("The model '{name}' does not exist"),
+            kind: "invalid_request_error",
+            param: Some("model"),
+            code: Some("model_not_found"),
+        }
+    }
+
+    /// 404 for an unknown route.
+    pub fn not_found(path: &str) -> Self {
+        ApiError { status: StatusCode::NOT_FOUND, message: format!("Unknown route {path}"), kind: "invalid_request_error", param: None, code: Some("not_found") }
+    }
+
+    /// 500 with a generic message; `detail` goes to the log only.
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        eprintln!("mangrove server: internal error: {detail}");
+        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, message: "The server had an error while processing the request".into(), kind: "server_error", param: None, code: None }
+    }
+
+    /// 503 when the engine task is gone.
+    pub fn unavailable() -> Self {
+        ApiError { status: StatusCode::SERVICE_UNAVAILABLE, message: "The engine is shutting down".into(), kind: "server_error", param: None, code: None }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
+        (self.status, Json(body)).into_response()
+    }
+}

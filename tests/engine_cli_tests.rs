@@ -1,0 +1,89 @@
+//! `mangrove gen-model` and `mangrove serve` as a user runs them: a checkpoint on disk, a
+//! server on a free port answering /health, and the metrics JSON printed at shutdown.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+
+fn http_get(addr: &str, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// Kills the server if the test fails before it exits on its own.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn gen_model_then_serve_then_shutdown_dumps_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tiny-moe");
+    let st = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+        .args(["gen-model", "--preset", "tiny-moe", "--out", out.to_str().unwrap(), "--seed", "3"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out.join(f).exists(), "{f}");
+    }
+    let mut child = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mangrove"))
+            .args(["serve", "--model", out.to_str().unwrap(), "--port", "0", "--tuning-db", "tuning_db/h100"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut child.0;
+    // "mangrove: serving NAME on http://ADDR (backend cpu)"
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).to_string();
+    let health = http_get(&addr, "/health");
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    assert!(health.contains("\"tuning_db\":\"tuning_db/h100\""), "{health}");
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let mut stdout = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(child.wait().unwrap().success());
+    let j: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(j["requests"], 0);
+    assert!(j["paths"].is_array() && j["fallbacks"].is_array(), "{j}");
+}
+
+#[test]
+fn bench_decode_reports_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().to_str().unwrap();
+    let gen = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["gen-model", "--preset", "tiny", "--out", m]).status().unwrap();
+    assert!(gen.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+        .args(["bench-decode", "--model", m, "--batch", "3", "--prompt-tokens", "5", "--steps", "4", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((j["backend"].as_str(), j["batch"].as_u64(), j["decode_steps"].as_u64()), (Some("cpu"), Some(3), Some(4)));
+    assert!(j["tokens_per_s"].as_f64().unwrap() > 0.0, "{j}");
+}
+
+#[test]
+fn serve_reports_a_bad_checkpoint_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["serve", "--model", dir.path().to_str().unwrap(), "--port", "0"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
