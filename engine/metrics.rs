@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Why a layer family ran a slower path than the tuned kernel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub enum FallbackReason {
     /// The tuning DB has no record for this shape.
     NoTunedKernel,
@@ -15,6 +15,10 @@ pub enum FallbackReason {
     KernelUnavailable,
     /// No GPU: the CPU reference ran.
     NoGpu,
+    /// Not in the blessed bundle: compiled at start.
+    NotInBundle,
+    /// The JIT service was unreachable: compiled locally.
+    ServiceDown,
 }
 
 impl FallbackReason {
@@ -24,6 +28,8 @@ impl FallbackReason {
             FallbackReason::NoTunedKernel => "no_tuned_kernel",
             FallbackReason::KernelUnavailable => "kernel_unavailable",
             FallbackReason::NoGpu => "no_gpu",
+            FallbackReason::NotInBundle => "not_in_bundle",
+            FallbackReason::ServiceDown => "service_down",
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::bundle::{Bundle, BundleError};
 use crate::cache::CacheEntry;
 use crate::jit::{Jit, JitError, Outcome};
 use crate::plan::PlannedKernel;
-use crate::service::client::{ClientError, JitClient, Source};
+use crate::service::client::{ClientError, JitClient};
 use crate::template::Catalog;
 use crate::tuning_db::LookupRule;
 
@@ -18,10 +18,11 @@ use crate::tuning_db::LookupRule;
 pub enum KernelSource {
     /// The local JIT: sled cache, NVRTC on a miss.
     Jit(Jit),
-    /// A blessed bundle; `fallback` compiles what it lacks (None = offline: lacking is fatal).
-    Blessed { bundle: Bundle, catalog: Catalog, fallback: Option<Jit> },
-    /// The JIT service, with a local JIT when it is unreachable.
-    Service { client: JitClient, local: Jit },
+    /// A blessed bundle; offline, a kernel it lacks is fatal (and NVRTC is never loaded),
+    /// otherwise it is compiled by the local JIT and counted as a fallback.
+    Blessed { bundle: Bundle, catalog: Catalog, offline: bool },
+    /// The JIT service; the local JIT compiles when it is unreachable.
+    Service { client: JitClient },
 }
 
 /// Errors of provisioning.
@@ -46,16 +47,7 @@ pub enum Obtained {
     Service,
 }
 
-/// Why a kernel did not come the preferred way.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub enum FallbackReason {
-    /// The tuning DB has no record for this shape: the template's defaults are used.
-    NoTunedConfig,
-    /// Not in the blessed bundle: compiled at start.
-    NotInBundle,
-    /// The JIT service was unreachable: compiled locally.
-    ServiceDown(String),
-}
+pub use crate::engine::metrics::FallbackReason;
 
 /// The kernels of a plan, ready to load.
 #[derive(Debug, Default, serde::Serialize)]
@@ -64,7 +56,8 @@ pub struct Provisioned {
     #[serde(skip)]
     pub entries: BTreeMap<(String, i64), CacheEntry>,
     pub obtained: BTreeMap<String, usize>,
-    pub fallbacks: Vec<(String, i64, FallbackReason)>,
+    /// (family, m, reason, detail) of every kernel not obtained the preferred way.
+    pub fallbacks: Vec<(String, i64, FallbackReason, String)>,
     pub ms: f64,
 }
 
@@ -72,19 +65,42 @@ fn label(p: &PlannedKernel) -> String {
     format!("{} M={} ({} {})", p.family, p.m, p.request.template, crate::template::format_params(&p.request.params))
 }
 
-/// Obtains every planned kernel from `source`.
-pub fn provision(plan: &[PlannedKernel], source: &KernelSource) -> Result<Provisioned, ProvisionError> {
+/// Obtains every planned kernel from `source`; `local` opens the local JIT, at most once and
+/// only when a kernel must be compiled here (never for an offline bundle).
+pub fn provision(
+    plan: &[PlannedKernel],
+    source: &KernelSource,
+    local: &dyn Fn() -> Result<Jit, ProvisionError>,
+) -> Result<Provisioned, ProvisionError> {
     let t0 = Instant::now();
     let mut out = Provisioned::default();
-    if let KernelSource::Blessed { bundle, catalog, fallback: None } = source {
+    let local_jit: std::cell::OnceCell<Jit> = std::cell::OnceCell::new();
+    let jit = || -> Result<&Jit, ProvisionError> {
+        if local_jit.get().is_none() {
+            let _ = local_jit.set(local()?);
+        }
+        Ok(local_jit.get().expect("set above"))
+    };
+    if let KernelSource::Blessed { bundle, catalog, offline: true } = source {
         let missing = bundle.missing(catalog, plan)?;
         if !missing.is_empty() {
             return Err(ProvisionError::MissingFromBundle(missing.into_iter().map(label).collect()));
         }
     }
+    if let KernelSource::Jit(jit) = source {
+        // Compile every miss in parallel first; the loop below then reads cache hits.
+        let reqs: Vec<_> = plan.iter().map(|p| p.request.clone()).collect();
+        let _ = jit.get_many(&reqs);
+    }
     for p in plan {
+        // A shape the template cannot take (a violated constraint) has no kernel: the engine
+        // runs its reference path for that family, and the fallback is counted.
+        if let Err(e) = crate::template::Catalog::embedded().get(&p.request.template).and_then(|t| t.resolve(&p.request.params)) {
+            out.fallbacks.push((p.family.clone(), p.m, FallbackReason::KernelUnavailable, e.to_string()));
+            continue;
+        }
         if p.rule == LookupRule::Default {
-            out.fallbacks.push((p.family.clone(), p.m, FallbackReason::NoTunedConfig));
+            out.fallbacks.push((p.family.clone(), p.m, FallbackReason::NoTunedKernel, "template defaults".into()));
         }
         let (entry, how) = match source {
             KernelSource::Jit(jit) => {
@@ -92,19 +108,22 @@ pub fn provision(plan: &[PlannedKernel], source: &KernelSource) -> Result<Provis
                 let how = if f.outcome == Outcome::Hit { Obtained::CacheHit } else { Obtained::Compiled };
                 (f.entry, how)
             }
-            KernelSource::Blessed { bundle, catalog, fallback } => match bundle.get(&bundle.key_for(catalog, &p.request)?)? {
+            KernelSource::Blessed { bundle, catalog, .. } => match bundle.get(&bundle.key_for(catalog, &p.request)?)? {
                 Some(e) => (e, Obtained::Bundle),
                 None => {
-                    let jit = fallback.as_ref().expect("offline misses were rejected above");
-                    out.fallbacks.push((p.family.clone(), p.m, FallbackReason::NotInBundle));
-                    (jit.get(&p.request)?.entry, Obtained::Compiled)
+                    out.fallbacks.push((p.family.clone(), p.m, FallbackReason::NotInBundle, label(p)));
+                    (jit()?.get(&p.request)?.entry, Obtained::Compiled)
                 }
             },
-            KernelSource::Service { client, local } => match client.fetch_or_compile(&p.request, local)? {
-                (e, Source::Service) => (e, Obtained::Service),
-                (e, Source::LocalFallback(why)) => {
-                    out.fallbacks.push((p.family.clone(), p.m, FallbackReason::ServiceDown(why)));
-                    (e, Obtained::Compiled)
+            KernelSource::Service { client } => match client.fetch(&p.request) {
+                Ok(e) => (e, Obtained::Service),
+                Err(ClientError::Service { reason, .. }) if reason.starts_with("400") => {
+                    return Err(ClientError::Service { url: client.url.clone(), reason }.into());
+                }
+                Err(e) => {
+                    eprintln!("warning: {e}; compiling locally");
+                    out.fallbacks.push((p.family.clone(), p.m, FallbackReason::ServiceDown, e.to_string()));
+                    (jit()?.get(&p.request)?.entry, Obtained::Compiled)
                 }
             },
         };

@@ -179,18 +179,19 @@ fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kerne
     let dir = bless(root.path(), "sm90");
     let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
     let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
-    let source = KernelSource::Blessed { bundle: Bundle::open(&dir).unwrap(), catalog: Catalog::embedded(), fallback: None };
-    let got = provision(&planned, &source).unwrap();
+    let no_local = || -> Result<mangrove::jit::Jit, ProvisionError> { panic!("offline must not open a local JIT") };
+    let source = KernelSource::Blessed { bundle: Bundle::open(&dir).unwrap(), catalog: Catalog::embedded(), offline: true };
+    let got = provision(&planned, &source, &no_local).unwrap();
     assert_eq!(got.obtained.get("Bundle"), Some(&planned.len()));
     assert_eq!(got.entries.len(), planned.len());
-    assert!(got.fallbacks.iter().all(|(_, _, r)| *r == FallbackReason::NoTunedConfig));
+    assert!(got.fallbacks.iter().all(|(_, _, r, _)| *r == FallbackReason::NoTunedKernel));
     assert!(!mangrove::compile::nvrtc_loaded(), "offline provisioning must not load NVRTC");
 
     // The same bundle without one kernel: refused at start, the kernel named.
     let (partial, dropped) = without_first_kernel(&dir, root.path());
     let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
-    let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), fallback: None };
-    let err = provision(&planned, &source).unwrap_err();
+    let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), offline: true };
+    let err = provision(&planned, &source, &no_local).unwrap_err();
     assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if l.len() == 1), "{err}");
     assert!(err.to_string().contains(&label), "{err} should name {label}");
 }

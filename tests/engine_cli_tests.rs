@@ -12,6 +12,17 @@ fn http_get(addr: &str, path: &str) -> String {
     out
 }
 
+/// The "serving … on http://ADDR" line of a server's stderr (kernel preparation logs come first).
+fn serving_line(stderr: std::process::ChildStderr) -> String {
+    let mut r = BufReader::new(stderr);
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 || line.contains("serving") {
+            return line;
+        }
+    }
+}
+
 /// Kills the server if the test fails before it exits on its own.
 struct Reaped(std::process::Child);
 
@@ -46,8 +57,7 @@ fn gen_model_then_serve_then_shutdown_dumps_metrics() {
     );
     let child = &mut child.0;
     // "mangrove: serving NAME on http://ADDR (backend cpu)"
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let line = serving_line(child.stderr.take().unwrap());
     let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).to_string();
     let health = http_get(&addr, "/health");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");

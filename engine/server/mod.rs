@@ -29,6 +29,8 @@ struct Inner {
     batcher: BatcherHandle,
     metrics: Arc<Metrics>,
     tuning_db: Option<PathBuf>,
+    /// The kernel provisioning report of this start (source, counts, fallbacks), for /health.
+    kernels: std::sync::OnceLock<serde_json::Value>,
     next_id: AtomicU64,
 }
 
@@ -42,7 +44,14 @@ impl AppState {
     pub fn with_config(engine: Engine, metrics: Arc<Metrics>, tuning_db: Option<PathBuf>, cfg: BatcherConfig) -> Self {
         let engine = Arc::new(engine);
         let (batcher, _task) = batcher::spawn_with(engine.clone(), metrics.clone(), cfg);
-        AppState { inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, next_id: AtomicU64::new(0) }) }
+        AppState {
+            inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, kernels: Default::default(), next_id: AtomicU64::new(0) }),
+        }
+    }
+
+    /// Records how this start obtained its kernels (shown in /health); set once.
+    pub fn set_kernels(&self, report: serde_json::Value) {
+        let _ = self.inner.kernels.set(report);
     }
 
     /// The served engine.

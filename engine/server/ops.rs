@@ -27,6 +27,7 @@ async fn health(State(st): State<AppState>) -> impl IntoResponse {
         "model": st.engine().name,
         "backend": st.engine().backend.name(),
         "tuning_db": st.inner.tuning_db.as_ref().map(|p| p.display().to_string()),
+        "kernels": st.inner.kernels.get(),
         "max_position_embeddings": c.max_positions,
         "active_sequences": st.metrics().active(),
     }))

@@ -127,7 +127,29 @@ enum Cmd {
         /// Most prompt tokens a sequence prefills per step (chunked prefill).
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
+        #[command(flatten)]
+        kernels: KernelArgs,
     },
+}
+
+/// How `serve` obtains its kernels before it answers (all of them, at start).
+#[derive(clap::Args, Clone)]
+struct KernelArgs {
+    /// Target architecture of the kernels.
+    #[arg(long, default_value = "sm90")]
+    arch: Arch,
+    /// Largest batch: every M up to it is prepared.
+    #[arg(long, default_value_t = 16)]
+    max_batch: i64,
+    /// Take kernels from this blessed bundle (verified at start).
+    #[arg(long)]
+    blessed: Option<PathBuf>,
+    /// With --blessed: never load NVRTC; refuse to start if the bundle lacks a kernel.
+    #[arg(long, requires = "blessed")]
+    offline: bool,
+    /// Ask this JIT service (mangrove jitd) for kernels; compile locally if it is down.
+    #[arg(long, conflicts_with = "blessed")]
+    jit_url: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -192,6 +214,7 @@ fn serve(
     tuning_db: Option<PathBuf>,
     name: Option<String>,
     batcher: mangrove::engine::batcher::BatcherConfig,
+    kernels: Option<(serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>)>,
 ) -> Result<()> {
     if batcher.prefill_chunk == 0 {
         bail!("--prefill-chunk must be positive");
@@ -204,7 +227,15 @@ fn serve(
         let shutdown = shutdown_signal().context("installing signal handlers")?;
         let listener = tokio::net::TcpListener::bind((host, port)).await.with_context(|| format!("binding {host}:{port}"))?;
         eprintln!("mangrove: serving {} on http://{} (backend {backend})", engine.name, listener.local_addr()?);
+        if let Some((_, fallbacks)) = &kernels {
+            for (family, reason) in fallbacks {
+                metrics.fallback(family, *reason);
+            }
+        }
         let state = server::AppState::with_config(engine, metrics.clone(), tuning_db, batcher);
+        if let Some((report, _)) = kernels {
+            state.set_kernels(report);
+        }
         server::serve(listener, state, shutdown)
         .await?;
         println!("{}", serde_json::to_string_pretty(&metrics.json())?);
@@ -311,9 +342,10 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk } => {
+        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk, kernels } => {
             let batcher = mangrove::engine::batcher::BatcherConfig { prefill_chunk };
-            serve(&model, &host, port, &backend, tuning_db, model_name, batcher)
+            let report = prepare_kernels(&model, tuning_db.as_deref(), &kernels, &cache_dir)?;
+            serve(&model, &host, port, &backend, tuning_db, model_name, batcher, report)
         }
         Cmd::Gpu => {
             match Gpu::open(0) {
@@ -446,6 +478,60 @@ fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Obtains every kernel `serve` needs before it answers: from a blessed bundle (offline: never
+/// loading NVRTC, refusing to start on any missing kernel), the JIT service, or the local JIT.
+/// Nothing to prepare without a tuning DB, bundle or service. Returns the report for /health
+/// and the fallbacks to count.
+fn prepare_kernels(
+    model: &std::path::Path,
+    tuning_db: Option<&std::path::Path>,
+    k: &KernelArgs,
+    cache_dir: &std::path::Path,
+) -> Result<Option<(serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>)>> {
+    use mangrove::provision::{provision, KernelSource, ProvisionError};
+    if tuning_db.is_none() && k.blessed.is_none() && k.jit_url.is_none() {
+        return Ok(None);
+    }
+    let config = ShapeConfig::from_model_dir(model)?;
+    let db = match tuning_db {
+        Some(d) => TuningDb::load(d)?,
+        None => TuningDb::default(),
+    };
+    let planned = plan(&config, &db, k.arch, k.max_batch);
+    let (source, name) = match (&k.blessed, &k.jit_url) {
+        (Some(b), _) => {
+            let bundle = Bundle::open(b).with_context(|| format!("opening blessed bundle {}", b.display()))?;
+            (KernelSource::Blessed { bundle, catalog: Catalog::embedded(), offline: k.offline }, "blessed")
+        }
+        (None, Some(url)) => (KernelSource::Service { client: mangrove::service::client::JitClient::new(url) }, "service"),
+        (None, None) => (KernelSource::Jit(open_jit(Catalog::embedded(), cache_dir, false)?), "jit"),
+    };
+    // The local JIT for misses: the shared cache when this process owns it, else a private one.
+    let local = || -> Result<Jit, ProvisionError> {
+        let compiler = Compiler::open().map_err(|e| ProvisionError::Jit(e.into()))?;
+        let cache = Cache::open(cache_dir)
+            .or_else(|_| Cache::open(&std::env::temp_dir().join(format!("mangrove-local-{}", std::process::id()))))
+            .map_err(|e| ProvisionError::Jit(e.into()))?;
+        Ok(Jit { catalog: Catalog::embedded(), cache, compiler, keep_ptx: false })
+    };
+    let got = provision(&planned, &source, &local)?;
+    eprintln!(
+        "mangrove: {} kernels for {} ready from {name} in {:.1} ms ({:?}; {} fallbacks)",
+        planned.len(),
+        k.arch,
+        got.ms,
+        got.obtained,
+        got.fallbacks.len()
+    );
+    let report = serde_json::json!({
+        "source": name, "arch": k.arch.to_string(), "planned": planned.len(), "obtained": got.obtained,
+        "ready_ms": got.ms, "nvrtc_loaded": mangrove::compile::nvrtc_loaded(),
+        "fallbacks": got.fallbacks.iter().map(|(f, m, r, d)| serde_json::json!({"family": f, "m": m, "reason": r.as_str(), "detail": d})).collect::<Vec<_>>(),
+    });
+    let fallbacks = got.fallbacks.into_iter().map(|(f, _, r, _)| (f, r)).collect();
+    Ok(Some((report, fallbacks)))
 }
 
 fn bless(

@@ -1,0 +1,120 @@
+//! `mangrove serve --blessed BUNDLE --offline` as a deploy runs it: from a copy of the binary
+//! on a machine view without NVRTC, it starts, answers a completion, and reports it never
+//! loaded NVRTC; with a bundle that lacks a kernel it refuses to start and names the kernel.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use mangrove::arch::Arch;
+use mangrove::bundle::{self, Bundle};
+
+fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A tiny checkpoint and a bundle blessed for it from the shipped H100 DB.
+fn setup(root: &Path) -> (PathBuf, PathBuf) {
+    let model = root.join("tiny");
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["gen-model", "--preset", "tiny", "--out", model.to_str().unwrap(), "--seed", "1"]);
+    let b = root.join("bundle");
+    let db = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100");
+    let cache = root.join("cache");
+    run(&[
+        "--cache-dir", cache.to_str().unwrap(), "cache", "bless", "--tuning-db", db, "--model", model.to_str().unwrap(),
+        "--arch", "sm90", "--out", b.to_str().unwrap(), "--max-batch", "4",
+    ]);
+    (model, b)
+}
+
+/// The mangrove binary copied away from the repository (whose .nvrtc/ it would find), run with
+/// every NVRTC location pointed at nothing.
+fn offline_command(root: &Path) -> Command {
+    let bin = root.join("bin/mangrove");
+    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    std::fs::copy(env!("CARGO_BIN_EXE_mangrove"), &bin).unwrap();
+    let mut c = Command::new(bin);
+    c.current_dir(root).env("MANGROVE_NVRTC_LIB", "/nonexistent/libnvrtc.so").env_remove("CUDA_HOME").env_remove("CUDA_PATH");
+    c
+}
+
+#[test]
+fn offline_blessed_serve_starts_without_nvrtc_and_answers() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, b) = setup(root.path());
+    // In this environment NVRTC is really absent (unless the machine has a system CUDA install).
+    let probe = offline_command(root.path()).args(["--cache-dir", "c2", "compile", "--template", "ternary_gemv"]).output().unwrap();
+    let system_cuda = probe.status.success();
+    if !system_cuda {
+        assert!(String::from_utf8_lossy(&probe.stderr).contains("NVRTC not found"));
+    }
+    let mut child = offline_command(root.path())
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--blessed", b.to_str().unwrap(), "--offline", "--max-batch", "4"])
+        .args(["--tuning-db", concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut r = BufReader::new(child.stderr.take().unwrap());
+    let mut log = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap() == 0 {
+            let _ = child.kill();
+            panic!("server exited before serving:\n{log}");
+        }
+        log.push_str(&line);
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    let health = http(&addr, "GET", "/health", "");
+    let completion = http(&addr, "POST", "/v1/completions", r#"{"prompt": "hello", "max_tokens": 4, "temperature": 0}"#);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(health.contains("\"source\":\"blessed\""), "{health}");
+    assert!(health.contains("\"nvrtc_loaded\":false"), "{health}");
+    assert!(health.contains("\"Bundle\""), "{health}");
+    assert!(completion.starts_with("HTTP/1.1 200"), "{completion}");
+    assert!(completion.contains("\"completion_tokens\":4"), "{completion}");
+}
+
+#[test]
+fn offline_serve_with_an_incomplete_bundle_refuses_to_start_naming_the_kernel() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, b) = setup(root.path());
+    let full = Bundle::open(&b).unwrap();
+    let dropped = full.manifest.kernels.last().unwrap().clone();
+    let items = full
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.inputs.key().to_hex() != dropped.key)
+        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
+        .collect();
+    let partial = root.path().join("partial");
+    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    let out = offline_command(root.path())
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--blessed", partial.to_str().unwrap(), "--offline", "--max-batch", "4"])
+        .args(["--tuning-db", concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!("{} M={}", dropped.family.unwrap(), dropped.m.unwrap());
+    assert!(err.contains("lacks 1 kernel") && err.contains(&want), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
