@@ -192,7 +192,7 @@ impl Bundle {
     /// The planned kernels this bundle lacks (an offline server refuses to start on any).
     pub fn missing<'a>(&self, catalog: &Catalog, planned: &'a [PlannedKernel]) -> Result<Vec<&'a PlannedKernel>, BundleError> {
         let mut out = Vec::new();
-        for p in planned {
+        for p in planned.iter().filter(|p| p.unavailable.is_none()) {
             if !self.by_key.contains_key(&self.key_for(catalog, &p.request)?.to_hex()) {
                 out.push(p);
             }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use crate::arch::Arch;
 use crate::jit::KernelRequest;
-use crate::template::Params;
+use crate::template::{Catalog, Params};
 use crate::tune::probe::{gemv_request, MAX_GEMV_M};
 use crate::tuning_db::{LookupRule, TuningDb};
 
@@ -69,6 +69,16 @@ pub struct PlannedKernel {
     pub m: i64,
     pub request: KernelRequest,
     pub rule: LookupRule,
+    /// Why no kernel exists for this shape (a template constraint it violates): the engine runs
+    /// its reference path for it, a counted fallback. Such kernels are neither compiled nor blessed.
+    pub unavailable: Option<String>,
+}
+
+impl PlannedKernel {
+    fn new(family: &str, m: i64, request: KernelRequest, rule: LookupRule) -> Self {
+        let unavailable = Catalog::embedded().get(&request.template).and_then(|t| t.resolve(&request.params)).err().map(|e| e.to_string());
+        Self { family: family.into(), m, request, rule, unavailable }
+    }
 }
 
 /// Every kernel serving `config` needs on `arch` with `db`, for batches of up to `max_batch`.
@@ -83,7 +93,7 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
                 continue;
             }
             let (request, rule) = gemv_request(db, arch, m as usize, n, k);
-            out.push(PlannedKernel { family: family.into(), m, request, rule });
+            out.push(PlannedKernel::new(family, m, request, rule));
         }
     }
     if let (Some(e), Some(topk), Some(i)) = (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) {
@@ -97,7 +107,7 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
             params.extend(problem.clone());
             params.insert("M".into(), m);
             let request = KernelRequest { template: "moe_gateup".into(), params, arch };
-            out.push(PlannedKernel { family: "moe_gate_up".into(), m, request, rule: choice.rule });
+            out.push(PlannedKernel::new("moe_gate_up", m, request, choice.rule));
         }
     }
     out

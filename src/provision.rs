@@ -89,14 +89,14 @@ pub fn provision(
     }
     if let KernelSource::Jit(jit) = source {
         // Compile every miss in parallel first; the loop below then reads cache hits.
-        let reqs: Vec<_> = plan.iter().map(|p| p.request.clone()).collect();
+        let reqs: Vec<_> = plan.iter().filter(|p| p.unavailable.is_none()).map(|p| p.request.clone()).collect();
         let _ = jit.get_many(&reqs);
     }
     for p in plan {
         // A shape the template cannot take (a violated constraint) has no kernel: the engine
         // runs its reference path for that family, and the fallback is counted.
-        if let Err(e) = crate::template::Catalog::embedded().get(&p.request.template).and_then(|t| t.resolve(&p.request.params)) {
-            out.fallbacks.push((p.family.clone(), p.m, FallbackReason::KernelUnavailable, e.to_string()));
+        if let Some(why) = &p.unavailable {
+            out.fallbacks.push((p.family.clone(), p.m, FallbackReason::KernelUnavailable, why.clone()));
             continue;
         }
         if p.rule == LookupRule::Default {

@@ -78,7 +78,7 @@ fn bench_decode_reports_throughput() {
     let gen = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["gen-model", "--preset", "tiny", "--out", m]).status().unwrap();
     assert!(gen.success());
     let out = Command::new(env!("CARGO_BIN_EXE_mangrove"))
-        .args(["bench-decode", "--model", m, "--batch", "3", "--prompt-tokens", "5", "--steps", "4", "--json"])
+        .args(["bench", "decode", "--model", m, "--batch", "3", "--prompt-tokens", "5", "--steps", "4", "--json"])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -91,20 +91,11 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
-    /// Time decode on a backend: prefill a batch of synthetic prompts, then greedy steps.
-    BenchDecode {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long, default_value = "cpu")]
-        backend: String,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
-        #[arg(long, default_value_t = 16)]
-        prompt_tokens: usize,
-        #[arg(long, default_value_t = 8)]
-        steps: usize,
-        #[arg(long)]
-        json: bool,
+    /// Benchmarks: `decode` (tokens/s of a backend) and `startup` (time to ready: cold cache,
+    /// warm cache, blessed bundle).
+    Bench {
+        #[command(subcommand)]
+        cmd: BenchCmd,
     },
     /// Serve a checkpoint over the OpenAI-compatible HTTP API.
     Serve {
@@ -150,6 +141,39 @@ struct KernelArgs {
     /// Ask this JIT service (mangrove jitd) for kernels; compile locally if it is down.
     #[arg(long, conflicts_with = "blessed")]
     jit_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Time decode on a backend: prefill a batch of synthetic prompts, then greedy steps.
+    Decode {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        prompt_tokens: usize,
+        #[arg(long, default_value_t = 8)]
+        steps: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Time to ready of `mangrove serve` for a model: cold (empty cache: every kernel
+    /// compiled), warm (same cache again), and from a blessed bundle offline.
+    Startup {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        tuning_db: PathBuf,
+        #[arg(long, default_value = "sm90")]
+        arch: Arch,
+        #[arg(long, default_value_t = 16)]
+        max_batch: i64,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -328,7 +352,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {preset:?} checkpoint to {}", out.display());
             Ok(())
         }
-        Cmd::BenchDecode { model, backend, batch, prompt_tokens, steps, json } => {
+        Cmd::Bench { cmd: BenchCmd::Startup { model, tuning_db, arch, max_batch, json } } => {
+            bench_startup(&model, &tuning_db, arch, max_batch, json)
+        }
+        Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, json } } => {
             if batch == 0 || prompt_tokens == 0 {
                 bail!("--batch and --prompt-tokens must be positive");
             }
@@ -534,6 +561,83 @@ fn prepare_kernels(
     Ok(Some((report, fallbacks)))
 }
 
+/// Spawns `mangrove serve` with `args` and returns (ms until /health answers 200, the
+/// server's "kernels ready" log line), then stops it.
+fn time_to_ready(cache_dir: &std::path::Path, args: &[&str]) -> Result<(f64, String)> {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let t0 = Instant::now();
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .args(["serve", "--port", "0"])
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let mut lines = BufReader::new(child.stderr.take().expect("piped"));
+    let mut kernels = String::new();
+    let addr = loop {
+        let mut line = String::new();
+        if lines.read_line(&mut line)? == 0 {
+            let _ = child.wait();
+            bail!("serve exited before it was ready (args {args:?})");
+        }
+        if line.contains("kernels for") {
+            kernels = line.trim().to_string();
+        }
+        if let Some(rest) = line.split("http://").nth(1) {
+            break rest.split_whitespace().next().unwrap_or_default().to_string();
+        }
+    };
+    let ready = loop {
+        if let Ok(mut s) = std::net::TcpStream::connect(&addr) {
+            write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+            let mut out = String::new();
+            s.read_to_string(&mut out)?;
+            if out.starts_with("HTTP/1.1 200") {
+                break t0.elapsed().as_secs_f64() * 1e3;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok((ready, kernels))
+}
+
+fn bench_startup(model: &std::path::Path, tuning_db: &std::path::Path, arch: Arch, max_batch: i64, json: bool) -> Result<()> {
+    let tmp = std::env::temp_dir().join(format!("mangrove-startup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let cache = tmp.join("cache");
+    let bundle_dir = tmp.join("bundle");
+    let (m, db, a, mb) = (model.to_str().unwrap_or_default(), tuning_db.to_str().unwrap_or_default(), arch.to_string(), max_batch.to_string());
+    let common = ["--model", m, "--tuning-db", db, "--arch", a.as_str(), "--max-batch", mb.as_str()];
+    let (cold, cold_k) = time_to_ready(&cache, &common)?;
+    let (warm, warm_k) = time_to_ready(&cache, &common)?;
+    bless(&cache, tuning_db, model, arch, &bundle_dir, max_batch, false)?;
+    let mut blessed_args = common.to_vec();
+    let b = bundle_dir.to_str().unwrap_or_default();
+    blessed_args.extend(["--blessed", b, "--offline"]);
+    let (blessed, blessed_k) = time_to_ready(&tmp.join("unused-cache"), &blessed_args)?;
+    let _ = std::fs::remove_dir_all(&tmp);
+    let r = serde_json::json!({
+        "model": model, "arch": a, "max_batch": max_batch,
+        "cold_ms": cold, "warm_ms": warm, "blessed_ms": blessed,
+        "cold_over_warm": cold / warm, "cold_over_blessed": cold / blessed,
+        "kernels": {"cold": cold_k, "warm": warm_k, "blessed": blessed_k},
+    });
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!("time to ready of `mangrove serve` ({}; {arch}, max batch {max_batch}):", model.display());
+        println!("  cold cache     {cold:>9.0} ms   {cold_k}");
+        println!("  warm cache     {warm:>9.0} ms   {warm_k}");
+        println!("  blessed bundle {blessed:>9.0} ms   {blessed_k}");
+        println!("  cold/warm {:.2}×   cold/blessed {:.2}×", cold / warm, cold / blessed);
+    }
+    Ok(())
+}
+
 fn bless(
     cache_dir: &std::path::Path,
     tuning_db: &std::path::Path,
@@ -551,7 +655,10 @@ fn bless(
     }
     let config = ShapeConfig::from_model_dir(model)?;
     let db = TuningDb::load(tuning_db)?;
-    let planned = plan(&config, &db, arch, max_batch);
+    let (planned, unavailable): (Vec<_>, Vec<_>) = plan(&config, &db, arch, max_batch).into_iter().partition(|p| p.unavailable.is_none());
+    for u in &unavailable {
+        eprintln!("note: no kernel for {} M={}: {}", u.family, u.m, u.unavailable.as_deref().unwrap_or_default());
+    }
     let gpu = if verify_on_gpu {
         let g = Gpu::open(0).context("--verify-on-gpu")?;
         if g.info().arch.cc != arch.cc {
