@@ -87,12 +87,14 @@ pub fn provision(
             return Err(ProvisionError::MissingFromBundle(missing.into_iter().map(label).collect()));
         }
     }
+    // The local JIT serves every kernel in one parallel batch (misses compile concurrently).
+    let mut batch: BTreeMap<usize, Result<crate::jit::Fetched, JitError>> = BTreeMap::new();
     if let KernelSource::Jit(jit) = source {
-        // Compile every miss in parallel first; the loop below then reads cache hits.
-        let reqs: Vec<_> = plan.iter().filter(|p| p.unavailable.is_none()).map(|p| p.request.clone()).collect();
-        let _ = jit.get_many(&reqs);
+        let idx: Vec<usize> = (0..plan.len()).filter(|&i| plan[i].unavailable.is_none()).collect();
+        let reqs: Vec<_> = idx.iter().map(|&i| plan[i].request.clone()).collect();
+        batch = idx.into_iter().zip(jit.get_many(&reqs)).collect();
     }
-    for p in plan {
+    for (i, p) in plan.iter().enumerate() {
         // A shape the template cannot take (a violated constraint) has no kernel: the engine
         // runs its reference path for that family, and the fallback is counted.
         if let Some(why) = &p.unavailable {
@@ -104,7 +106,10 @@ pub fn provision(
         }
         let (entry, how) = match source {
             KernelSource::Jit(jit) => {
-                let f = jit.get(&p.request)?;
+                let f = match batch.remove(&i) {
+                    Some(f) => f?,
+                    None => jit.get(&p.request)?,
+                };
                 let how = if f.outcome == Outcome::Hit { Obtained::CacheHit } else { Obtained::Compiled };
                 (f.entry, how)
             }

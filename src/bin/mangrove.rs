@@ -230,6 +230,7 @@ enum CacheCmd {
 }
 
 /// Loads the model, serves until Ctrl-C or SIGTERM, then prints the metrics as JSON.
+#[allow(clippy::too_many_arguments)] // the serve flags, passed through once
 fn serve(
     model: &std::path::Path,
     host: &str,
@@ -238,7 +239,7 @@ fn serve(
     tuning_db: Option<PathBuf>,
     name: Option<String>,
     batcher: mangrove::engine::batcher::BatcherConfig,
-    kernels: Option<(serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>)>,
+    kernels: Option<KernelReport>,
 ) -> Result<()> {
     if batcher.prefill_chunk == 0 {
         bail!("--prefill-chunk must be positive");
@@ -507,6 +508,9 @@ fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
     Ok(())
 }
 
+/// What kernel preparation tells the server: the /health report and the fallbacks to count.
+type KernelReport = (serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>);
+
 /// Obtains every kernel `serve` needs before it answers: from a blessed bundle (offline: never
 /// loading NVRTC, refusing to start on any missing kernel), the JIT service, or the local JIT.
 /// Nothing to prepare without a tuning DB, bundle or service. Returns the report for /health
@@ -516,7 +520,7 @@ fn prepare_kernels(
     tuning_db: Option<&std::path::Path>,
     k: &KernelArgs,
     cache_dir: &std::path::Path,
-) -> Result<Option<(serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>)>> {
+) -> Result<Option<KernelReport>> {
     use mangrove::provision::{provision, KernelSource, ProvisionError};
     if tuning_db.is_none() && k.blessed.is_none() && k.jit_url.is_none() {
         return Ok(None);
