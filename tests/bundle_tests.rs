@@ -41,7 +41,7 @@ fn bless(root: &Path, arch: &str) -> PathBuf {
         "--model", model_dir(root).to_str().unwrap(), "--arch", arch, "--out", out.to_str().unwrap(), "--max-batch", "8",
     ]);
     assert!(ok, "{err}");
-    assert!(stdout.contains("blessed"), "{stdout}");
+    assert!(err.contains("blessed"), "{stdout}{err}");
     out
 }
 

@@ -701,7 +701,7 @@ fn bless(
     .into();
     let m = bundle::write(out, arch, source, items)?;
     let defaults = planned.iter().filter(|p| p.rule == mangrove::tuning_db::LookupRule::Default).count();
-    println!("blessed {} kernels for {arch} into {} ({} from tuned records, {defaults} on template defaults)", m.kernels.len(), out.display(), planned.len() - defaults);
+    eprintln!("blessed {} kernels for {arch} into {} ({} from tuned records, {defaults} on template defaults)", m.kernels.len(), out.display(), planned.len() - defaults);
     Ok(())
 }
 
