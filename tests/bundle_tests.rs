@@ -2,6 +2,8 @@
 //! verify, detect any flipped byte naming the file, serve lookups offline without loading
 //! NVRTC, name the kernels a bundle lacks, and round-trip through export/import.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,22 +45,6 @@ fn bless(root: &Path, arch: &str) -> PathBuf {
     assert!(ok, "{err}");
     assert!(err.contains("blessed"), "{stdout}{err}");
     out
-}
-
-/// Re-blesses `dir` without its first kernel: a complete, valid bundle lacking one planned kernel.
-fn without_first_kernel(dir: &Path, root: &Path) -> (PathBuf, bundle::ManifestKernel) {
-    let b = Bundle::open(dir).unwrap();
-    let dropped = b.manifest.kernels[0].clone();
-    let items = b
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.inputs.key().to_hex() != dropped.key)
-        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
-        .collect();
-    let partial = root.join("partial");
-    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
-    (partial, dropped)
 }
 
 fn verify_problems(dir: &Path) -> Vec<String> {
@@ -131,7 +117,7 @@ fn any_flipped_byte_fails_verify_naming_the_file() {
 fn a_bundle_missing_a_kernel_names_it() {
     let root = tempfile::tempdir().unwrap();
     let dir = bless(root.path(), "sm90");
-    let (partial, dropped) = without_first_kernel(&dir, root.path());
+    let (partial, dropped) = common::bundle_without(&dir, root.path(), 0);
     let p = Bundle::open(&partial).unwrap();
     let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
     let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
@@ -188,7 +174,7 @@ fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kerne
     assert!(!mangrove::compile::nvrtc_loaded(), "offline provisioning must not load NVRTC");
 
     // The same bundle without one kernel: refused at start, the kernel named.
-    let (partial, dropped) = without_first_kernel(&dir, root.path());
+    let (partial, dropped) = common::bundle_without(&dir, root.path(), 0);
     let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
     let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), offline: true };
     let err = provision(&planned, &source, &no_local).unwrap_err();

@@ -6,8 +6,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use mangrove::arch::Arch;
-use mangrove::bundle::{self, Bundle};
+mod common;
+
+use mangrove::bundle::Bundle;
 
 fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -96,17 +97,8 @@ fn offline_blessed_serve_starts_without_nvrtc_and_answers() {
 fn offline_serve_with_an_incomplete_bundle_refuses_to_start_naming_the_kernel() {
     let root = tempfile::tempdir().unwrap();
     let (model, b) = setup(root.path());
-    let full = Bundle::open(&b).unwrap();
-    let dropped = full.manifest.kernels.last().unwrap().clone();
-    let items = full
-        .entries()
-        .unwrap()
-        .into_iter()
-        .filter(|e| e.inputs.key().to_hex() != dropped.key)
-        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
-        .collect();
-    let partial = root.path().join("partial");
-    bundle::write(&partial, Arch::SM90, Default::default(), items).unwrap();
+    let last = Bundle::open(&b).unwrap().manifest.kernels.len() - 1;
+    let (partial, dropped) = common::bundle_without(&b, root.path(), last);
     let out = offline_command(root.path())
         .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--blessed", partial.to_str().unwrap(), "--offline", "--max-batch", "4"])
         .args(["--tuning-db", concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100")])

@@ -44,3 +44,21 @@ pub fn gpu_or_skip() -> Option<Gpu> {
         Err(e) => panic!("{e}"),
     }
 }
+
+/// Re-blesses bundle `dir` into `root/partial` without its kernel number `index`: a complete,
+/// valid bundle that lacks one planned kernel. Returns the new folder and the dropped kernel.
+pub fn bundle_without(dir: &Path, root: &Path, index: usize) -> (std::path::PathBuf, mangrove::bundle::ManifestKernel) {
+    use mangrove::bundle::{self, Bundle};
+    let b = Bundle::open(dir).unwrap();
+    let dropped = b.manifest.kernels[index].clone();
+    let items = b
+        .entries()
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.inputs.key().to_hex() != dropped.key)
+        .map(|entry| bundle::BlessItem { entry, family: None, m: None, db_rule: None, gpu_check: None })
+        .collect();
+    let partial = root.join("partial");
+    bundle::write(&partial, b.manifest.arch, Default::default(), items).unwrap();
+    (partial, dropped)
+}
