@@ -110,3 +110,18 @@ fn offline_serve_with_an_incomplete_bundle_refuses_to_start_naming_the_kernel() 
     assert!(err.contains("lacks 1 kernel") && err.contains(&want), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn strict_serve_refuses_fallbacks_and_lists_them() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, b) = setup(root.path());
+    // The tiny model's shapes are not in the H100 DB: every kernel runs on template defaults.
+    let out = offline_command(root.path())
+        .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--blessed", b.to_str().unwrap(), "--offline", "--strict"])
+        .args(["--max-batch", "4", "--tuning-db", concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--strict") && err.contains("no_tuned_kernel") && err.contains("q_proj M=1"), "{err}");
+}

@@ -141,6 +141,10 @@ struct KernelArgs {
     /// Ask this JIT service (mangrove jitd) for kernels; compile locally if it is down.
     #[arg(long, conflicts_with = "blessed")]
     jit_url: Option<String>,
+    /// Make any fallback (untuned shape, kernel not in the bundle, service down, no kernel for a
+    /// shape) an error at start instead of a counted slower path.
+    #[arg(long)]
+    strict: bool,
 }
 
 #[derive(Subcommand)]
@@ -548,6 +552,10 @@ fn prepare_kernels(
         Ok(Jit { catalog: Catalog::embedded(), cache, compiler, keep_ptx: false })
     };
     let got = provision(&planned, &source, &local)?;
+    if k.strict && !got.fallbacks.is_empty() {
+        let list: Vec<String> = got.fallbacks.iter().map(|(f, m, r, d)| format!("  {f} M={m}: {} ({d})", r.as_str())).collect();
+        bail!("--strict: {} kernel fallback(s):\n{}", list.len(), list.join("\n"));
+    }
     eprintln!(
         "mangrove: {} kernels for {} ready from {name} in {:.1} ms ({:?}; {} fallbacks)",
         planned.len(),
