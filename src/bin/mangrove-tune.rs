@@ -44,15 +44,8 @@ enum Cmd {
     Gemv {
         #[command(flatten)]
         common: Common,
-        /// Shapes as NxK (output features × input features). Default: bitnet-b1.58-2B decode shapes.
-        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
-        shapes: Vec<(i64, i64)>,
-        /// Token counts to tune.
-        #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
-        m: Vec<i64>,
-        /// Activation mode: bf16 (ternary_gemv) or int8 per-token W2A8 (ternary_gemv_w2a8).
-        #[arg(long, value_enum, default_value = "bf16")]
-        act: ActArg,
+        #[command(flatten)]
+        jobs: GemvJobs,
     },
     /// The MoE gate_up stage: grouped GEMM over experts on tokens sorted by expert and padded
     /// to BLOCK_M, ternary expert weights, SiLU(gate)·up fused in the epilogue.
@@ -98,15 +91,11 @@ enum Cmd {
     Bench {
         #[command(flatten)]
         common: Common,
-        #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
-        shapes: Vec<(i64, i64)>,
-        #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
-        m: Vec<i64>,
+        #[command(flatten)]
+        jobs: GemvJobs,
         /// Write the full report here as JSON.
         #[arg(long)]
         report: Option<PathBuf>,
-        #[arg(long, value_enum, default_value = "bf16")]
-        act: ActArg,
     },
     /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
     Merge {
@@ -116,6 +105,26 @@ enum Cmd {
         #[arg(short, long)]
         out: PathBuf,
     },
+}
+
+/// The GEMV jobs of a sweep: shapes × token counts, in one activation mode.
+#[derive(Args, Clone)]
+struct GemvJobs {
+    /// Shapes as NxK (output features × input features). Default: bitnet-b1.58-2B decode shapes.
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
+    shapes: Vec<(i64, i64)>,
+    /// Token counts to tune.
+    #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
+    m: Vec<i64>,
+    /// Activation mode: bf16 (ternary_gemv) or int8 per-token W2A8 (ternary_gemv_w2a8).
+    #[arg(long, value_enum, default_value = "bf16")]
+    act: ActArg,
+}
+
+impl GemvJobs {
+    fn shapes(&self) -> Vec<(i64, i64)> {
+        if self.shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { self.shapes.clone() }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -215,8 +224,8 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Gemv { common, shapes, m, act } => {
-            let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
+        Cmd::Gemv { common, jobs } => {
+            let (shapes, m, act) = (jobs.shapes(), jobs.m, jobs.act);
             let ctx = context(&common)?;
             if !common.json {
                 println!("gemv: shapes {} × M {:?}, {}", shapes.iter().map(|(n, k)| format!("{n}x{k}")).collect::<Vec<_>>().join(","), m, ctx.settings.strategy);
@@ -290,8 +299,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { common, shapes, m, report, act } => {
-            let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
+        Cmd::Bench { common, jobs, report } => {
+            let (shapes, m, act) = (jobs.shapes(), jobs.m, jobs.act);
             let mut ctx = context(&common)?;
             if ctx.settings.compile_only {
                 bail!("bench times kernels and needs a GPU of {}", ctx.arch());
