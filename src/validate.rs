@@ -94,23 +94,26 @@ impl TernaryCase {
 
     /// The activations on the device in the form `mode` takes.
     pub fn activations(&self, mode: ActMode) -> Activations<'_> {
-        match mode {
-            ActMode::Bf16 => Activations::Bf16(&self.x),
-            ActMode::W2A8 => Activations::Int8 { q: &self.xq, scale: &self.xs },
-        }
+        activations(&self.x, &self.xq, &self.xs, mode)
     }
 
     /// Poisons the output, launches `op` once and compares with the reference of its mode.
     pub fn run(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rel_floor: f64) -> Result<CheckedRun, GpuError> {
         gpu.write(&vec![POISON_BF16; self.problem.m * self.problem.n], &mut self.y)?;
-        let x = match op.mode {
-            ActMode::Bf16 => Activations::Bf16(&self.x),
-            ActMode::W2A8 => Activations::Int8 { q: &self.xq, scale: &self.xs },
-        };
+        let x = activations(&self.x, &self.xq, &self.xs, op.mode);
         op.launch(gpu, &self.w, x, &mut self.y, self.problem.scale)?;
         gpu.sync()?;
         let output = gpu.download(&self.y)?;
         Ok(CheckedRun { deltas: Deltas::of_bf16(&output, self.reference(op.mode), rel_floor), output })
+    }
+}
+
+/// The device activations in the form `mode` takes (a free function so a caller can hold the
+/// output buffer mutably at the same time).
+fn activations<'a>(x: &'a DeviceBuffer<u16>, q: &'a DeviceBuffer<i8>, s: &'a DeviceBuffer<f32>, mode: ActMode) -> Activations<'a> {
+    match mode {
+        ActMode::Bf16 => Activations::Bf16(x),
+        ActMode::W2A8 => Activations::Int8 { q, scale: s },
     }
 }
 
