@@ -95,11 +95,13 @@ pub struct BatcherConfig {
     /// Most prompt tokens one sequence feeds per step (chunked prefill), so a long prompt
     /// does not stall the decode steps of the others.
     pub prefill_chunk: usize,
+    /// Most sequences in flight at once (a device backend's KV slots); later requests wait.
+    pub max_seqs: usize,
 }
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        BatcherConfig { prefill_chunk: 512 }
+        BatcherConfig { prefill_chunk: 512, max_seqs: usize::MAX }
     }
 }
 
@@ -142,15 +144,22 @@ fn admit(engine: &Engine, req: GenRequest) -> Seq {
 async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::UnboundedReceiver<GenRequest>) {
     let chunk = cfg.prefill_chunk.max(1);
     let mut active: Vec<Seq> = Vec::new();
+    let mut waiting: std::collections::VecDeque<GenRequest> = std::collections::VecDeque::new();
     loop {
-        if active.is_empty() {
+        if active.is_empty() && waiting.is_empty() {
             match rx.recv().await {
-                Some(r) => active.push(admit(&engine, r)),
+                Some(r) => waiting.push_back(r),
                 None => return,
             }
         }
         while let Ok(r) = rx.try_recv() {
-            active.push(admit(&engine, r));
+            waiting.push_back(r);
+        }
+        while active.len() < cfg.max_seqs.max(1) {
+            match waiting.pop_front() {
+                Some(r) => active.push(admit(&engine, r)),
+                None => break,
+            }
         }
         // Drop sequences whose client went away before spending a step on them.
         active.retain(|s| !s.req.events.is_closed());

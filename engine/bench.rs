@@ -1,11 +1,14 @@
-//! Decode throughput of a backend: prefill a batch of synthetic prompts, then time greedy
-//! decode steps. Takes a [`Backend`]; gives a [`DecodeBench`] (the `mangrove bench-decode`
-//! numbers). Wall-clock timing: the CPU backend is synchronous.
+//! Decode throughput of a backend: prefill a batch of synthetic prompts (TTFT), then time greedy
+//! decode steps (TPOT p50/p99, tokens/s), against the weight-bandwidth bound: every decode step
+//! reads all weights once, so at copy bandwidth B a step takes at least weight_bytes / B.
+//! Takes a [`Backend`]; gives a [`DecodeBench`] (the `mangrove bench decode` numbers).
+//! Wall-clock timing: each forward returns host logits, so it has finished on the device.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
+use super::config::ModelConfig;
 use super::cpu::{ForwardError, KvCache, SeqInput};
 use super::sampling::argmax;
 use super::Backend;
@@ -17,15 +20,44 @@ pub struct DecodeBench {
     pub batch: usize,
     pub prompt_tokens: usize,
     pub decode_steps: usize,
-    pub prefill_ms: f64,
-    /// Mean wall time of one decode step of the whole batch.
+    /// Time to first token: the prefill forward of the whole batch.
+    pub ttft_ms: f64,
+    /// Time per output token (one decode step of the batch): median, 99th percentile, mean.
+    pub tpot_p50_ms: f64,
+    pub tpot_p99_ms: f64,
     pub step_ms: f64,
     /// Generated tokens per second over the batch.
     pub tokens_per_s: f64,
+    /// Bytes of weights one decode step reads (packed ternary linears + LM head).
+    pub weight_bytes: u64,
+    /// Tokens/s if a step took only `weight_bytes` at the measured copy bandwidth.
+    pub bound_tokens_per_s: Option<f64>,
+    /// tokens_per_s / bound_tokens_per_s.
+    pub fraction_of_bound: Option<f64>,
+}
+
+/// Bytes of weights a decode step streams: 2-bit ternary linears (packed, 4 per byte) and the
+/// bf16 LM head (KV-cache and activation traffic are not counted).
+pub fn weight_bytes(c: &ModelConfig) -> u64 {
+    let (h, i) = (c.hidden as u64, c.inter as u64);
+    let (qd, kvd) = (c.q_dim() as u64, c.kv_dim() as u64);
+    let per_layer = match c.moe {
+        None => (qd + 2 * kvd) * h + h * qd + 2 * i * h + h * i,
+        // Each token touches topk experts; count the experts one token reads.
+        Some(m) => (qd + 2 * kvd) * h + h * qd + m.topk as u64 * 3 * m.inter as u64 * h,
+    } / 4;
+    per_layer * c.layers as u64 + 2 * c.vocab as u64 * h
 }
 
 /// Prefills `batch` prompts of `prompt_tokens` tokens, then runs `steps` greedy decode steps.
-pub fn bench_decode(backend: &dyn Backend, batch: usize, prompt_tokens: usize, steps: usize) -> Result<DecodeBench, ForwardError> {
+/// `copy_gbs` (the device's measured copy bandwidth) gives the bound.
+pub fn bench_decode(
+    backend: &dyn Backend,
+    batch: usize,
+    prompt_tokens: usize,
+    steps: usize,
+    copy_gbs: Option<f64>,
+) -> Result<DecodeBench, ForwardError> {
     let cfg = backend.config();
     let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(cfg)).collect();
     // Distinct deterministic prompts so sequences do not share work by accident.
@@ -34,21 +66,52 @@ pub fn bench_decode(backend: &dyn Backend, batch: usize, prompt_tokens: usize, s
     let t = Instant::now();
     let mut inputs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
     let (mut logits, _) = backend.forward(&mut inputs)?;
-    let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
-    let t = Instant::now();
+    let ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut step_ms = Vec::with_capacity(steps);
+    let t_all = Instant::now();
     for _ in 0..steps {
+        let t = Instant::now();
         let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
         let mut inputs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
         logits = backend.forward(&mut inputs)?.0;
+        step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let secs = t.elapsed().as_secs_f64();
+    let secs = t_all.elapsed().as_secs_f64();
+    let tokens_per_s = if secs > 0.0 { (batch * steps) as f64 / secs } else { 0.0 };
+    let weight_bytes = weight_bytes(cfg);
+    let bound = copy_gbs.map(|gbs| batch as f64 / (weight_bytes as f64 / (gbs * 1e9)));
+    let mut sorted = step_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let pick = |q: f64| sorted.get(((sorted.len().max(1) - 1) as f64 * q).round() as usize).copied().unwrap_or(0.0);
     Ok(DecodeBench {
         backend: backend.name(),
         batch,
         prompt_tokens,
         decode_steps: steps,
-        prefill_ms,
+        ttft_ms,
+        tpot_p50_ms: pick(0.5),
+        tpot_p99_ms: pick(0.99),
         step_ms: secs * 1e3 / steps.max(1) as f64,
-        tokens_per_s: if secs > 0.0 { (batch * steps) as f64 / secs } else { 0.0 },
+        tokens_per_s,
+        weight_bytes,
+        bound_tokens_per_s: bound,
+        fraction_of_bound: bound.map(|b| tokens_per_s / b),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bitnet_2b_weight_bytes() {
+        let c = ModelConfig::from_json(
+            r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_hidden_layers": 30, "num_attention_heads": 20,
+                "num_key_value_heads": 5, "vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+                "rope_theta": 500000.0, "tie_word_embeddings": true, "hidden_act": "relu2"}"#,
+        )
+        .unwrap();
+        // 30 × 2560 × (3840 + 2560 + 13824 + 6912) / 4 ternary bytes + 128256 × 2560 × 2 bf16 bytes.
+        assert_eq!(weight_bytes(&c), 30 * 2560 * 27136 / 4 + 128256 * 2560 * 2);
+    }
 }

@@ -23,20 +23,27 @@ pub enum ForwardError {
     ContextFull { seq: usize, len: usize, max: usize },
     #[error("sequence {seq} has no new tokens")]
     Empty { seq: usize },
+    #[error("sequence {seq}: all {slots} KV-cache slots of the device are in use")]
+    NoKvSlot { seq: usize, slots: usize },
+    #[error("device error: {0}")]
+    Device(String),
 }
 
-/// Keys and values of one sequence: per layer, [positions, kv_heads * head_dim].
-#[derive(Debug, Clone, Default)]
+/// Keys and values of one sequence: per layer, [positions, kv_heads * head_dim] on the host
+/// (CPU backend), or a slot of a device backend's KV cache.
+#[derive(Debug, Default)]
 pub struct KvCache {
     k: Vec<Vec<f64>>,
     v: Vec<Vec<f64>>,
-    len: usize,
+    pub(crate) len: usize,
+    /// The device slot holding this sequence (device backends only).
+    pub(crate) slot: Option<super::slots::SlotLease>,
 }
 
 impl KvCache {
     /// An empty cache for `cfg`.
     pub fn new(cfg: &ModelConfig) -> Self {
-        KvCache { k: vec![Vec::new(); cfg.layers], v: vec![Vec::new(); cfg.layers], len: 0 }
+        KvCache { k: vec![Vec::new(); cfg.layers], v: vec![Vec::new(); cfg.layers], len: 0, slot: None }
     }
 
     /// Positions cached so far.

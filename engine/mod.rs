@@ -9,15 +9,20 @@ pub mod batcher;
 pub mod bench;
 pub mod config;
 pub mod cpu;
+pub mod cuda;
 pub mod genmodel;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod server;
+pub mod slots;
 pub mod tokenizer;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
+
+use crate::cache::CacheEntry;
 
 use config::ModelConfig;
 use cpu::{ForwardError, SeqInput};
@@ -32,8 +37,10 @@ pub enum EngineError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("backend '{0}' is not available in this build (available: cpu)")]
+    #[error("backend '{0}' is not known (available: cpu, cuda)")]
     UnknownBackend(String),
+    #[error("cuda backend: {0}")]
+    Cuda(#[from] cuda::CudaBackendError),
 }
 
 /// What a backend reports about one forward step.
@@ -103,11 +110,35 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads the checkpoint in `dir` onto `backend` (only `"cpu"` in this build).
+    /// Loads the checkpoint in `dir` onto the CPU backend (`backend` must be `"cpu"`; the CUDA
+    /// backend needs its kernels: [`Engine::open_cuda`]).
     pub fn open(dir: &Path, backend: &str, name: Option<String>) -> Result<Self, EngineError> {
         if backend != "cpu" {
             return Err(EngineError::UnknownBackend(backend.into()));
         }
+        Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model)))))
+    }
+
+    /// Loads the checkpoint in `dir` onto GPU 0 with the provisioned plan kernels `entries`
+    /// ((family, M) → cubin, see `src/plan.rs`) and KV-cache slots for `max_seqs` sequences.
+    pub fn open_cuda(
+        dir: &Path,
+        name: Option<String>,
+        entries: &BTreeMap<(String, i64), CacheEntry>,
+        max_seqs: usize,
+    ) -> Result<Self, EngineError> {
+        Self::load(dir, name, |model| {
+            let gpu = crate::gpu::Gpu::open(0).map_err(cuda::CudaBackendError::from)?;
+            let context = model.config.max_positions.min(crate::plan::MAX_CUDA_CONTEXT as usize);
+            Ok(Arc::new(cuda::CudaBackend::new(gpu, &model, entries, max_seqs, context)?))
+        })
+    }
+
+    fn load(
+        dir: &Path,
+        name: Option<String>,
+        backend: impl FnOnce(Model) -> Result<Arc<dyn Backend>, EngineError>,
+    ) -> Result<Self, EngineError> {
         let model = Model::load(dir)?;
         let tokenizer = Tokenizer::load(dir)?;
         let mut eos = model.config.eos_token_ids.clone();
@@ -116,7 +147,7 @@ impl Engine {
             let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
             canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
         });
-        Ok(Engine { name, backend: Arc::new(CpuBackend::new(Arc::new(model))), tokenizer, eos })
+        Ok(Engine { name, backend: backend(model)?, tokenizer, eos })
     }
 
     /// The model config.

@@ -25,17 +25,20 @@ pub struct Gate {
 }
 
 impl Deltas {
-    /// Compares bf16 bits `out` with `reference`.
+    /// Compares bf16 bits `out` with `reference`; poison bits count as unwritten.
     pub fn of_bf16(out: &[u16], reference: &[f64], rel_floor: f64) -> Self {
+        let values: Vec<f64> = out.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
+        let unwritten = out.iter().filter(|&&b| b == POISON_BF16).count();
+        Deltas { unwritten, ..Self::of_f64(&values, reference, rel_floor) }
+    }
+
+    /// Compares `out` with `reference`.
+    pub fn of_f64(out: &[f64], reference: &[f64], rel_floor: f64) -> Self {
         assert_eq!(out.len(), reference.len(), "output and reference lengths differ");
         let scale = reference.iter().fold(0.0f64, |a, r| a.max(r.abs()));
         let floor = (rel_floor * scale).max(f64::MIN_POSITIVE);
         let mut d = Deltas { count: out.len(), ..Default::default() };
-        for (&bits, &r) in out.iter().zip(reference) {
-            if bits == POISON_BF16 {
-                d.unwritten += 1;
-            }
-            let v = half::bf16::from_bits(bits).to_f64();
+        for (&v, &r) in out.iter().zip(reference) {
             if !v.is_finite() {
                 d.non_finite += 1;
                 continue;
@@ -45,6 +48,17 @@ impl Deltas {
             d.max_rel = d.max_rel.max(abs / r.abs().max(floor));
         }
         d
+    }
+
+    /// The worst of two deltas (counts added).
+    pub fn worst(self, o: Deltas) -> Deltas {
+        Deltas {
+            max_abs: self.max_abs.max(o.max_abs),
+            max_rel: self.max_rel.max(o.max_rel),
+            non_finite: self.non_finite + o.non_finite,
+            unwritten: self.unwritten + o.unwritten,
+            count: self.count + o.count,
+        }
     }
 
     /// True when everything was written, finite, and within both bounds.

@@ -1,15 +1,21 @@
-//! The kernel plan of a model: every kernel `mangrove serve` will launch for a checkpoint, a
-//! tuning DB and an arch — each linear shape at every M the batcher can produce, with the DB
-//! rule that chose its config. `cache bless` freezes exactly this list.
+//! The kernel plan of a model: every kernel the CUDA engine launches for a checkpoint, a tuning
+//! DB and an arch — each fused ternary linear (W2A8) at every M the batcher can produce, with
+//! the DB rule that chose its config, plus the decode ops (norms, RoPE + KV append, attention,
+//! LM head). `serve` provisions exactly this list and `cache bless` freezes it.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::Arch;
+use crate::gpu::ActMode;
 use crate::jit::KernelRequest;
 use crate::template::{Catalog, Params};
 use crate::tune::probe::{gemv_request, MAX_GEMV_M};
 use crate::tuning_db::{LookupRule, TuningDb};
+
+/// Longest context the CUDA engine serves: the attention kernel keeps one score per position
+/// in shared memory, and the KV cache holds this many positions per sequence.
+pub const MAX_CUDA_CONTEXT: i64 = 4096;
 
 /// The keys of a Hugging Face `config.json` that decide kernel shapes (on-disk format).
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -19,6 +25,9 @@ pub struct ShapeConfig {
     pub num_attention_heads: i64,
     pub num_key_value_heads: Option<i64>,
     pub head_dim: Option<i64>,
+    pub vocab_size: Option<i64>,
+    pub max_position_embeddings: Option<i64>,
+    pub hidden_act: Option<String>,
     pub num_experts: Option<i64>,
     pub num_experts_per_tok: Option<i64>,
     pub moe_intermediate_size: Option<i64>,
@@ -44,20 +53,50 @@ impl ShapeConfig {
         Ok(c)
     }
 
-    /// The distinct ternary linear shapes (N, K) of a layer, with their family names, as the
-    /// checkpoint stores them (q, k, v, o, gate, up, down projections; dense MLP only).
+    fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+
+    fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+
+    /// Positions per sequence the CUDA engine's KV cache holds.
+    pub fn context(&self) -> i64 {
+        self.max_position_embeddings.unwrap_or(MAX_CUDA_CONTEXT).min(MAX_CUDA_CONTEXT)
+    }
+
+    /// The ternary linears of a layer as the CUDA engine launches them, (family, N, K): q|k|v
+    /// and gate|up fused along N (one launch each), o and down as stored; dense MLP only.
     pub fn linear_shapes(&self) -> Vec<(&'static str, i64, i64)> {
         let h = self.hidden_size;
-        let hd = self.head_dim.unwrap_or(h / self.num_attention_heads);
-        let kv = self.num_key_value_heads.unwrap_or(self.num_attention_heads) * hd;
-        let q = self.num_attention_heads * hd;
-        let mut v = vec![("q_proj", q, h), ("kv_proj", kv, h), ("o_proj", h, q)];
+        let q = self.num_attention_heads * self.head_dim();
+        let kv = self.kv_heads() * self.head_dim();
+        let mut v = vec![("attn_qkv", q + 2 * kv, h), ("attn_o", h, q)];
         if self.num_experts.is_none() {
             let i = self.intermediate_size;
-            v.extend([("gate_up_proj", i, h), ("down_proj", h, i)]);
+            v.extend([("mlp_gate_up", 2 * i, h), ("mlp_down", h, i)]);
         }
-        let mut seen = BTreeSet::new();
-        v.retain(|(_, n, k)| seen.insert((*n, *k)));
+        v
+    }
+
+    /// The decode-step ops of a dense model: (family, template, problem parameters). Each is
+    /// launched over any number of rows; `lm_head` (M rows per launch) is planned per M.
+    pub fn op_kernels(&self) -> Vec<(&'static str, &'static str, Params)> {
+        let p = |kv: &[(&str, i64)]| -> Params { kv.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
+        let (h, hd) = (self.hidden_size, self.head_dim());
+        let (qh, kvh) = (self.num_attention_heads, self.kv_heads());
+        let attn = p(&[("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", self.context())]);
+        let act = i64::from(self.hidden_act.as_deref() == Some("silu"));
+        let mut v = vec![
+            ("rmsnorm", "rmsnorm_quant", p(&[("H", h), ("GLU", 0)])),
+            ("attn_sub_norm", "rmsnorm_quant", p(&[("H", qh * hd), ("GLU", 0)])),
+            ("rope", "rope_kv", attn.clone()),
+            ("attention", "attention_decode", attn),
+        ];
+        if self.num_experts.is_none() {
+            v.push(("mlp_sub_norm", "rmsnorm_quant", p(&[("H", self.intermediate_size), ("GLU", 1), ("ACT", act)])));
+        }
         v
     }
 }
@@ -81,19 +120,48 @@ impl PlannedKernel {
     }
 }
 
+/// The config for `template` at `problem` and `m`: a tuned record if the DB has one, else the
+/// template defaults — `Default` (a counted fallback) for tuned families, `Fixed` for ops no
+/// tuner run covers.
+fn choose(db: &TuningDb, template: &str, problem: &Params, m: i64, tuned_family: bool, arch: Arch) -> (KernelRequest, LookupRule) {
+    let choice = db.lookup(template, problem, m);
+    let rule = match choice.rule {
+        LookupRule::Default if !tuned_family => LookupRule::Fixed,
+        r => r,
+    };
+    let mut params = choice.params;
+    params.extend(problem.clone());
+    (KernelRequest { template: template.into(), params, arch }, rule)
+}
+
 /// Every kernel serving `config` needs on `arch` with `db`, for batches of up to `max_batch`.
 /// GEMV runs M > 1 in chunks of at most 8 rows, so M = 1..=min(max_batch, 8) are all hit,
 /// except where probe-mgt1 did not pass a shape (then rows run one by one at M = 1).
-/// The MoE gate_up stage is compiled per token count, so M = 1..=max_batch.
+/// The LM head takes up to 8 sequences per launch; the MoE gate_up stage is compiled per token
+/// count, so M = 1..=max_batch.
 pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> Vec<PlannedKernel> {
     let mut out = Vec::new();
+    let chunk_ms = 1..=max_batch.min(MAX_GEMV_M as i64);
     for (family, n, k) in config.linear_shapes() {
-        for m in 1..=max_batch.min(MAX_GEMV_M as i64) {
+        for m in chunk_ms.clone() {
             if !db.mgt1_allowed(m, n, k) {
                 continue;
             }
-            let (request, rule) = gemv_request(db, arch, m as usize, n, k);
+            let (request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
             out.push(PlannedKernel::new(family, m, request, rule));
+        }
+    }
+    if config.num_experts.is_none() {
+        for (family, template, problem) in config.op_kernels() {
+            let (request, rule) = choose(db, template, &problem, 1, false, arch);
+            out.push(PlannedKernel::new(family, 1, request, rule));
+        }
+        if let Some(vocab) = config.vocab_size {
+            for m in chunk_ms {
+                let problem: Params = [("M", m), ("N", vocab), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+                let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
+                out.push(PlannedKernel::new("lm_head", m, request, rule));
+            }
         }
     }
     if let (Some(e), Some(topk), Some(i)) = (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) {
@@ -102,15 +170,17 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
             .map(|(k, v)| (k.to_string(), v))
             .collect();
         for m in 1..=max_batch {
-            let choice = db.lookup("moe_gateup", &problem, m);
-            let mut params = choice.params;
-            params.extend(problem.clone());
-            params.insert("M".into(), m);
-            let request = KernelRequest { template: "moe_gateup".into(), params, arch };
-            out.push(PlannedKernel::new("moe_gate_up", m, request, choice.rule));
+            let (mut request, rule) = choose(db, "moe_gateup", &problem, m, true, arch);
+            request.params.insert("M".into(), m);
+            out.push(PlannedKernel::new("moe_gate_up", m, request, rule));
         }
     }
     out
+}
+
+/// The plan's kernels by (family, m), for a backend that looks them up while it builds a step.
+pub fn by_family(plan: &[PlannedKernel]) -> BTreeMap<(String, i64), &PlannedKernel> {
+    plan.iter().map(|p| ((p.family.clone(), p.m), p)).collect()
 }
 
 #[cfg(test)]
@@ -119,7 +189,8 @@ mod tests {
 
     fn bitnet_2b() -> ShapeConfig {
         serde_json::from_str(
-            r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5}"#,
+            r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5,
+                "vocab_size": 128256, "max_position_embeddings": 4096, "hidden_act": "relu2"}"#,
         )
         .unwrap()
     }
@@ -128,12 +199,20 @@ mod tests {
     fn bitnet_shapes_and_plan_size() {
         let c = bitnet_2b();
         let shapes: Vec<(i64, i64)> = c.linear_shapes().iter().map(|(_, n, k)| (*n, *k)).collect();
-        assert_eq!(shapes, vec![(2560, 2560), (640, 2560), (6912, 2560), (2560, 6912)]);
+        assert_eq!(shapes, vec![(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]);
         let db = TuningDb::default();
-        // Without probe results only M = 1 may run: one kernel per shape.
+        // Without probe results only M = 1 may run: one kernel per linear, W2A8.
         let p = plan(&c, &db, Arch::SM90, 16);
-        assert_eq!(p.len(), 4);
-        assert!(p.iter().all(|k| k.m == 1 && k.rule == LookupRule::Default));
+        let linear: Vec<_> = p.iter().filter(|k| k.request.template == "ternary_gemv_w2a8").collect();
+        assert_eq!(linear.len(), 4);
+        assert!(linear.iter().all(|k| k.m == 1 && k.rule == LookupRule::Default));
+        // Five decode ops at template defaults (not fallbacks), and the LM head for M = 1..8.
+        let ops: Vec<_> = p.iter().filter(|k| k.rule == LookupRule::Fixed).map(|k| k.family.as_str()).collect();
+        assert_eq!(&ops[..5], ["rmsnorm", "attn_sub_norm", "rope", "attention", "mlp_sub_norm"]);
+        assert_eq!(ops.iter().filter(|f| **f == "lm_head").count(), 8);
+        assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
+        let rope = p.iter().find(|k| k.family == "rope").unwrap();
+        assert_eq!((rope.request.params["MAX_POS"], rope.request.params["HD"]), (4096, 128));
     }
 
     #[test]
@@ -146,6 +225,6 @@ mod tests {
         let p = plan(&c, &TuningDb::default(), Arch::SM90, 4);
         let moe: Vec<i64> = p.iter().filter(|k| k.family == "moe_gate_up").map(|k| k.m).collect();
         assert_eq!(moe, vec![1, 2, 3, 4]);
-        assert!(p.iter().all(|k| k.family != "gate_up_proj"), "MoE layers have no dense MLP");
+        assert!(p.iter().all(|k| k.family != "mlp_gate_up"), "MoE layers have no dense MLP");
     }
 }

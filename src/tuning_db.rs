@@ -116,6 +116,9 @@ pub enum LookupRule {
     NearestBucket { tuned_m: i64 },
     /// Nothing tuned for this problem: the template's defaults.
     Default,
+    /// An op no tuner run covers (norms, RoPE, attention, LM head): its template defaults by
+    /// design, not a fallback.
+    Fixed,
 }
 
 /// A config chosen for a problem.

@@ -258,6 +258,12 @@ pub fn check_moe_gateup(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64
     MoeCase::new(gpu, shape, seed)?.run(gpu, &mut op, rel_floor)
 }
 
+/// Whether [`check_entry`] can validate kernels of `template` on their own (the decode-step
+/// ops are validated end to end, through the engine's logits).
+pub fn has_validator(template: &str) -> bool {
+    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8")
+}
+
 /// Checks any cache entry against its reference on random data, by its template.
 pub fn check_entry(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     match entry.inputs.template.as_str() {

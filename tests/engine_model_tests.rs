@@ -492,7 +492,7 @@ async fn chunked_prefill_gives_the_same_tokens() {
         let (engine, prompt) = (engine.clone(), prompt.clone());
         async move {
             let metrics = Arc::new(Metrics::default());
-            let (handle, _task) = batcher::spawn_with(engine, metrics.clone(), batcher::BatcherConfig { prefill_chunk: chunk });
+            let (handle, _task) = batcher::spawn_with(engine, metrics.clone(), batcher::BatcherConfig { prefill_chunk: chunk, ..Default::default() });
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let sampling = SamplingParams { temperature: 0.9, top_p: 1.0, seed: Some(77) };
             handle.submit(GenRequest { prompt, max_tokens: 5, sampling, stop: vec![], events: tx }).unwrap();

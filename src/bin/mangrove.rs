@@ -13,7 +13,7 @@ use mangrove::gpu::{Gpu, GpuError};
 use mangrove::jit::{Jit, KernelRequest, Outcome};
 use mangrove::key::KeyInputs;
 use mangrove::template::{format_params, parse_params, Catalog, ParamRole};
-use mangrove::validate::check_entry;
+use mangrove::validate::{check_entry, has_validator};
 use mangrove::bundle::{self, BlessItem, Bundle};
 use mangrove::plan::{plan, ShapeConfig};
 use mangrove::tuning_db::TuningDb;
@@ -149,18 +149,26 @@ struct KernelArgs {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Time decode on a backend: prefill a batch of synthetic prompts, then greedy steps.
+    /// Time decode on a backend: prefill a batch of synthetic prompts (TTFT), then greedy steps
+    /// (TPOT p50/p99, tokens/s), with the weight-bandwidth bound on a GPU.
     Decode {
         #[arg(long)]
         model: PathBuf,
+        /// cpu or cuda (kernels from --tuning-db / --blessed / --jit-url, as for serve).
         #[arg(long, default_value = "cpu")]
         backend: String,
-        #[arg(long, default_value_t = 1)]
-        batch: usize,
+        /// Batch sizes to run, e.g. 1,4,16.
+        #[arg(long, default_value = "1", value_delimiter = ',')]
+        batch: Vec<usize>,
         #[arg(long, default_value_t = 16)]
         prompt_tokens: usize,
         #[arg(long, default_value_t = 8)]
         steps: usize,
+        /// Tuning DB folder the cuda backend picks its kernels from.
+        #[arg(long, env = "MANGROVE_TUNING_DB")]
+        tuning_db: Option<PathBuf>,
+        #[command(flatten)]
+        kernels: KernelArgs,
         #[arg(long)]
         json: bool,
     },
@@ -234,22 +242,16 @@ enum CacheCmd {
 }
 
 /// Loads the model, serves until Ctrl-C or SIGTERM, then prints the metrics as JSON.
-#[allow(clippy::too_many_arguments)] // the serve flags, passed through once
 fn serve(
-    model: &std::path::Path,
+    engine: mangrove::engine::Engine,
     host: &str,
     port: u16,
     backend: &str,
     tuning_db: Option<PathBuf>,
-    name: Option<String>,
     batcher: mangrove::engine::batcher::BatcherConfig,
     kernels: Option<KernelReport>,
 ) -> Result<()> {
-    if batcher.prefill_chunk == 0 {
-        bail!("--prefill-chunk must be positive");
-    }
-    use mangrove::engine::{metrics::Metrics, server, Engine};
-    let engine = Engine::open(model, backend, name).with_context(|| format!("loading {}", model.display()))?;
+    use mangrove::engine::{metrics::Metrics, server};
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let metrics = std::sync::Arc::new(Metrics::default());
@@ -360,24 +362,49 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { cmd: BenchCmd::Startup { model, tuning_db, arch, max_batch, json } } => {
             bench_startup(&model, &tuning_db, arch, max_batch, json)
         }
-        Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, json } } => {
-            if batch == 0 || prompt_tokens == 0 {
+        Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, tuning_db, mut kernels, json } } => {
+            if batch.is_empty() || batch.contains(&0) || prompt_tokens == 0 {
                 bail!("--batch and --prompt-tokens must be positive");
             }
-            let engine = mangrove::engine::Engine::open(&model, &backend, None).with_context(|| format!("loading {}", model.display()))?;
-            let r = mangrove::engine::bench::bench_decode(engine.backend.as_ref(), batch, prompt_tokens, steps)?;
+            kernels.max_batch = *batch.iter().max().expect("not empty") as i64;
+            let engine = open_engine(&model, &backend, None, tuning_db.as_deref(), &kernels, &cache_dir)?.0;
+            // The NVRTC version only where this run loaded it (an offline bundle never does).
+            let nvrtc = if mangrove::compile::nvrtc_loaded() { Compiler::open().map(|c| c.version()).unwrap_or((0, 0)) } else { (0, 0) };
+            let command = std::env::args().collect::<Vec<_>>().join(" ");
+            let gpu = Gpu::open(0).ok();
+            let copy_gbs = gpu.as_ref().map(|g| g.copy_bandwidth_gbs(1 << 30)).transpose()?;
+            let meta = mangrove::tune::context::provenance(gpu.as_ref(), nvrtc, command);
+            let mut runs = Vec::new();
+            for &b in &batch {
+                let r = mangrove::engine::bench::bench_decode(engine.backend.as_ref(), b, prompt_tokens, steps, copy_gbs)?;
+                if !json {
+                    println!(
+                        "backend {}  batch {:>3}  prompt {} tokens  TTFT {:.1} ms  TPOT p50 {:.3} ms p99 {:.3} ms  {:.1} tokens/s{}",
+                        r.backend, r.batch, r.prompt_tokens, r.ttft_ms, r.tpot_p50_ms, r.tpot_p99_ms, r.tokens_per_s,
+                        match (r.bound_tokens_per_s, r.fraction_of_bound) {
+                            (Some(b), Some(f)) => format!("  bound {b:.1} tokens/s ({:.1}%)", 100.0 * f),
+                            _ => String::new(),
+                        }
+                    );
+                }
+                runs.push(r);
+            }
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!("backend {}  batch {}  prompt {} tokens  prefill {:.1} ms", r.backend, r.batch, r.prompt_tokens, r.prefill_ms);
-                println!("decode {} steps  {:.2} ms/step  {:.1} tokens/s", r.decode_steps, r.step_ms, r.tokens_per_s);
+                let out = serde_json::json!({ "model": model.display().to_string(), "copy_gbs": copy_gbs, "provenance": meta, "runs": runs });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else if let Some(gbs) = copy_gbs {
+                println!("weights {:.1} MB per step; copy bandwidth {gbs:.0} GB/s", runs[0].weight_bytes as f64 / 1e6);
             }
             Ok(())
         }
         Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk, kernels } => {
-            let batcher = mangrove::engine::batcher::BatcherConfig { prefill_chunk };
-            let report = prepare_kernels(&model, tuning_db.as_deref(), &kernels, &cache_dir)?;
-            serve(&model, &host, port, &backend, tuning_db, model_name, batcher, report)
+            if prefill_chunk == 0 {
+                bail!("--prefill-chunk must be positive");
+            }
+            let (engine, report) = open_engine(&model, &backend, model_name, tuning_db.as_deref(), &kernels, &cache_dir)?;
+            let max_seqs = if backend == "cuda" { kernels.max_batch as usize } else { usize::MAX };
+            let batcher = mangrove::engine::batcher::BatcherConfig { prefill_chunk, max_seqs };
+            serve(engine, &host, port, &backend, tuning_db, batcher, report)
         }
         Cmd::Gpu => {
             match Gpu::open(0) {
@@ -515,6 +542,34 @@ fn cache_cmd(dir: &std::path::Path, cmd: CacheCmd) -> Result<()> {
 /// What kernel preparation tells the server: the /health report and the fallbacks to count.
 type KernelReport = (serde_json::Value, Vec<(String, mangrove::provision::FallbackReason)>);
 
+/// Loads the checkpoint on `backend`: the CPU reference, or the CUDA backend with every kernel
+/// of the plan provisioned first (see [`prepare_kernels`]).
+fn open_engine(
+    model: &std::path::Path,
+    backend: &str,
+    name: Option<String>,
+    tuning_db: Option<&std::path::Path>,
+    k: &KernelArgs,
+    cache_dir: &std::path::Path,
+) -> Result<(mangrove::engine::Engine, Option<KernelReport>)> {
+    use mangrove::engine::Engine;
+    let loading = || format!("loading {}", model.display());
+    match backend {
+        "cuda" => {
+            if !(1..=4096).contains(&k.max_batch) {
+                bail!("--max-batch must be in 1..=4096 for the cuda backend, got {}", k.max_batch);
+            }
+            let (report, entries) = prepare_kernels(model, tuning_db, k, cache_dir, true)?.expect("forced");
+            let engine = Engine::open_cuda(model, name, &entries, k.max_batch as usize).with_context(loading)?;
+            Ok((engine, Some(report)))
+        }
+        _ => {
+            let report = prepare_kernels(model, tuning_db, k, cache_dir, false)?.map(|(r, _)| r);
+            Ok((Engine::open(model, backend, name).with_context(loading)?, report))
+        }
+    }
+}
+
 /// Obtains every kernel `serve` needs before it answers: from a blessed bundle (offline: never
 /// loading NVRTC, refusing to start on any missing kernel), the JIT service, or the local JIT.
 /// Nothing to prepare without a tuning DB, bundle or service. Returns the report for /health
@@ -524,9 +579,10 @@ fn prepare_kernels(
     tuning_db: Option<&std::path::Path>,
     k: &KernelArgs,
     cache_dir: &std::path::Path,
-) -> Result<Option<KernelReport>> {
+    always: bool,
+) -> Result<Option<(KernelReport, KernelEntries)>> {
     use mangrove::provision::{provision, KernelSource, ProvisionError};
-    if tuning_db.is_none() && k.blessed.is_none() && k.jit_url.is_none() {
+    if !always && tuning_db.is_none() && k.blessed.is_none() && k.jit_url.is_none() {
         return Ok(None);
     }
     let config = ShapeConfig::from_model_dir(model)?;
@@ -570,8 +626,11 @@ fn prepare_kernels(
         "fallbacks": got.fallbacks.iter().map(|(f, m, r, d)| serde_json::json!({"family": f, "m": m, "reason": r.as_str(), "detail": d})).collect::<Vec<_>>(),
     });
     let fallbacks = got.fallbacks.into_iter().map(|(f, _, r, _)| (f, r)).collect();
-    Ok(Some((report, fallbacks)))
+    Ok(Some(((report, fallbacks), got.entries)))
 }
+
+/// Provisioned kernels by (family, M).
+type KernelEntries = std::collections::BTreeMap<(String, i64), mangrove::cache::CacheEntry>;
 
 /// Spawns `mangrove serve` with `args` and returns (ms until /health answers 200, the
 /// server's "kernels ready" log line), then stops it.
@@ -687,14 +746,14 @@ fn bless(
     for (p, f) in planned.iter().zip(jit.get_many(&reqs)) {
         let f = f.map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{} M={}", p.family, p.m))?;
         let gpu_check = match &gpu {
-            Some(g) => {
+            Some(g) if has_validator(&p.request.template) => {
                 let d = check_entry(g, &f.entry, 0xB1E55 ^ p.m as u64, 1e-3)?.deltas;
                 if !d.passes(&Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 }) {
                     failed.push(format!("{} M={}: {d}", p.family, p.m));
                 }
                 Some(d)
             }
-            None => None,
+            _ => None,
         };
         items.push(BlessItem { entry: f.entry, family: Some(p.family.clone()), m: Some(p.m), db_rule: Some(format!("{:?}", p.rule)), gpu_check });
     }

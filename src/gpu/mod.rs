@@ -3,7 +3,9 @@
 //! [`GpuError::NoDevice`] as a normal answer: the driver library is probed before cudarc
 //! touches it (cudarc panics otherwise). With `compile`, the only module that imports cudarc.
 
+mod graph;
 mod moe;
+mod ops;
 mod ternary;
 mod timing;
 
@@ -14,7 +16,9 @@ use cudarc::driver::{self as cu, CudaContext, CudaFunction, CudaModule, CudaStre
 use crate::arch::Arch;
 use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
+pub use graph::Graph;
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
+pub use ops::{Attention, KvArena, LmHead, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
 pub use timing::{TimingPlan, TimingStats};
 
@@ -153,8 +157,19 @@ impl Gpu {
         self.stream.clone_dtoh(dev).map_err(driver_err("download"))
     }
 
-    /// Overwrites a device buffer with host data.
+    /// Copies the first `len` elements of a device buffer back to the host (synchronizes).
+    pub fn download_prefix<T: cu::DeviceRepr + Default + Clone>(&self, dev: &DeviceBuffer<T>, len: usize) -> Result<Vec<T>, GpuError> {
+        if len > dev.len() {
+            return Err(GpuError::Shape { kernel: "download".into(), what: format!("{len} elements asked of a buffer of {}", dev.len()) });
+        }
+        self.stream.clone_dtoh(&dev.slice(..len)).map_err(driver_err("download"))
+    }
+
+    /// Overwrites the start of a device buffer with host data.
     pub fn write<T: cu::DeviceRepr>(&self, host: &[T], dev: &mut DeviceBuffer<T>) -> Result<(), GpuError> {
+        if host.len() > dev.len() {
+            return Err(GpuError::Shape { kernel: "write".into(), what: format!("{} elements written to a buffer of {}", host.len(), dev.len()) });
+        }
         self.stream.memcpy_htod(host, dev).map_err(driver_err("write"))
     }
 
@@ -166,6 +181,14 @@ impl Gpu {
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+}
+
+/// The integer parameter `name` a cache entry was rendered with.
+pub(crate) fn entry_param(entry: &CacheEntry, name: &str) -> Result<usize, GpuError> {
+    entry.inputs.params.get(name).map(|&v| v as usize).ok_or_else(|| GpuError::Shape {
+        kernel: entry.inputs.template.clone(),
+        what: format!("entry has no parameter {name}"),
+    })
 }
 
 /// Dynamic shared memory a kernel may use without opting in (48 KB on every arch).
@@ -195,6 +218,16 @@ impl LoadedKernel {
         self.func
             .set_attribute(F::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, wanted as i32)
             .map_err(driver_err(format!("allowing {wanted} bytes of shared memory for {}", self.name)))
+    }
+
+    /// The launch of a row-wise op over `rows` token rows: the template's grid with grid.y = rows.
+    pub(crate) fn config_rows(&self, rows: usize) -> Result<cu::LaunchConfig, GpuError> {
+        let mut cfg = self.config();
+        cfg.grid_dim.1 = u32::try_from(rows).ok().filter(|&r| (1..=65535).contains(&r)).ok_or_else(|| GpuError::Shape {
+            kernel: self.name.clone(),
+            what: format!("{rows} rows do not fit grid.y (1..=65535)"),
+        })?;
+        Ok(cfg)
     }
 
     pub(crate) fn config(&self) -> cu::LaunchConfig {

@@ -133,4 +133,43 @@ impl TernaryGemv {
         unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
         Ok(())
     }
+
+    /// W2A8 on rows `row0..row0 + M` of larger buffers: `q` [*, K], `x_scale` [*], `y` [*, N]
+    /// (the engine's step buffers, cut into launches of at most M rows).
+    #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
+    pub fn launch_w2a8_rows(
+        &mut self,
+        gpu: &Gpu,
+        w: &DeviceBuffer<u8>,
+        q: &DeviceBuffer<i8>,
+        x_scale: &DeviceBuffer<f32>,
+        y: &mut DeviceBuffer<u16>,
+        row0: usize,
+        scale: f32,
+    ) -> Result<(), GpuError> {
+        let (m, n, k) = (self.m, self.n, self.k);
+        let shape = format!("rows {row0}..{} of M={m} N={n} K={k}", row0 + m);
+        if self.mode != ActMode::W2A8 {
+            return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what: "not a W2A8 kernel".into() });
+        }
+        let end = row0 + m;
+        let lens = [
+            ("w", w.len(), n / 4 * k),
+            ("q", q.len().min(end * k), end * k),
+            ("x_scale", x_scale.len().min(end), end),
+            ("y", y.len().min(end * n), end * n),
+        ];
+        check_lengths(&self.kernel.name, &shape, &lens)?;
+        let qv = q.slice(row0 * k..end * k);
+        let sv = x_scale.slice(row0..end);
+        let mut yv = y.slice_mut(row0 * n..end * n);
+        let cfg = self.kernel.config();
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(w).arg(&qv).arg(&sv).arg(&mut yv).arg(&scale).arg(&mut self.partial_i).arg(&mut self.counters);
+        // SAFETY: the argument list matches ternary_gemv_w2a8.cu.tera (w, q, x_scale, y, scale,
+        // partial, counters); the views cover exactly the M rows the kernel reads and writes, and
+        // the split-K workspace was sized from the rendered parameters.
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
+        Ok(())
+    }
 }

@@ -227,6 +227,22 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../kernel_templates/moe_gateup.toml"),
         include_str!("../../kernel_templates/moe_gateup.cu.tera"),
     ),
+    (
+        include_str!("../../kernel_templates/rmsnorm_quant.toml"),
+        include_str!("../../kernel_templates/rmsnorm_quant.cu.tera"),
+    ),
+    (
+        include_str!("../../kernel_templates/rope_kv.toml"),
+        include_str!("../../kernel_templates/rope_kv.cu.tera"),
+    ),
+    (
+        include_str!("../../kernel_templates/attention_decode.toml"),
+        include_str!("../../kernel_templates/attention_decode.cu.tera"),
+    ),
+    (
+        include_str!("../../kernel_templates/lm_head.toml"),
+        include_str!("../../kernel_templates/lm_head.cu.tera"),
+    ),
 ];
 
 impl Catalog {

@@ -1,0 +1,194 @@
+//! The CUDA backend: the model's weights on the GPU, every kernel from the provisioned plan
+//! (tuning DB → JIT cache / blessed bundle, see `src/plan.rs`), a KV cache of fixed sequence
+//! slots, and each step's launches replayed as a CUDA graph (captured once per row/sequence
+//! count up to [`GRAPH_MAX_ROWS`] rows), so the CPU issues one launch per step.
+//!
+//! Numerics follow the CPU reference ([`super::cpu`]): per-token int8 activations with the
+//! same rounding, exact integer ternary products (W2A8 GEMV), weight scales applied to each
+//! linear's output; differences come from f32 (not f64) arithmetic and bf16 linear outputs.
+
+pub mod kernels;
+pub mod step;
+pub mod weights;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use super::config::ModelConfig;
+use super::cpu::{ForwardError, SeqInput};
+use super::model::Model;
+use super::slots::SlotPool;
+use super::{Backend, StepReport};
+use crate::cache::CacheEntry;
+use crate::gpu::{Gpu, GpuError, Graph, KvArena};
+use kernels::{KernelSetError, StepKernels};
+use step::Workspace;
+use weights::DeviceWeights;
+
+/// Steps of at most this many token rows are captured as CUDA graphs (decode and short
+/// prefill chunks); longer ones are launched directly.
+pub const GRAPH_MAX_ROWS: usize = 64;
+
+/// Errors of building the CUDA backend.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaBackendError {
+    #[error("the CUDA backend serves dense BitNet models only (this checkpoint is MoE)")]
+    Moe,
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error(transparent)]
+    Kernels(#[from] KernelSetError),
+}
+
+struct Inner {
+    gpu: Gpu,
+    kernels: StepKernels,
+    weights: DeviceWeights,
+    work: Workspace,
+    kv: KvArena,
+    /// Captured steps by (rows, sequences).
+    graphs: HashMap<(usize, usize), Graph>,
+}
+
+/// The CUDA backend over one GPU.
+pub struct CudaBackend {
+    /// The model config, `max_positions` clipped to the KV cache's context.
+    config: ModelConfig,
+    slots: SlotPool,
+    inner: Mutex<Inner>,
+    graphs_enabled: bool,
+}
+
+impl CudaBackend {
+    /// Uploads `model` to `gpu`, loads the plan's kernel `entries` ((family, M) → cubin) and
+    /// allocates a KV cache of `max_seqs` sequences × `context` positions.
+    pub fn new(
+        gpu: Gpu,
+        model: &Model,
+        entries: &BTreeMap<(String, i64), CacheEntry>,
+        max_seqs: usize,
+        context: usize,
+    ) -> Result<Self, CudaBackendError> {
+        if model.config.moe.is_some() {
+            return Err(CudaBackendError::Moe);
+        }
+        let mut config = model.config.clone();
+        config.max_positions = config.max_positions.min(context);
+        let kernels = StepKernels::load(&gpu, entries)?;
+        let weights = DeviceWeights::upload(&gpu, model)?;
+        let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
+        let work = Workspace::new(&gpu, &config, max_seqs.max(1))?;
+        gpu.sync()?;
+        let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none();
+        Ok(Self {
+            config,
+            slots: SlotPool::new(max_seqs.max(1)),
+            inner: Mutex::new(Inner { gpu, kernels, weights, work, kv, graphs: HashMap::new() }),
+            graphs_enabled,
+        })
+    }
+}
+
+impl CudaBackend {
+    /// Turns CUDA-graph replay of steps on or off (on by default unless MANGROVE_NO_GRAPHS is set).
+    pub fn with_graphs(mut self, on: bool) -> Self {
+        self.graphs_enabled = on;
+        self
+    }
+}
+
+/// Per-row metadata of one step, on the host.
+struct Rows {
+    tokens: Vec<i32>,
+    pos: Vec<i32>,
+    slot: Vec<i32>,
+    last: Vec<i32>,
+}
+
+impl Inner {
+    /// Runs one step and returns the logits [seqs, vocab].
+    fn run(&mut self, c: &ModelConfig, r: &Rows, use_graph: bool) -> Result<Vec<f32>, GpuError> {
+        let (rows, seqs) = (r.tokens.len(), r.last.len());
+        if rows > self.work.rows {
+            // Grow to the new largest step; captured graphs point at the old buffers.
+            self.graphs.clear();
+            self.work = Workspace::new(&self.gpu, c, rows.next_power_of_two())?;
+        }
+        let Inner { gpu, kernels, weights, work, kv, graphs } = self;
+        gpu.write(&r.tokens, &mut work.tokens)?;
+        gpu.write(&r.pos, &mut work.pos)?;
+        gpu.write(&r.slot, &mut work.slot)?;
+        gpu.write(&r.last, &mut work.last)?;
+        if use_graph && rows <= GRAPH_MAX_ROWS {
+            let key = (rows, seqs);
+            if !graphs.contains_key(&key) {
+                let g = gpu.capture(|| step::enqueue(gpu, kernels, weights, work, kv, c, rows, seqs))?;
+                graphs.insert(key, g);
+            }
+            graphs[&key].launch()?;
+        } else {
+            step::enqueue(gpu, kernels, weights, work, kv, c, rows, seqs)?;
+        }
+        gpu.download_prefix(&work.logits, seqs * c.vocab)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    fn forward(&self, batch: &mut [SeqInput]) -> Result<(Vec<Vec<f64>>, StepReport), ForwardError> {
+        let c = &self.config;
+        for (s, seq) in batch.iter().enumerate() {
+            if seq.tokens.is_empty() {
+                return Err(ForwardError::Empty { seq: s });
+            }
+            let len = seq.cache.len + seq.tokens.len();
+            if len > c.max_positions {
+                return Err(ForwardError::ContextFull { seq: s, len, max: c.max_positions });
+            }
+            if let Some(&t) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab) {
+                return Err(ForwardError::TokenOutOfRange { seq: s, token: t, vocab: c.vocab });
+            }
+            if seq.cache.slot.as_ref().is_some_and(|l| !self.slots.owns(l)) {
+                return Err(ForwardError::Device(format!("sequence {s}: its KV cache belongs to another backend")));
+            }
+        }
+        for (s, seq) in batch.iter_mut().enumerate() {
+            if seq.cache.slot.is_none() {
+                seq.cache.slot = Some(self.slots.lease().ok_or(ForwardError::NoKvSlot { seq: s, slots: self.slots.total() })?);
+            }
+        }
+        let mut r = Rows { tokens: Vec::new(), pos: Vec::new(), slot: Vec::new(), last: Vec::new() };
+        for seq in batch.iter() {
+            let slot = seq.cache.slot.as_ref().map_or(0, |l| l.id()) as i32;
+            for (i, &t) in seq.tokens.iter().enumerate() {
+                r.tokens.push(t as i32);
+                r.pos.push((seq.cache.len + i) as i32);
+                r.slot.push(slot);
+            }
+            r.last.push(r.tokens.len() as i32 - 1);
+        }
+        let logits = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(e.to_string()))?
+        };
+        for seq in batch.iter_mut() {
+            seq.cache.len += seq.tokens.len();
+        }
+        let out = logits.chunks_exact(c.vocab).map(|l| l.iter().map(|&v| v as f64).collect()).collect();
+        Ok((out, StepReport { paths: paths(), fallbacks: Vec::new() }))
+    }
+}
+
+/// The (layer family, kernel variant) pairs one forward of this backend runs.
+pub fn paths() -> Vec<(&'static str, &'static str)> {
+    let linear = ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"].map(|f| (f, "cuda_w2a8"));
+    let ops = ["embedding", "rmsnorm", "rope", "attention", "lm_head"].map(|f| (f, "cuda_op"));
+    linear.into_iter().chain(ops).collect()
+}

@@ -1,0 +1,110 @@
+//! One forward step on the device: the step's buffers ([`Workspace`], sized for a number of
+//! token rows) and the launch sequence over them ([`enqueue`]). The sequence only reads
+//! per-row metadata (tokens, positions, KV slots, last rows) from device buffers, so the same
+//! launches, captured once as a CUDA graph, serve every step with the same row/sequence counts.
+
+use crate::engine::config::ModelConfig;
+use crate::gpu::{DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta};
+
+use super::kernels::StepKernels;
+use super::weights::DeviceWeights;
+
+/// Device buffers of a step of up to `rows` token rows.
+pub struct Workspace {
+    pub rows: usize,
+    /// f32 residual stream [rows, H].
+    x: DeviceBuffer<f32>,
+    /// int8 activations [rows, max(H, QD, I)] and their per-row scales.
+    q: DeviceBuffer<i8>,
+    x_scale: DeviceBuffer<f32>,
+    /// bf16 linear outputs.
+    qkv: DeviceBuffer<u16>,
+    o: DeviceBuffer<u16>,
+    gate_up: DeviceBuffer<u16>,
+    down: DeviceBuffer<u16>,
+    /// f32 rotated queries and attention outputs [rows, QD].
+    q_rot: DeviceBuffer<f32>,
+    attn: DeviceBuffer<f32>,
+    /// f32 final-norm rows [rows, H].
+    xn: DeviceBuffer<f32>,
+    pub tokens: DeviceBuffer<i32>,
+    pub pos: DeviceBuffer<i32>,
+    pub slot: DeviceBuffer<i32>,
+    /// Row index of each sequence's last token.
+    pub last: DeviceBuffer<i32>,
+    /// f32 logits [sequences ≤ rows, vocab].
+    pub logits: DeviceBuffer<f32>,
+}
+
+impl Workspace {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, rows: usize) -> Result<Self, GpuError> {
+        let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
+        Ok(Self {
+            rows,
+            x: gpu.zeros(rows * h)?,
+            q: gpu.zeros(rows * h.max(qd).max(c.inter))?,
+            x_scale: gpu.zeros(rows)?,
+            qkv: gpu.zeros(rows * (qd + 2 * kvd))?,
+            o: gpu.zeros(rows * h)?,
+            gate_up: gpu.zeros(rows * 2 * c.inter)?,
+            down: gpu.zeros(rows * h)?,
+            q_rot: gpu.zeros(rows * qd)?,
+            attn: gpu.zeros(rows * qd)?,
+            xn: gpu.zeros(rows * h)?,
+            tokens: gpu.zeros(rows)?,
+            pos: gpu.zeros(rows)?,
+            slot: gpu.zeros(rows)?,
+            last: gpu.zeros(rows)?,
+            logits: gpu.zeros(rows * c.vocab)?,
+        })
+    }
+}
+
+/// Queues the whole forward of `rows` token rows (of `seqs` sequences) on the GPU's stream:
+/// embedding + norm, per layer QKV → RoPE/KV append → attention → sub-norm → O → residual +
+/// norm → gate_up → GLU + sub-norm → down → residual + next norm, then the LM head over each
+/// sequence's last row. Row metadata must already be in `ws`.
+pub fn enqueue(
+    gpu: &Gpu,
+    k: &mut StepKernels,
+    w: &DeviceWeights,
+    ws: &mut Workspace,
+    kv: &mut KvArena,
+    c: &ModelConfig,
+    rows: usize,
+    seqs: usize,
+) -> Result<(), GpuError> {
+    let eps = c.rms_eps as f32;
+    let theta = c.rope_theta as f32;
+    let first = w.layers.first().map_or(&w.norm, |l| &l.input_norm);
+    k.norm.launch(gpu, rows, &mut ws.x, NormSource::Embed { tokens: &ws.tokens, table: &w.embed }, first, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+    for (li, l) in w.layers.iter().enumerate() {
+        let meta = RowMeta { pos: &ws.pos, slot: &ws.slot };
+        k.qkv.launch(gpu, &l.qkv, rows, &ws.q, &ws.x_scale, &mut ws.qkv)?;
+        k.rope.launch(gpu, rows, &ws.qkv, l.qkv_factors, &meta, kv, li, theta, &mut ws.q_rot)?;
+        k.attention.launch(gpu, rows, &ws.q_rot, &meta, kv, li, &mut ws.attn)?;
+        k.attn_sub_norm.launch(gpu, rows, &mut ws.attn, NormSource::Rows, &l.attn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        k.o.launch(gpu, &l.o, rows, &ws.q, &ws.x_scale, &mut ws.o)?;
+        let residual = NormSource::Residual { delta: &ws.o, factor: l.o_factor };
+        k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        k.gate_up.launch(gpu, &l.gate_up, rows, &ws.q, &ws.x_scale, &mut ws.gate_up)?;
+        let [gate, up] = l.gate_up_factors;
+        let glu = NormSource::Glu { gate_up: &ws.gate_up, gate, up };
+        k.mlp_sub_norm.launch(gpu, rows, &mut ws.x, glu, &l.ffn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        k.down.launch(gpu, &l.down, rows, &ws.q, &ws.x_scale, &mut ws.down)?;
+        let residual = NormSource::Residual { delta: &ws.down, factor: l.down_factor };
+        match w.layers.get(li + 1) {
+            Some(next) => k.norm.launch(gpu, rows, &mut ws.x, residual, &next.input_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
+            None => k.norm.launch(gpu, rows, &mut ws.x, residual, &w.norm, eps, NormOut::F32(&mut ws.xn))?,
+        }
+    }
+    let v = c.vocab;
+    let mut b0 = 0;
+    while b0 < seqs {
+        let head = k.lm_head.iter().take(seqs - b0).rev().find_map(|h| h.as_ref()).expect("M=1 is always loaded");
+        let m = head.m;
+        head.launch(gpu, w.head(), &ws.xn, ws.last.slice(b0..b0 + m), ws.logits.slice_mut(b0 * v..(b0 + m) * v))?;
+        b0 += m;
+    }
+    Ok(())
+}

@@ -1,0 +1,293 @@
+//! Host side of the decode-step op templates (`rmsnorm_quant`, `rope_kv`, `attention_decode`,
+//! `lm_head`): typed argument lists, buffer checks and launches. The row-wise ops run one block
+//! row per token: the host puts the launch's row count on grid.y.
+
+use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+
+use super::{driver_err, entry_param, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use crate::cache::CacheEntry;
+
+fn shape_err(kernel: &str, what: String) -> GpuError {
+    GpuError::Shape { kernel: kernel.into(), what }
+}
+
+fn need(kernel: &str, what: &str, got: usize, want: usize) -> Result<(), GpuError> {
+    if got < want {
+        return Err(shape_err(kernel, format!("{what} has {got} elements, the launch needs at least {want}")));
+    }
+    Ok(())
+}
+
+fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedKernel, GpuError> {
+    if entry.inputs.template != template {
+        return Err(shape_err(&entry.inputs.template, format!("not a {template} kernel")));
+    }
+    gpu.load(entry)
+}
+
+/// Where the rows an [`RmsNormQuant`] normalizes come from.
+pub enum NormSource<'a> {
+    /// `x[r] = embed[tokens[r]]` (bf16 table [vocab, H]), written to the residual stream.
+    Embed { tokens: &'a DeviceBuffer<i32>, table: &'a DeviceBuffer<u16> },
+    /// The rows of `x` as they are.
+    Rows,
+    /// `x[r] += factor * delta[r]` (bf16 [rows, H]), written back: the residual add.
+    Residual { delta: &'a DeviceBuffer<u16>, factor: f32 },
+    /// `act(gate * g) * (up * u)` from a fused gate_up output (bf16 [rows, 2H]); x is untouched.
+    Glu { gate_up: &'a DeviceBuffer<u16>, gate: f32, up: f32 },
+}
+
+/// Where an [`RmsNormQuant`] writes.
+pub enum NormOut<'a> {
+    /// int8 rows [rows, H] and their scales [rows]: the next ternary linear's activations.
+    Quant { q: &'a mut DeviceBuffer<i8>, scale: &'a mut DeviceBuffer<f32> },
+    /// f32 normalized rows [rows, H].
+    F32(&'a mut DeviceBuffer<f32>),
+}
+
+/// A loaded `rmsnorm_quant` kernel.
+pub struct RmsNormQuant {
+    kernel: LoadedKernel,
+    pub h: usize,
+    pub glu: bool,
+}
+
+impl RmsNormQuant {
+    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let kernel = load_checked(gpu, entry, "rmsnorm_quant")?;
+        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, kernel })
+    }
+
+    /// Normalizes `rows` rows; `x` is the f32 residual stream / input rows [rows, H].
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        x: &mut DeviceBuffer<f32>,
+        source: NormSource,
+        weight: &DeviceBuffer<f32>,
+        eps: f32,
+        out: NormOut,
+    ) -> Result<(), GpuError> {
+        let (name, h) = (self.kernel.name.as_str(), self.h);
+        need(name, "weight", weight.len(), h)?;
+        if !matches!(source, NormSource::Glu { .. }) {
+            need(name, "x", x.len(), rows * h)?;
+        }
+        if self.glu != matches!(source, NormSource::Glu { .. }) {
+            return Err(shape_err(name, format!("GLU={} kernel given the wrong row source", self.glu as u8)));
+        }
+        let null = 0u64;
+        let (zero, one) = (0f32, 1f32);
+        let cfg = self.kernel.config_rows(rows)?;
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(&mut *x);
+        match &source {
+            NormSource::Embed { tokens, table } => {
+                need(name, "tokens", tokens.len(), rows)?;
+                b.arg(*tokens).arg(*table).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one);
+            }
+            NormSource::Rows => {
+                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one);
+            }
+            NormSource::Residual { delta, factor } => {
+                need(name, "delta", delta.len(), rows * h)?;
+                b.arg(&null).arg(&null).arg(*delta).arg(factor).arg(&null).arg(&one).arg(&one);
+            }
+            NormSource::Glu { gate_up, gate, up } => {
+                need(name, "gate_up", gate_up.len(), rows * 2 * h)?;
+                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(*gate_up).arg(gate).arg(up);
+            }
+        }
+        b.arg(weight).arg(&eps);
+        match out {
+            NormOut::Quant { q, scale } => {
+                need(name, "q", q.len(), rows * h)?;
+                need(name, "x_scale", scale.len(), rows)?;
+                b.arg(q).arg(scale).arg(&null);
+            }
+            NormOut::F32(xn) => {
+                need(name, "xn", xn.len(), rows * h)?;
+                b.arg(&null).arg(&null).arg(xn);
+            }
+        }
+        // SAFETY: the arguments follow rmsnorm_quant.cu.tera's signature (x, tokens, embed, delta,
+        // delta_factor, gu, gate_factor, up_factor, weight, eps, q, x_scale, xn); absent pointers
+        // are null, which the kernel tests before use; every present buffer holds the rows × H
+        // elements the launch touches (checked above), and embedding ids were range-checked by the caller.
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        Ok(())
+    }
+}
+
+/// Per-row metadata of a step on the device: position and KV slot of each token row.
+pub struct RowMeta<'a> {
+    pub pos: &'a DeviceBuffer<i32>,
+    pub slot: &'a DeviceBuffer<i32>,
+}
+
+/// The KV cache arena: f32 [slots][layers][2][max_pos][kv_dim].
+pub struct KvArena {
+    pub data: DeviceBuffer<f32>,
+    pub slots: usize,
+    pub layers: usize,
+    pub max_pos: usize,
+    pub kv_dim: usize,
+}
+
+impl KvArena {
+    /// Allocates `slots` sequences of `max_pos` positions (zeroed).
+    pub fn new(gpu: &Gpu, slots: usize, layers: usize, max_pos: usize, kv_dim: usize) -> Result<Self, GpuError> {
+        Ok(Self { data: gpu.zeros(slots * layers * 2 * max_pos * kv_dim)?, slots, layers, max_pos, kv_dim })
+    }
+}
+
+fn check_arena(name: &str, kv: &KvArena, max_pos: usize, kv_dim: usize) -> Result<(), GpuError> {
+    if kv.max_pos != max_pos || kv.kv_dim != kv_dim {
+        return Err(shape_err(
+            name,
+            format!("KV arena has {} positions × {} features, the kernel was built for {max_pos} × {kv_dim}", kv.max_pos, kv.kv_dim),
+        ));
+    }
+    Ok(())
+}
+
+/// A loaded `rope_kv` kernel.
+pub struct RopeKv {
+    kernel: LoadedKernel,
+    q_dim: usize,
+    kv_dim: usize,
+    max_pos: usize,
+}
+
+impl RopeKv {
+    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let kernel = load_checked(gpu, entry, "rope_kv")?;
+        let hd = entry_param(entry, "HD")?;
+        Ok(Self {
+            q_dim: entry_param(entry, "QH")? * hd,
+            kv_dim: entry_param(entry, "KVH")? * hd,
+            max_pos: entry_param(entry, "MAX_POS")?,
+            kernel,
+        })
+    }
+
+    /// Scales and rotates `rows` rows of the fused `qkv` output into `q`; appends K, V to `kv`.
+    #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        qkv: &DeviceBuffer<u16>,
+        factors: [f32; 3],
+        meta: &RowMeta,
+        kv: &mut KvArena,
+        layer: usize,
+        theta: f32,
+        q: &mut DeviceBuffer<f32>,
+    ) -> Result<(), GpuError> {
+        let name = self.kernel.name.as_str();
+        check_arena(name, kv, self.max_pos, self.kv_dim)?;
+        need(name, "qkv", qkv.len(), rows * (self.q_dim + 2 * self.kv_dim))?;
+        need(name, "q", q.len(), rows * self.q_dim)?;
+        need(name, "pos", meta.pos.len(), rows)?;
+        need(name, "slot", meta.slot.len(), rows)?;
+        let (layers, layer) = (kv.layers as i32, layer as i32);
+        let cfg = self.kernel.config_rows(rows)?;
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(qkv).arg(&factors[0]).arg(&factors[1]).arg(&factors[2]).arg(meta.pos).arg(meta.slot);
+        b.arg(&mut kv.data).arg(&layers).arg(&layer).arg(&theta).arg(q);
+        // SAFETY: arguments follow rope_kv.cu.tera (qkv, fq, fk, fv, pos, slot, kv, layers, layer,
+        // theta, qout); buffer sizes are checked above and the arena's shape matches the kernel's;
+        // the caller guarantees pos < max_pos and slot < slots for every row (RowMeta contract).
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        Ok(())
+    }
+}
+
+/// A loaded `attention_decode` kernel.
+pub struct Attention {
+    kernel: LoadedKernel,
+    q_dim: usize,
+    kv_dim: usize,
+    max_pos: usize,
+}
+
+impl Attention {
+    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let kernel = load_checked(gpu, entry, "attention_decode")?;
+        let hd = entry_param(entry, "HD")?;
+        Ok(Self {
+            q_dim: entry_param(entry, "QH")? * hd,
+            kv_dim: entry_param(entry, "KVH")? * hd,
+            max_pos: entry_param(entry, "MAX_POS")?,
+            kernel,
+        })
+    }
+
+    /// Attention of `rows` query rows `q` [rows, QD] over their sequences → `out` [rows, QD].
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        rows: usize,
+        q: &DeviceBuffer<f32>,
+        meta: &RowMeta,
+        kv: &KvArena,
+        layer: usize,
+        out: &mut DeviceBuffer<f32>,
+    ) -> Result<(), GpuError> {
+        let name = self.kernel.name.as_str();
+        check_arena(name, kv, self.max_pos, self.kv_dim)?;
+        need(name, "q", q.len(), rows * self.q_dim)?;
+        need(name, "out", out.len(), rows * self.q_dim)?;
+        need(name, "pos", meta.pos.len(), rows)?;
+        need(name, "slot", meta.slot.len(), rows)?;
+        let (layers, layer) = (kv.layers as i32, layer as i32);
+        let cfg = self.kernel.config_rows(rows)?;
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(q).arg(meta.pos).arg(meta.slot).arg(&kv.data).arg(&layers).arg(&layer).arg(out);
+        // SAFETY: arguments follow attention_decode.cu.tera (q, pos, slot, kv, layers, layer, out);
+        // sizes checked above; pos < max_pos and slot < slots per the RowMeta contract, and the
+        // dynamic shared memory (MAX_POS + HD floats) was opted in at load.
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        Ok(())
+    }
+}
+
+/// A loaded `lm_head` kernel for M gathered rows.
+pub struct LmHead {
+    kernel: LoadedKernel,
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl LmHead {
+    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let kernel = load_checked(gpu, entry, "lm_head")?;
+        Ok(Self { m: entry_param(entry, "M")?, n: entry_param(entry, "N")?, k: entry_param(entry, "K")?, kernel })
+    }
+
+    /// `y[i] = W x[rows[i]]` for the M row indices `rows` (into `x` [*, K] f32) → `y` [M, N].
+    pub fn launch(
+        &self,
+        gpu: &Gpu,
+        w: &DeviceBuffer<u16>,
+        x: &DeviceBuffer<f32>,
+        rows: CudaView<i32>,
+        mut y: CudaViewMut<f32>,
+    ) -> Result<(), GpuError> {
+        let name = self.kernel.name.as_str();
+        need(name, "w", w.len(), self.n * self.k)?;
+        need(name, "rows", rows.len(), self.m)?;
+        need(name, "y", y.len(), self.m * self.n)?;
+        need(name, "x", x.len(), self.k)?;
+        let cfg = self.kernel.config();
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(w).arg(x).arg(&rows).arg(&mut y);
+        // SAFETY: arguments follow lm_head.cu.tera (w, x, rows, y); sizes checked above; every
+        // row index points inside x (the caller gathers rows of the step it just computed).
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        Ok(())
+    }
+}
