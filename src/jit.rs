@@ -92,18 +92,19 @@ impl Jit {
             }
         }
         let unique: Vec<usize> = (0..reqs.len()).filter(|&i| keyed[i].is_none_or(|k| first[&k] == i)).collect();
-        let served: HashMap<usize, Result<Fetched, JitError>> =
+        let mut served: HashMap<usize, Result<Fetched, JitError>> =
             unique.par_iter().map(|&i| (i, self.get(&reqs[i]))).collect();
-        let mut served = served;
-        (0..reqs.len())
-            .map(|i| match keyed[i].map(|k| first[&k]) {
-                Some(j) if j != i => match &served[&j] {
-                    Ok(f) => Ok(Fetched { outcome: Outcome::Hit, ms: 0.0, ..f.clone() }),
-                    Err(_) => self.get(&reqs[i]),
-                },
-                _ => served.remove(&i).expect("every unique request was served"),
-            })
-            .collect()
+        let mut out: Vec<Option<Result<Fetched, JitError>>> = (0..reqs.len()).map(|i| served.remove(&i)).collect();
+        // A repeated key is a hit on its first request's result (or retried alone if that failed).
+        for i in 0..reqs.len() {
+            if let Some(j) = keyed[i].map(|k| first[&k]).filter(|&j| j != i) {
+                out[i] = Some(match &out[j] {
+                    Some(Ok(f)) => Ok(Fetched { outcome: Outcome::Hit, ms: 0.0, ..f.clone() }),
+                    _ => self.get(&reqs[i]),
+                });
+            }
+        }
+        out.into_iter().map(|r| r.expect("every request is served or a repeat")).collect()
     }
 }
 

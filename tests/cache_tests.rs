@@ -143,3 +143,24 @@ fn unreadable_cache_dir_is_an_error_not_a_panic() {
     assert!(matches!(err, CacheError::Io { .. } | CacheError::Sled { .. }), "{err}");
     assert!(err.to_string().contains("not-a-dir"), "{err}");
 }
+
+#[test]
+fn get_many_serves_repeated_keys_once_in_request_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let a = common::gemv(Arch::SM90, &["M=1", "N=256", "K=128"]);
+    let b = common::gemv(Arch::SM90, &["M=2", "N=256", "K=128"]);
+    // a repeated after b, and a bad request in between: each answer stays at its index.
+    let mut bad = a.clone();
+    bad.params.insert("THREADS".into(), 3);
+    let got = jit.get_many(&[a.clone(), b.clone(), bad, a.clone(), a]);
+    assert_eq!(got.len(), 5);
+    let ok: Vec<&mangrove::jit::Fetched> = got.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(ok.len(), 4);
+    assert!(matches!(got[2], Err(JitError::Template(_))), "{:?}", got[2].as_ref().err());
+    let (first, repeat) = (got[0].as_ref().unwrap(), got[3].as_ref().unwrap());
+    assert_eq!((first.key, &first.entry.cubin), (repeat.key, &repeat.entry.cubin));
+    assert_eq!(repeat.outcome, Outcome::Hit);
+    assert_ne!(got[1].as_ref().unwrap().key, first.key);
+    assert_eq!(jit.cache.counters().unwrap().inserts, 2, "each distinct key compiled once");
+}
