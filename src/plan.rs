@@ -147,7 +147,9 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
             if !db.mgt1_allowed(m, n, k) {
                 continue;
             }
-            let (request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
+            let (mut request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
+            // The engine keeps linear outputs in f32 (its residual stream's precision).
+            request.params.insert("OUT_F32".into(), 1);
             out.push(PlannedKernel::new(family, m, request, rule));
         }
     }

@@ -44,8 +44,8 @@ impl TernaryProblem {
 /// Output of one checked run.
 pub struct CheckedRun {
     pub deltas: Deltas,
-    /// The raw bf16 output bits (for bit-exactness comparisons).
-    pub output: Vec<u16>,
+    /// The raw output bits, bf16 or f32 (for bit-exactness comparisons).
+    pub output: Vec<u32>,
 }
 
 /// A random problem resident on the GPU with its f64 references (one per activation mode,
@@ -61,7 +61,11 @@ pub struct TernaryCase {
     xq: DeviceBuffer<i8>,
     xs: DeviceBuffer<f32>,
     y: DeviceBuffer<u16>,
+    y32: DeviceBuffer<f32>,
 }
+
+/// f32 bit pattern written into f32 outputs before a run (a NaN).
+const POISON_F32: u32 = 0x7FC0_0001;
 
 impl TernaryCase {
     /// Draws a fresh problem from `seed` and uploads it in both activation forms.
@@ -75,6 +79,7 @@ impl TernaryCase {
             xq: gpu.upload(&q)?,
             xs: gpu.upload(&q_scale)?,
             y: gpu.upload(&vec![POISON_BF16; m * n])?,
+            y32: gpu.upload(&vec![f32::from_bits(POISON_F32); m * n])?,
             references: Default::default(),
             problem,
             q,
@@ -99,12 +104,23 @@ impl TernaryCase {
 
     /// Poisons the output, launches `op` once and compares with the reference of its mode.
     pub fn run(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rel_floor: f64) -> Result<CheckedRun, GpuError> {
-        gpu.write(&vec![POISON_BF16; self.problem.m * self.problem.n], &mut self.y)?;
+        let len = self.problem.m * self.problem.n;
+        if op.out_f32 {
+            gpu.write(&vec![f32::from_bits(POISON_F32); len], &mut self.y32)?;
+            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, &mut self.y32, 0, self.problem.scale)?;
+            gpu.sync()?;
+            let out = gpu.download(&self.y32)?;
+            let values: Vec<f64> = out.iter().map(|&v| v as f64).collect();
+            let unwritten = out.iter().filter(|v| v.to_bits() == POISON_F32).count();
+            let deltas = Deltas { unwritten, ..Deltas::of_f64(&values, self.reference(op.mode), rel_floor) };
+            return Ok(CheckedRun { deltas, output: out.iter().map(|v| v.to_bits()).collect() });
+        }
+        gpu.write(&vec![POISON_BF16; len], &mut self.y)?;
         let x = activations(&self.x, &self.xq, &self.xs, op.mode);
         op.launch(gpu, &self.w, x, &mut self.y, self.problem.scale)?;
         gpu.sync()?;
         let output = gpu.download(&self.y)?;
-        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, self.reference(op.mode), rel_floor), output })
+        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, self.reference(op.mode), rel_floor), output: output.into_iter().map(u32::from).collect() })
     }
 }
 
@@ -246,7 +262,7 @@ impl MoeCase {
         op.launch(gpu, &self.x, weights, routing, &mut self.act)?;
         gpu.sync()?;
         let output = gpu.download(&self.act)?;
-        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, &self.reference, rel_floor), output })
+        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, &self.reference, rel_floor), output: output.into_iter().map(u32::from).collect() })
     }
 }
 

@@ -79,8 +79,9 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     let (d, graph_logits) = compare(&cuda, &cpu, 4);
     println!("CUDA vs CPU logits ({}): {d}", dir.display());
     assert_eq!(d.non_finite, 0);
-    // bf16 linear outputs and f32 arithmetic against f64: relative to 10% of the largest logit.
-    assert!(d.max_rel < 5e-2, "CUDA logits differ from the CPU reference: {d}");
+    // f32 arithmetic against f64, identical int8 activations except where an f32 rounding flips
+    // a quantization step: errors relative to 10% of the largest logit.
+    assert!(d.max_rel < 2e-2, "CUDA logits differ from the CPU reference: {d}");
     let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("cache2"), 4).with_graphs(false);
     let (_, direct_logits) = compare(&direct, &cpu, 4);
     assert_eq!(graph_logits, direct_logits, "graph replay must equal direct launches bit for bit");

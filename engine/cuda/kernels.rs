@@ -31,7 +31,7 @@ impl Linear {
         rows: usize,
         q: &DeviceBuffer<i8>,
         x_scale: &DeviceBuffer<f32>,
-        y: &mut DeviceBuffer<u16>,
+        y: &mut DeviceBuffer<f32>,
     ) -> Result<(), GpuError> {
         let mut row0 = 0;
         while row0 < rows {

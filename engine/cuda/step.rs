@@ -17,11 +17,11 @@ pub struct Workspace {
     /// int8 activations [rows, max(H, QD, I)] and their per-row scales.
     q: DeviceBuffer<i8>,
     x_scale: DeviceBuffer<f32>,
-    /// bf16 linear outputs.
-    qkv: DeviceBuffer<u16>,
-    o: DeviceBuffer<u16>,
-    gate_up: DeviceBuffer<u16>,
-    down: DeviceBuffer<u16>,
+    /// f32 linear outputs (unscaled: consumers apply the weight factors).
+    qkv: DeviceBuffer<f32>,
+    o: DeviceBuffer<f32>,
+    gate_up: DeviceBuffer<f32>,
+    down: DeviceBuffer<f32>,
     /// f32 rotated queries and attention outputs [rows, QD].
     q_rot: DeviceBuffer<f32>,
     attn: DeviceBuffer<f32>,

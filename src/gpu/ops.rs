@@ -31,10 +31,10 @@ pub enum NormSource<'a> {
     Embed { tokens: &'a DeviceBuffer<i32>, table: &'a DeviceBuffer<u16> },
     /// The rows of `x` as they are.
     Rows,
-    /// `x[r] += factor * delta[r]` (bf16 [rows, H]), written back: the residual add.
-    Residual { delta: &'a DeviceBuffer<u16>, factor: f32 },
-    /// `act(gate * g) * (up * u)` from a fused gate_up output (bf16 [rows, 2H]); x is untouched.
-    Glu { gate_up: &'a DeviceBuffer<u16>, gate: f32, up: f32 },
+    /// `x[r] += factor * delta[r]` (f32 [rows, H]), written back: the residual add.
+    Residual { delta: &'a DeviceBuffer<f32>, factor: f32 },
+    /// `act(gate * g) * (up * u)` from a fused gate_up output (f32 [rows, 2H]); x is untouched.
+    Glu { gate_up: &'a DeviceBuffer<f32>, gate: f32, up: f32 },
 }
 
 /// Where an [`RmsNormQuant`] writes.
@@ -178,7 +178,7 @@ impl RopeKv {
         &self,
         gpu: &Gpu,
         rows: usize,
-        qkv: &DeviceBuffer<u16>,
+        qkv: &DeviceBuffer<f32>,
         factors: [f32; 3],
         meta: &RowMeta,
         kv: &mut KvArena,

@@ -40,6 +40,8 @@ pub struct TernaryGemv {
     pub m: usize,
     pub n: usize,
     pub k: usize,
+    /// W2A8 only: the output is f32 instead of bf16.
+    pub out_f32: bool,
     /// Split-K partials: f32 for bf16 mode, i32 for W2A8 (same size, 4 bytes each).
     partial_f: DeviceBuffer<f32>,
     partial_i: DeviceBuffer<i32>,
@@ -64,6 +66,7 @@ impl TernaryGemv {
             })
         };
         let (m, n, k, split) = (get("M")?, get("N")?, get("K")?, get("SPLIT_K")?);
+        let out_f32 = p.get("OUT_F32").copied().unwrap_or(0) == 1;
         let kernel = gpu.load(entry)?;
         let tiles = kernel.launch.grid[0] as usize;
         let work = if split > 1 { split * m * n } else { 1 };
@@ -77,6 +80,7 @@ impl TernaryGemv {
             m,
             n,
             k,
+            out_f32,
         })
     }
 
@@ -86,7 +90,12 @@ impl TernaryGemv {
             ActMode::Bf16 => 2 * self.m * self.k,
             ActMode::W2A8 => self.m * self.k + 4 * self.m,
         };
-        self.n / 4 * self.k + act + 2 * self.m * self.n
+        self.n / 4 * self.k + act + self.out_bytes() * self.m * self.n
+    }
+
+    /// Bytes of one output element.
+    pub fn out_bytes(&self) -> usize {
+        if self.out_f32 { 4 } else { 2 }
     }
 
     /// y = W x (scaled) for packed `w` [N/4, K] and bf16 `y` [M, N]; queued on the stream.
@@ -98,6 +107,9 @@ impl TernaryGemv {
         y: &mut DeviceBuffer<u16>,
         scale: f32,
     ) -> Result<(), GpuError> {
+        if self.out_f32 {
+            return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what: "f32-output kernel given a bf16 output".into() });
+        }
         let shape = format!("M={} N={} K={}", self.m, self.n, self.k);
         let mut lens = vec![("w", w.len(), self.n / 4 * self.k), ("y", y.len(), self.m * self.n)];
         match (&x, self.mode) {
@@ -135,15 +147,16 @@ impl TernaryGemv {
     }
 
     /// W2A8 on rows `row0..row0 + M` of larger buffers: `q` [*, K], `x_scale` [*], `y` [*, N]
-    /// (the engine's step buffers, cut into launches of at most M rows).
+    /// of bf16 bits (`u16`) or f32, as the kernel was rendered (the engine's step buffers, cut
+    /// into launches of at most M rows).
     #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
-    pub fn launch_w2a8_rows(
+    pub fn launch_w2a8_rows<T: cudarc::driver::DeviceRepr>(
         &mut self,
         gpu: &Gpu,
         w: &DeviceBuffer<u8>,
         q: &DeviceBuffer<i8>,
         x_scale: &DeviceBuffer<f32>,
-        y: &mut DeviceBuffer<u16>,
+        y: &mut DeviceBuffer<T>,
         row0: usize,
         scale: f32,
     ) -> Result<(), GpuError> {
@@ -151,6 +164,10 @@ impl TernaryGemv {
         let shape = format!("rows {row0}..{} of M={m} N={n} K={k}", row0 + m);
         if self.mode != ActMode::W2A8 {
             return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what: "not a W2A8 kernel".into() });
+        }
+        if std::mem::size_of::<T>() != self.out_bytes() {
+            let what = format!("output elements of {} bytes given, the kernel writes {}", std::mem::size_of::<T>(), self.out_bytes());
+            return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what });
         }
         let end = row0 + m;
         let lens = [
