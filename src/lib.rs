@@ -26,6 +26,7 @@ pub mod compile;
 pub mod engine;
 pub mod gpu;
 pub mod jit;
+pub mod lab;
 pub mod key;
 pub mod plan;
 pub mod provision;

@@ -49,7 +49,7 @@ pub(crate) fn driver_err(context: impl Into<String>) -> impl FnOnce(cu::DriverEr
 }
 
 /// Facts about the device, for reports and tuning-DB metadata.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
     pub name: String,
     pub arch: Arch,

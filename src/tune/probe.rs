@@ -5,7 +5,7 @@
 
 use crate::arch::Arch;
 use crate::check::{Deltas, Gate, POISON_BF16};
-use crate::gpu::{Activations, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
+use crate::gpu::{ActMode, Activations, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
 use crate::jit::{Jit, KernelRequest};
 use crate::template::Params;
 use crate::tuning_db::{GateRecord, LookupRule, Provenance, TuningDb};
@@ -36,12 +36,17 @@ pub struct ProbeCase {
 
 /// Chooses the tuned `ternary_gemv` config for (m, n, k) from the DB (nearest bucket), or the default.
 pub fn gemv_request(db: &TuningDb, arch: Arch, m: usize, n: i64, k: i64) -> (KernelRequest, LookupRule) {
+    gemv_request_for(db, ActMode::Bf16, arch, m, n, k)
+}
+
+/// [`gemv_request`] for the GEMV template of either activation mode.
+pub fn gemv_request_for(db: &TuningDb, mode: ActMode, arch: Arch, m: usize, n: i64, k: i64) -> (KernelRequest, LookupRule) {
     let problem: Params = [("N".to_string(), n), ("K".to_string(), k)].into();
-    let choice = db.lookup("ternary_gemv", &problem, m as i64);
+    let choice = db.lookup(mode.template(), &problem, m as i64);
     let mut params = choice.params;
     params.extend(problem);
     params.insert("M".into(), m as i64);
-    (KernelRequest { template: "ternary_gemv".into(), params, arch }, choice.rule)
+    (KernelRequest { template: mode.template().into(), params, arch }, choice.rule)
 }
 
 /// The M-row linear as launches of at most [`MAX_GEMV_M`] rows each.
