@@ -4,8 +4,10 @@
 //! default) checked once against the CPU reference, then timed with weights rotated beyond L2.
 //! Rows carry µs, achieved GB/s, the fraction of copy bandwidth, the speedup over cuBLAS and
 //! tuned over default; the report renders as a table, JSON (with provenance) and an SVG plot.
-//! [`measure`] does the GPU work, [`plot`] the SVG; everything here is pure.
+//! [`command`] is the CLI entry, [`measure`] does the GPU work, [`plot`] the SVG; everything
+//! here is pure.
 
+pub mod command;
 pub mod measure;
 pub mod plot;
 
@@ -44,8 +46,12 @@ pub enum LabError {
     Template(#[from] TemplateError),
     #[error("the GPU is {device} but --arch is {asked}: kernels for {asked} cannot run here")]
     ArchMismatch { device: String, asked: String },
+    #[error("no GPU ({0}): `mangrove bench kernels` needs an NVIDIA GPU")]
+    NoGpu(String),
     #[error("bad lab input: {0}")]
     Input(String),
+    #[error("variants failed their correctness check (reported, not timed):\n{0}")]
+    Failed(String),
     #[error("writing {path}: {reason}")]
     Write { path: String, reason: String },
 }
