@@ -96,6 +96,7 @@ def main(argv=None):
     l2_bytes = int(getattr(props, "L2_cache_size", 50 << 20) or (50 << 20))
     sms = props.multi_processor_count
     torch.manual_seed(args.seed)
+    torch.backends.cuda.matmul.allow_tf32 = False  # f32 references in full f32
     gemv_kernel, moe_kernel = kern.autotuned(args.space, sms)
 
     # ----------------------------------------------------------------------------- harness
@@ -323,7 +324,7 @@ def main(argv=None):
     failed = [f"{r['label']}: {row['variant']}: {row['status']}" for r in results for row in r["rows"] if row["status"] != "timed"]
     if failed:
         print("triton_peer: not timed:\n  " + "\n  ".join(failed), file=sys.stderr)
-    return 0
+    return 1 if failed else 0
 
 
 def combined_table(results, mg, copy_bw):
