@@ -58,6 +58,12 @@ pub struct Jit {
 }
 
 impl Jit {
+    /// The JIT over `catalog` with the sled cache in `cache_dir`; fails when NVRTC or the cache
+    /// cannot be opened.
+    pub fn open(catalog: Catalog, cache_dir: &std::path::Path, keep_ptx: bool) -> Result<Self, JitError> {
+        Ok(Self { catalog, cache: Cache::open(cache_dir)?, compiler: Compiler::open()?, keep_ptx })
+    }
+
     /// Renders and keys a request without touching the cache.
     pub fn key_of(&self, req: &KernelRequest) -> Result<(RenderedKernel, KeyInputs), JitError> {
         let kernel = self.catalog.get(&req.template)?.render(&req.params)?;

@@ -15,7 +15,8 @@
 //! reference and the correctness gate every kernel is held to; [`validate`] runs a kernel against
 //! them; [`routing`] groups MoE (token, expert) pairs for the grouped kernels; [`plan`] lists the
 //! kernels a model needs; [`bundle`] freezes them for offline deploys; [`provision`] obtains them
-//! at server start; [`service`] shares one cache between processes (`mangrove jitd`).
+//! at server start; [`service`] shares one cache between processes (`mangrove jitd`); [`lab`]
+//! holds the tuned kernels to cuBLAS and the copy-bandwidth limit (`mangrove bench kernels`).
 
 pub mod arch;
 pub mod bundle;
@@ -26,6 +27,7 @@ pub mod compile;
 pub mod engine;
 pub mod gpu;
 pub mod jit;
+pub mod lab;
 pub mod key;
 pub mod plan;
 pub mod provision;

@@ -52,3 +52,33 @@ fn gpu_command_reports_absence_normally() {
     assert!(ok, "{err}");
     assert!(out.contains("no GPU") || out.contains("\"sm_count\""), "{out}");
 }
+
+#[test]
+fn bench_kernels_without_gpu_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning_db/h100");
+    let json = dir.path().join("k.json");
+    let cache = dir.path().join("cache");
+    let (c, j) = (cache.to_str().unwrap(), json.to_str().unwrap());
+    let bad: [(&[&str], &str); 3] = [
+        (&["--cache-dir", c, "bench", "kernels", "--db", db, "--iters", "0"], "--iters and --batch must be at least 1"),
+        (&["--cache-dir", c, "bench", "kernels", "--db", "/nonexistent/db"], "tuning DB folder /nonexistent/db does not exist"),
+        (&["--cache-dir", c, "bench", "kernels", "--arch", "sm91"], "unknown arch 'sm91'"),
+    ];
+    for (args, needle) in bad {
+        let (ok, _, err) = mangrove(args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    if mangrove::gpu::Gpu::open(0).is_ok() {
+        eprintln!("skipped the no-GPU half: this machine has a GPU");
+        return;
+    }
+    let (ok, out, err) = mangrove(&["--cache-dir", c, "bench", "kernels", "--arch", "sm90", "--db", db, "--json", j]);
+    assert!(!ok, "no GPU must be a non-zero exit: {out}");
+    assert!(err.contains("no GPU") && err.contains("needs an NVIDIA GPU"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!json.exists(), "nothing is written without a GPU");
+    assert!(!cache.exists(), "the cache is not opened without a GPU");
+}

@@ -172,6 +172,9 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Kernel lab: copy bandwidth, cuBLAS bf16, and mangrove's tuned and default kernels on the
+    /// bitnet-2B decode GEMVs and the MoE gate_up problem, each checked, then timed beyond L2.
+    Kernels(mangrove::lab::command::KernelsArgs),
     /// Time to ready of `mangrove serve` for a model: cold (empty cache: every kernel
     /// compiled), warm (same cache again), and from a blessed bundle offline.
     Startup {
@@ -361,6 +364,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Startup { model, tuning_db, arch, max_batch, json } } => {
             bench_startup(&model, &tuning_db, arch, max_batch, json)
+        }
+        Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
+            mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
         }
         Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, tuning_db, mut kernels, json } } => {
             if batch.is_empty() || batch.contains(&0) || prompt_tokens == 0 {

@@ -1,8 +1,10 @@
 //! Stage 5 — loader and launcher. Takes cached cubins and gives loaded kernels on a real GPU.
 //! A process without libcuda, or without a device, gets [`GpuError::NoDriver`] /
 //! [`GpuError::NoDevice`] as a normal answer: the driver library is probed before cudarc
-//! touches it (cudarc panics otherwise). With `compile`, the only module that imports cudarc.
+//! touches it (cudarc panics otherwise); so is libcublas ([`Blas`], the vendor baseline).
+//! With `compile`, the only module that imports cudarc.
 
+mod cublas;
 mod graph;
 mod moe;
 mod ops;
@@ -16,6 +18,7 @@ use cudarc::driver::{self as cu, CudaContext, CudaFunction, CudaModule, CudaStre
 use crate::arch::Arch;
 use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
+pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use ops::{Attention, KvArena, LmHead, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
@@ -38,6 +41,8 @@ pub enum GpuError {
     Shape { kernel: String, what: String },
     #[error("kernel '{kernel}' was compiled for {compiled} but this GPU is {device}")]
     ArchMismatch { kernel: String, compiled: Arch, device: Arch },
+    #[error("cuBLAS unavailable: {0}")]
+    NoBlas(String),
     #[error("kernel '{kernel}' needs {wanted} bytes of dynamic shared memory; this GPU allows {limit} per block")]
     SharedMemory { kernel: String, wanted: u32, limit: i32 },
 }
@@ -48,7 +53,7 @@ pub(crate) fn driver_err(context: impl Into<String>) -> impl FnOnce(cu::DriverEr
 }
 
 /// Facts about the device, for reports and tuning-DB metadata.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceInfo {
     pub name: String,
     pub arch: Arch,

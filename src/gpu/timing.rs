@@ -39,7 +39,7 @@ impl TimingStats {
 }
 
 /// How much to measure.
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct TimingPlan {
     pub warmup: usize,
     pub samples: usize,

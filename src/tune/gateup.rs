@@ -6,8 +6,11 @@ use indicatif::ProgressBar;
 use super::context::TuneContext;
 use super::sweep::{SweepOutcome, TuneError};
 use super::workload::{GateupWorkload, Workload};
+use crate::arch::Arch;
+use crate::jit::KernelRequest;
 use crate::reference::moe::MoeShape;
 use crate::template::Params;
+use crate::tuning_db::{LookupRule, TuningDb};
 
 /// The default ternary MoE shape (Qwen-MoE-like): experts, top-k, hidden, expert intermediate.
 pub const DEFAULT_MOE: (i64, i64, i64, i64) = (64, 8, 2048, 1408);
@@ -27,8 +30,8 @@ pub fn tune_gateup(
     }
     let mut out = Vec::new();
     for &m in ms {
-        let problem: Params =
-            [("M", m), ("E", e), ("TOPK", topk), ("H", h), ("I", i)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut problem = gateup_problem((e, topk, h, i));
+        problem.insert("M".into(), m);
         ctx.jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any work
         progress.set_message(format!("gateup M={m}"));
         let shape = MoeShape { tokens: m as usize, hidden: h as usize, inter: i as usize, experts: e as usize, topk: topk as usize };
@@ -40,4 +43,19 @@ pub fn tune_gateup(
         out.push((problem, o));
     }
     Ok(out)
+}
+
+/// The `moe_gateup` problem parameters (without M) of one (E, TOPK, H, I).
+pub fn gateup_problem((e, topk, h, i): (i64, i64, i64, i64)) -> Params {
+    [("E", e), ("TOPK", topk), ("H", h), ("I", i)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Chooses the tuned `moe_gateup` config for `m` tokens of `problem` from the DB (nearest
+/// bucket), or the template default.
+pub fn gateup_request(db: &TuningDb, arch: Arch, m: i64, problem: &Params) -> (KernelRequest, LookupRule) {
+    let choice = db.lookup("moe_gateup", problem, m);
+    let mut params = choice.params;
+    params.extend(problem.clone());
+    params.insert("M".into(), m);
+    (KernelRequest { template: "moe_gateup".into(), params, arch }, choice.rule)
 }
