@@ -22,7 +22,7 @@ use super::{Backend, StepReport};
 use crate::cache::CacheEntry;
 use crate::gpu::{Gpu, GpuError, Graph, KvArena};
 use kernels::{KernelSetError, StepKernels};
-use step::Workspace;
+use step::{StepShape, Workspace};
 use weights::DeviceWeights;
 
 /// Steps of at most this many token rows are captured as CUDA graphs (decode and short
@@ -46,8 +46,8 @@ struct Inner {
     weights: DeviceWeights,
     work: Workspace,
     kv: KvArena,
-    /// Captured steps by (rows, sequences).
-    graphs: HashMap<(usize, usize), Graph>,
+    /// Captured steps by shape.
+    graphs: HashMap<StepShape, Graph>,
 }
 
 /// The CUDA backend over one GPU.
@@ -119,15 +119,14 @@ impl Inner {
         gpu.write(&r.pos, &mut work.pos)?;
         gpu.write(&r.slot, &mut work.slot)?;
         gpu.write(&r.last, &mut work.last)?;
+        let shape = StepShape { rows, seqs };
         if use_graph && rows <= GRAPH_MAX_ROWS {
-            let key = (rows, seqs);
-            if !graphs.contains_key(&key) {
-                let g = gpu.capture(|| step::enqueue(gpu, kernels, weights, work, kv, c, rows, seqs))?;
-                graphs.insert(key, g);
+            if let std::collections::hash_map::Entry::Vacant(e) = graphs.entry(shape) {
+                e.insert(gpu.capture(|| step::enqueue(gpu, kernels, weights, work, kv, c, shape))?);
             }
-            graphs[&key].launch()?;
+            graphs[&shape].launch()?;
         } else {
-            step::enqueue(gpu, kernels, weights, work, kv, c, rows, seqs)?;
+            step::enqueue(gpu, kernels, weights, work, kv, c, shape)?;
         }
         gpu.download_prefix(&work.logits, seqs * c.vocab)
     }

@@ -60,7 +60,14 @@ impl Workspace {
     }
 }
 
-/// Queues the whole forward of `rows` token rows (of `seqs` sequences) on the GPU's stream:
+/// How many token rows a step runs and how many sequences they belong to (one logits row each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StepShape {
+    pub rows: usize,
+    pub seqs: usize,
+}
+
+/// Queues the whole forward of a step's token rows on the GPU's stream:
 /// embedding + norm, per layer QKV → RoPE/KV append → attention → sub-norm → O → residual +
 /// norm → gate_up → GLU + sub-norm → down → residual + next norm, then the LM head over each
 /// sequence's last row. Row metadata must already be in `ws`.
@@ -71,8 +78,7 @@ pub fn enqueue(
     ws: &mut Workspace,
     kv: &mut KvArena,
     c: &ModelConfig,
-    rows: usize,
-    seqs: usize,
+    StepShape { rows, seqs }: StepShape,
 ) -> Result<(), GpuError> {
     let eps = c.rms_eps as f32;
     let theta = c.rope_theta as f32;

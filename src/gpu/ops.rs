@@ -59,6 +59,7 @@ impl RmsNormQuant {
     }
 
     /// Normalizes `rows` rows; `x` is the f32 residual stream / input rows [rows, H].
+    #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
     pub fn launch(
         &self,
         gpu: &Gpu,
@@ -226,6 +227,7 @@ impl Attention {
     }
 
     /// Attention of `rows` query rows `q` [rows, QD] over their sequences → `out` [rows, QD].
+    #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
     pub fn launch(
         &self,
         gpu: &Gpu,
