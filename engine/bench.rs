@@ -34,6 +34,9 @@ pub struct DecodeBench {
     pub bound_tokens_per_s: Option<f64>,
     /// tokens_per_s / bound_tokens_per_s.
     pub fraction_of_bound: Option<f64>,
+    /// GPU time per kernel family of one extra decode step run with per-launch events
+    /// (device backends; empty on the CPU).
+    pub step_profile: Vec<crate::gpu::SpanTotal>,
 }
 
 /// Bytes of weights a decode step streams: 2-bit ternary linears (packed, 4 per byte) and the
@@ -77,6 +80,13 @@ pub fn bench_decode(
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let secs = t_all.elapsed().as_secs_f64();
+    // One more step with per-launch events: where the step's GPU time goes.
+    backend.set_profiling(true);
+    let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
+    let mut inputs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+    let profiled = backend.forward(&mut inputs).map(|_| backend.last_profile());
+    backend.set_profiling(false);
+    let step_profile = profiled?;
     let tokens_per_s = if secs > 0.0 { (batch * steps) as f64 / secs } else { 0.0 };
     let weight_bytes = weight_bytes(cfg);
     let bound = copy_gbs.map(|gbs| batch as f64 / (weight_bytes as f64 / (gbs * 1e9)));
@@ -96,6 +106,7 @@ pub fn bench_decode(
         weight_bytes,
         bound_tokens_per_s: bound,
         fraction_of_bound: bound.map(|b| tokens_per_s / b),
+        step_profile,
     })
 }
 

@@ -60,6 +60,12 @@ pub trait Backend: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Appends each sequence's tokens to its cache and returns its last-position logits.
     fn forward(&self, batch: &mut [SeqInput]) -> Result<(Vec<Vec<f64>>, StepReport), ForwardError>;
+    /// Turns per-kernel timing of each step on or off (device backends; slower while on).
+    fn set_profiling(&self, _on: bool) {}
+    /// GPU time per kernel family of the last step run with profiling on (empty if none).
+    fn last_profile(&self) -> Vec<crate::gpu::SpanTotal> {
+        Vec::new()
+    }
 }
 
 /// The CPU backend over a loaded model.

@@ -20,7 +20,7 @@ use super::model::Model;
 use super::slots::SlotPool;
 use super::{Backend, StepReport};
 use crate::cache::CacheEntry;
-use crate::gpu::{Gpu, GpuError, Graph, KvArena};
+use crate::gpu::{Gpu, GpuError, Graph, KvArena, SpanTotal};
 use kernels::{KernelSetError, StepKernels};
 use step::{StepShape, Workspace};
 use weights::DeviceWeights;
@@ -48,6 +48,8 @@ struct Inner {
     kv: KvArena,
     /// Captured steps by shape.
     graphs: HashMap<StepShape, Graph>,
+    /// With profiling on: the per-family GPU time of the last step.
+    profile: Option<Vec<SpanTotal>>,
 }
 
 /// The CUDA backend over one GPU.
@@ -83,7 +85,7 @@ impl CudaBackend {
         Ok(Self {
             config,
             slots: SlotPool::new(max_seqs.max(1)),
-            inner: Mutex::new(Inner { gpu, kernels, weights, work, kv, graphs: HashMap::new() }),
+            inner: Mutex::new(Inner { gpu, kernels, weights, work, kv, graphs: HashMap::new(), profile: None }),
             graphs_enabled,
         })
     }
@@ -114,19 +116,24 @@ impl Inner {
             self.graphs.clear();
             self.work = Workspace::new(&self.gpu, c, rows.next_power_of_two())?;
         }
-        let Inner { gpu, kernels, weights, work, kv, graphs } = self;
+        let Inner { gpu, kernels, weights, work, kv, graphs, profile } = self;
         gpu.write(&r.tokens, &mut work.tokens)?;
         gpu.write(&r.pos, &mut work.pos)?;
         gpu.write(&r.slot, &mut work.slot)?;
         gpu.write(&r.last, &mut work.last)?;
         let shape = StepShape { rows, seqs };
-        if use_graph && rows <= GRAPH_MAX_ROWS {
+        if let Some(last) = profile {
+            // Profiling: direct launches, an event after each.
+            let mut spans = gpu.spans()?;
+            step::enqueue(gpu, kernels, weights, work, kv, c, shape, Some(&mut spans))?;
+            *last = spans.totals()?;
+        } else if use_graph && rows <= GRAPH_MAX_ROWS {
             if let std::collections::hash_map::Entry::Vacant(e) = graphs.entry(shape) {
-                e.insert(gpu.capture(|| step::enqueue(gpu, kernels, weights, work, kv, c, shape))?);
+                e.insert(gpu.capture(|| step::enqueue(gpu, kernels, weights, work, kv, c, shape, None))?);
             }
             graphs[&shape].launch()?;
         } else {
-            step::enqueue(gpu, kernels, weights, work, kv, c, shape)?;
+            step::enqueue(gpu, kernels, weights, work, kv, c, shape, None)?;
         }
         gpu.download_prefix(&work.logits, seqs * c.vocab)
     }
@@ -135,6 +142,14 @@ impl Inner {
 impl Backend for CudaBackend {
     fn name(&self) -> &'static str {
         "cuda"
+    }
+
+    fn set_profiling(&self, on: bool) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).profile = on.then(Vec::new);
+    }
+
+    fn last_profile(&self) -> Vec<SpanTotal> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).profile.clone().unwrap_or_default()
     }
 
     fn config(&self) -> &ModelConfig {

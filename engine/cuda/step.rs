@@ -4,7 +4,7 @@
 //! launches, captured once as a CUDA graph, serve every step with the same row/sequence counts.
 
 use crate::engine::config::ModelConfig;
-use crate::gpu::{DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta};
+use crate::gpu::{DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta, Spans};
 
 use super::kernels::StepKernels;
 use super::weights::DeviceWeights;
@@ -70,7 +70,9 @@ pub struct StepShape {
 /// Queues the whole forward of a step's token rows on the GPU's stream:
 /// embedding + norm, per layer QKV → RoPE/KV append → attention → sub-norm → O → residual +
 /// norm → gate_up → GLU + sub-norm → down → residual + next norm, then the LM head over each
-/// sequence's last row. Row metadata must already be in `ws`.
+/// sequence's last row. Row metadata must already be in `ws`. With `spans`, every launch is
+/// followed by a labelled event (a profile; not while capturing a graph).
+#[allow(clippy::too_many_arguments)] // the step's parts, named
 pub fn enqueue(
     gpu: &Gpu,
     k: &mut StepKernels,
@@ -79,30 +81,48 @@ pub fn enqueue(
     kv: &mut KvArena,
     c: &ModelConfig,
     StepShape { rows, seqs }: StepShape,
+    mut spans: Option<&mut Spans>,
 ) -> Result<(), GpuError> {
+    let mut mark = |label: &'static str| -> Result<(), GpuError> {
+        match spans.as_deref_mut() {
+            Some(s) => s.mark(gpu, label),
+            None => Ok(()),
+        }
+    };
     let eps = c.rms_eps as f32;
     let theta = c.rope_theta as f32;
     let first = w.layers.first().map_or(&w.norm, |l| &l.input_norm);
     k.norm.launch(gpu, rows, &mut ws.x, NormSource::Embed { tokens: &ws.tokens, table: &w.embed }, first, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+    mark("embedding+rmsnorm")?;
     for (li, l) in w.layers.iter().enumerate() {
         let meta = RowMeta { pos: &ws.pos, slot: &ws.slot };
         k.qkv.launch(gpu, &l.qkv, rows, &ws.q, &ws.x_scale, &mut ws.qkv)?;
+        mark("attn_qkv")?;
         k.rope.launch(gpu, rows, &ws.qkv, l.qkv_factors, &meta, kv, li, theta, &mut ws.q_rot)?;
+        mark("rope")?;
         k.attention.launch(gpu, rows, &ws.q_rot, &meta, kv, li, &mut ws.attn)?;
+        mark("attention")?;
         k.attn_sub_norm.launch(gpu, rows, &mut ws.attn, NormSource::Rows, &l.attn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        mark("attn_sub_norm")?;
         k.o.launch(gpu, &l.o, rows, &ws.q, &ws.x_scale, &mut ws.o)?;
+        mark("attn_o")?;
         let residual = NormSource::Residual { delta: &ws.o, factor: l.o_factor };
         k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        mark("residual+rmsnorm")?;
         k.gate_up.launch(gpu, &l.gate_up, rows, &ws.q, &ws.x_scale, &mut ws.gate_up)?;
+        mark("mlp_gate_up")?;
         let [gate, up] = l.gate_up_factors;
         let glu = NormSource::Glu { gate_up: &ws.gate_up, gate, up };
         k.mlp_sub_norm.launch(gpu, rows, &mut ws.x, glu, &l.ffn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        mark("mlp_glu+sub_norm")?;
         k.down.launch(gpu, &l.down, rows, &ws.q, &ws.x_scale, &mut ws.down)?;
+        mark("mlp_down")?;
         let residual = NormSource::Residual { delta: &ws.down, factor: l.down_factor };
         match w.layers.get(li + 1) {
             Some(next) => k.norm.launch(gpu, rows, &mut ws.x, residual, &next.input_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
             None => k.norm.launch(gpu, rows, &mut ws.x, residual, &w.norm, eps, NormOut::F32(&mut ws.xn))?,
         }
+        mark("residual+rmsnorm")?;
     }
     let v = c.vocab;
     let mut b0 = 0;
@@ -110,6 +130,7 @@ pub fn enqueue(
         let head = k.lm_head.iter().take(seqs - b0).rev().find_map(|h| h.as_ref()).expect("M=1 is always loaded");
         let m = head.m;
         head.launch(gpu, w.head(), &ws.xn, ws.last.slice(b0..b0 + m), ws.logits.slice_mut(b0 * v..(b0 + m) * v))?;
+        mark("lm_head")?;
         b0 += m;
     }
     Ok(())

@@ -392,6 +392,10 @@ fn run(cli: Cli) -> Result<()> {
                             _ => String::new(),
                         }
                     );
+                    let total: f64 = r.step_profile.iter().map(|t| t.us).sum();
+                    for t in &r.step_profile {
+                        println!("    {:<20} {:>9.1} µs {:>5.1}%  {} launches", t.label, t.us, 100.0 * t.us / total, t.launches);
+                    }
                 }
                 runs.push(r);
             }

@@ -23,7 +23,7 @@ pub use graph::Graph;
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use ops::{Attention, KvArena, LmHead, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
-pub use timing::{TimingPlan, TimingStats};
+pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
 
 /// A device allocation of `T` elements.
 pub type DeviceBuffer<T> = cu::CudaSlice<T>;

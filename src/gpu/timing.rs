@@ -94,6 +94,58 @@ impl Gpu {
     }
 }
 
+/// GPU time per labelled launch: an event after each launch, read back after a sync. For
+/// breakdowns of a launch sequence (e.g. one decode step); not for capture into graphs.
+pub struct Spans {
+    start: cudarc::driver::CudaEvent,
+    marks: Vec<(&'static str, cudarc::driver::CudaEvent)>,
+}
+
+/// Total GPU time of one label over a [`Spans`] run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct SpanTotal {
+    pub label: &'static str,
+    pub us: f64,
+    pub launches: usize,
+}
+
+impl Gpu {
+    /// Starts a span recording at the current point of the stream.
+    pub fn spans(&self) -> Result<Spans, GpuError> {
+        let start = self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("event"))?;
+        start.record(&self.stream).map_err(driver_err("event record"))?;
+        Ok(Spans { start, marks: Vec::new() })
+    }
+}
+
+impl Spans {
+    /// Ends the span of `label`: the work queued since the previous mark.
+    pub fn mark(&mut self, gpu: &Gpu, label: &'static str) -> Result<(), GpuError> {
+        let ev = gpu.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("event"))?;
+        ev.record(&gpu.stream).map_err(driver_err("event record"))?;
+        self.marks.push((label, ev));
+        Ok(())
+    }
+
+    /// Totals per label, in first-seen order (waits for the last mark).
+    pub fn totals(&self) -> Result<Vec<SpanTotal>, GpuError> {
+        let mut out: Vec<SpanTotal> = Vec::new();
+        let mut prev = &self.start;
+        for (label, ev) in &self.marks {
+            let us = prev.elapsed_ms(ev).map_err(driver_err("event elapsed"))? as f64 * 1e3;
+            match out.iter_mut().find(|t| t.label == *label) {
+                Some(t) => {
+                    t.us += us;
+                    t.launches += 1;
+                }
+                None => out.push(SpanTotal { label, us, launches: 1 }),
+            }
+            prev = ev;
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
