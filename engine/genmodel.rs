@@ -118,12 +118,21 @@ impl Gen {
 
 /// Writes a random checkpoint of `preset` into `out` (created if needed).
 pub fn generate(preset: Preset, out: &Path, seed: u64) -> Result<(), GenError> {
+    generate_with(preset, out, seed, None)
+}
+
+/// [`generate`] with the preset's layer count replaced by `layers` (e.g. bitnet-2b widths with
+/// 2 layers: the real kernel shapes at a fraction of the size).
+pub fn generate_with(preset: Preset, out: &Path, seed: u64, layers: Option<usize>) -> Result<(), GenError> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| GenError::Io { path, source }
     };
     std::fs::create_dir_all(out).map_err(io(out))?;
-    let cfg = preset_config(preset);
+    let mut cfg = preset_config(preset);
+    if let Some(l) = layers {
+        cfg.num_hidden_layers = l.max(1);
+    }
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let hd = h / cfg.num_attention_heads;
     let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads) * hd);

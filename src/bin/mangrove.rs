@@ -90,6 +90,9 @@ enum Cmd {
         out: PathBuf,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Override the preset's number of layers (same widths).
+        #[arg(long)]
+        layers: Option<usize>,
     },
     /// Benchmarks: `decode` (tokens/s of a backend) and `startup` (time to ready: cold cache,
     /// warm cache, blessed bundle).
@@ -357,8 +360,8 @@ fn run(cli: Cli) -> Result<()> {
                 Ok::<_, anyhow::Error>(())
             })
         }
-        Cmd::GenModel { preset, out, seed } => {
-            mangrove::engine::genmodel::generate(preset, &out, seed)?;
+        Cmd::GenModel { preset, out, seed, layers } => {
+            mangrove::engine::genmodel::generate_with(preset, &out, seed, layers)?;
             println!("wrote {preset:?} checkpoint to {}", out.display());
             Ok(())
         }
