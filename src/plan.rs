@@ -80,8 +80,8 @@ impl ShapeConfig {
         v
     }
 
-    /// The decode-step ops of a dense model: (family, template, problem parameters). Each is
-    /// launched over any number of rows; `lm_head` (M rows per launch) is planned per M.
+    /// The decode-step ops: (family, template, problem parameters). Each is launched over any
+    /// number of rows. MoE models add the expert GLU quantization (no norm) and the combine.
     pub fn op_kernels(&self) -> Vec<(&'static str, &'static str, Params)> {
         let p = |kv: &[(&str, i64)]| -> Params { kv.iter().map(|(k, v)| (k.to_string(), *v)).collect() };
         let (h, hd) = (self.hidden_size, self.head_dim());
@@ -94,10 +94,20 @@ impl ShapeConfig {
             ("rope", "rope_kv", attn.clone()),
             ("attention", "attention_decode", attn),
         ];
-        if self.num_experts.is_none() {
-            v.push(("mlp_sub_norm", "rmsnorm_quant", p(&[("H", self.intermediate_size), ("GLU", 1), ("ACT", act)])));
+        match self.moe() {
+            None => v.push(("mlp_sub_norm", "rmsnorm_quant", p(&[("H", self.intermediate_size), ("GLU", 1), ("ACT", act)]))),
+            Some((_, topk, i)) => {
+                // Qwen3-MoE experts: SiLU, no sub-norm.
+                v.push(("moe_glu", "rmsnorm_quant", p(&[("H", i), ("GLU", 1), ("ACT", 1), ("NORM", 0)])));
+                v.push(("moe_combine", "moe_combine", p(&[("TOPK", topk), ("H", h)])));
+            }
         }
         v
+    }
+
+    /// (experts, top-k, expert intermediate size) of an MoE model.
+    fn moe(&self) -> Option<(i64, i64, i64)> {
+        Some((self.num_experts?, self.num_experts_per_tok?, self.moe_intermediate_size?))
     }
 }
 
@@ -142,39 +152,36 @@ fn choose(db: &TuningDb, template: &str, problem: &Params, m: i64, tuned_family:
 pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> Vec<PlannedKernel> {
     let mut out = Vec::new();
     let chunk_ms = 1..=max_batch.min(MAX_GEMV_M as i64);
+    let w2a8 = |out: &mut Vec<PlannedKernel>, family: &str, m: i64, n: i64, k: i64| {
+        let (mut request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
+        // The engine keeps linear outputs in f32 (its residual stream's precision).
+        request.params.insert("OUT_F32".into(), 1);
+        out.push(PlannedKernel::new(family, m, request, rule));
+    };
     for (family, n, k) in config.linear_shapes() {
+        for m in chunk_ms.clone().filter(|&m| db.mgt1_allowed(m, n, k)) {
+            w2a8(&mut out, family, m, n, k);
+        }
+    }
+    if let Some((e, _, i)) = config.moe() {
+        // Each (token, expert) pair runs its expert's gate|up and down as an M=1 GEMV.
+        w2a8(&mut out, "moe_gate_up", 1, 2 * i, config.hidden_size);
+        w2a8(&mut out, "moe_down", 1, config.hidden_size, i);
         for m in chunk_ms.clone() {
-            if !db.mgt1_allowed(m, n, k) {
-                continue;
-            }
-            let (mut request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
-            // The engine keeps linear outputs in f32 (its residual stream's precision).
-            request.params.insert("OUT_F32".into(), 1);
-            out.push(PlannedKernel::new(family, m, request, rule));
+            let problem: Params = [("M", m), ("N", e), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
+            out.push(PlannedKernel::new("moe_router", m, request, rule));
         }
     }
-    if config.num_experts.is_none() {
-        for (family, template, problem) in config.op_kernels() {
-            let (request, rule) = choose(db, template, &problem, 1, false, arch);
-            out.push(PlannedKernel::new(family, 1, request, rule));
-        }
-        if let Some(vocab) = config.vocab_size {
-            for m in chunk_ms {
-                let problem: Params = [("M", m), ("N", vocab), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-                let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
-                out.push(PlannedKernel::new("lm_head", m, request, rule));
-            }
-        }
+    for (family, template, problem) in config.op_kernels() {
+        let (request, rule) = choose(db, template, &problem, 1, false, arch);
+        out.push(PlannedKernel::new(family, 1, request, rule));
     }
-    if let (Some(e), Some(topk), Some(i)) = (config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size) {
-        let problem: Params = [("E", e), ("TOPK", topk), ("H", config.hidden_size), ("I", i)]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
-        for m in 1..=max_batch {
-            let (mut request, rule) = choose(db, "moe_gateup", &problem, m, true, arch);
-            request.params.insert("M".into(), m);
-            out.push(PlannedKernel::new("moe_gate_up", m, request, rule));
+    if let Some(vocab) = config.vocab_size {
+        for m in chunk_ms {
+            let problem: Params = [("M", m), ("N", vocab), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
+            out.push(PlannedKernel::new("lm_head", m, request, rule));
         }
     }
     out
@@ -218,15 +225,19 @@ mod tests {
     }
 
     #[test]
-    fn moe_plan_covers_every_batch_size() {
+    fn moe_plan_has_expert_router_and_combine_kernels() {
         let c: ShapeConfig = serde_json::from_str(
             r#"{"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_experts": 64,
-                "num_experts_per_tok": 8, "moe_intermediate_size": 1408}"#,
+                "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "vocab_size": 1000}"#,
         )
         .unwrap();
         let p = plan(&c, &TuningDb::default(), Arch::SM90, 4);
-        let moe: Vec<i64> = p.iter().filter(|k| k.family == "moe_gate_up").map(|k| k.m).collect();
-        assert_eq!(moe, vec![1, 2, 3, 4]);
-        assert!(p.iter().all(|k| k.family != "mlp_gate_up"), "MoE layers have no dense MLP");
+        let fam = |f: &str| p.iter().filter(|k| k.family == f).map(|k| k.m).collect::<Vec<_>>();
+        assert_eq!(fam("moe_router"), vec![1, 2, 3, 4]);
+        assert_eq!((fam("moe_gate_up"), fam("moe_down"), fam("moe_glu"), fam("moe_combine")), (vec![1], vec![1], vec![1], vec![1]));
+        let gu = p.iter().find(|k| k.family == "moe_gate_up").unwrap();
+        assert_eq!((gu.request.params["N"], gu.request.params["K"], gu.request.params["OUT_F32"]), (2816, 2048, 1));
+        assert!(p.iter().all(|k| k.family != "mlp_gate_up" && k.family != "mlp_sub_norm"), "MoE layers have no dense MLP");
+        assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
     }
 }

@@ -107,7 +107,7 @@ impl TernaryCase {
         let len = self.problem.m * self.problem.n;
         if op.out_f32 {
             gpu.write(&vec![f32::from_bits(POISON_F32); len], &mut self.y32)?;
-            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, &mut self.y32, 0, self.problem.scale)?;
+            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (0, 0), &mut self.y32, self.problem.scale)?;
             gpu.sync()?;
             let out = gpu.download(&self.y32)?;
             let values: Vec<f64> = out.iter().map(|&v| v as f64).collect();

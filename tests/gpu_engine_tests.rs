@@ -95,6 +95,23 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
 }
 
 #[test]
+fn cuda_moe_logits_match_cpu_reference() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny-moe");
+    generate(Preset::TinyMoe, &dir, 5).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 4);
+    let cpu = CpuBackend::new(Arc::new(model.clone()));
+    let (d, _) = compare(&cuda, &cpu, 4);
+    println!("CUDA vs CPU logits (tiny-moe): {d}");
+    assert_eq!(d.non_finite, 0);
+    assert!(d.max_rel < 2e-2, "CUDA MoE logits differ from the CPU reference: {d}");
+    let report = cuda.forward(&mut [SeqInput { tokens: &[1, 2], cache: &mut KvCache::new(cuda.config()) }]).unwrap().1;
+    assert!(report.paths.contains(&("moe_gate_up", "cuda_w2a8")), "{:?}", report.paths);
+}
+
+#[test]
 fn kv_slots_are_reused_and_exhaustion_is_an_error() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let tmp = tempfile::tempdir().unwrap();

@@ -8,6 +8,7 @@
 //! linear's output; differences come from f32 (not f64) arithmetic and bf16 linear outputs.
 
 pub mod kernels;
+pub mod moe;
 pub mod step;
 pub mod weights;
 
@@ -32,8 +33,6 @@ pub const GRAPH_MAX_ROWS: usize = 64;
 /// Errors of building the CUDA backend.
 #[derive(Debug, thiserror::Error)]
 pub enum CudaBackendError {
-    #[error("the CUDA backend serves dense BitNet models only (this checkpoint is MoE)")]
-    Moe,
     #[error(transparent)]
     Gpu(#[from] GpuError),
     #[error(transparent)]
@@ -71,9 +70,6 @@ impl CudaBackend {
         max_seqs: usize,
         context: usize,
     ) -> Result<Self, CudaBackendError> {
-        if model.config.moe.is_some() {
-            return Err(CudaBackendError::Moe);
-        }
         let mut config = model.config.clone();
         config.max_positions = config.max_positions.min(context);
         let kernels = StepKernels::load(&gpu, entries)?;
@@ -81,7 +77,8 @@ impl CudaBackend {
         let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
         let work = Workspace::new(&gpu, &config, max_seqs.max(1))?;
         gpu.sync()?;
-        let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none();
+        // MoE steps route on the host mid-step: they cannot be captured.
+        let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none() && config.moe.is_none();
         Ok(Self {
             config,
             slots: SlotPool::new(max_seqs.max(1)),
@@ -92,9 +89,10 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Turns CUDA-graph replay of steps on or off (on by default unless MANGROVE_NO_GRAPHS is set).
+    /// Turns CUDA-graph replay of steps on or off (on by default for dense models unless
+    /// MANGROVE_NO_GRAPHS is set; MoE steps are never captured).
     pub fn with_graphs(mut self, on: bool) -> Self {
-        self.graphs_enabled = on;
+        self.graphs_enabled = on && self.config.moe.is_none();
         self
     }
 }
@@ -196,13 +194,20 @@ impl Backend for CudaBackend {
             seq.cache.len += seq.tokens.len();
         }
         let out = logits.chunks_exact(c.vocab).map(|l| l.iter().map(|&v| v as f64).collect()).collect();
-        Ok((out, StepReport { paths: paths(), fallbacks: Vec::new() }))
+        Ok((out, StepReport { paths: paths(c), fallbacks: Vec::new() }))
     }
 }
 
 /// The (layer family, kernel variant) pairs one forward of this backend runs.
-pub fn paths() -> Vec<(&'static str, &'static str)> {
-    let linear = ["attn_qkv", "attn_o", "mlp_gate_up", "mlp_down"].map(|f| (f, "cuda_w2a8"));
-    let ops = ["embedding", "rmsnorm", "rope", "attention", "lm_head"].map(|f| (f, "cuda_op"));
-    linear.into_iter().chain(ops).collect()
+pub fn paths(c: &ModelConfig) -> Vec<(&'static str, &'static str)> {
+    let mut linear = vec!["attn_qkv", "attn_o"];
+    let mut ops = vec!["embedding", "rmsnorm", "rope", "attention", "lm_head"];
+    match c.moe {
+        None => linear.extend(["mlp_gate_up", "mlp_down"]),
+        Some(_) => {
+            linear.extend(["moe_gate_up", "moe_down"]);
+            ops.extend(["moe_router", "moe_combine"]);
+        }
+    }
+    linear.into_iter().map(|f| (f, "cuda_w2a8")).chain(ops.into_iter().map(|f| (f, "cuda_op"))).collect()
 }

@@ -7,7 +7,8 @@ use crate::engine::config::ModelConfig;
 use crate::gpu::{DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta, Spans};
 
 use super::kernels::StepKernels;
-use super::weights::DeviceWeights;
+use super::moe::{moe_ffn, MoeWork};
+use super::weights::{DeviceFfn, DeviceWeights};
 
 /// Device buffers of a step of up to `rows` token rows.
 pub struct Workspace {
@@ -34,6 +35,8 @@ pub struct Workspace {
     pub last: DeviceBuffer<i32>,
     /// f32 logits [sequences ≤ rows, vocab].
     pub logits: DeviceBuffer<f32>,
+    /// MoE models: the per-pair buffers.
+    moe: Option<MoeWork>,
 }
 
 impl Workspace {
@@ -56,6 +59,7 @@ impl Workspace {
             slot: gpu.zeros(rows)?,
             last: gpu.zeros(rows)?,
             logits: gpu.zeros(rows * c.vocab)?,
+            moe: c.moe.map(|m| MoeWork::new(gpu, c, &m, rows)).transpose()?,
         })
     }
 }
@@ -69,9 +73,10 @@ pub struct StepShape {
 
 /// Queues the whole forward of a step's token rows on the GPU's stream:
 /// embedding + norm, per layer QKV → RoPE/KV append → attention → sub-norm → O → residual +
-/// norm → gate_up → GLU + sub-norm → down → residual + next norm, then the LM head over each
-/// sequence's last row. Row metadata must already be in `ws`. With `spans`, every launch is
-/// followed by a labelled event (a profile; not while capturing a graph).
+/// norm → gate_up → GLU + sub-norm → down (or the MoE block, [`moe_ffn`]) → residual + next
+/// norm, then the LM head over each sequence's last row. Row metadata must already be in `ws`.
+/// With `spans`, every launch is followed by a labelled event (a profile; not while capturing a
+/// graph). MoE layers route on the host, so their steps synchronize and cannot be captured.
 #[allow(clippy::too_many_arguments)] // the step's parts, named
 pub fn enqueue(
     gpu: &Gpu,
@@ -107,31 +112,40 @@ pub fn enqueue(
         k.o.launch(gpu, &l.o, rows, &ws.q, &ws.x_scale, &mut ws.o)?;
         mark("attn_o")?;
         let residual = NormSource::Residual { delta: &ws.o, factor: l.o_factor };
-        k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
-        mark("residual+rmsnorm")?;
-        k.gate_up.launch(gpu, &l.gate_up, rows, &ws.q, &ws.x_scale, &mut ws.gate_up)?;
-        mark("mlp_gate_up")?;
-        let [gate, up] = l.gate_up_factors;
-        let glu = NormSource::Glu { gate_up: &ws.gate_up, gate, up };
-        k.mlp_sub_norm.launch(gpu, rows, &mut ws.x, glu, &l.ffn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
-        mark("mlp_glu+sub_norm")?;
-        k.down.launch(gpu, &l.down, rows, &ws.q, &ws.x_scale, &mut ws.down)?;
-        mark("mlp_down")?;
-        let residual = NormSource::Residual { delta: &ws.down, factor: l.down_factor };
+        let down_factor = match &l.ffn {
+            DeviceFfn::Dense { gate_up, gate_up_factors: [gate, up], sub_norm, down, down_factor } => {
+                let mlp = k.mlp.as_mut().expect("dense kernels are loaded for a dense model");
+                k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+                mark("residual+rmsnorm")?;
+                mlp.gate_up.launch(gpu, gate_up, rows, &ws.q, &ws.x_scale, &mut ws.gate_up)?;
+                mark("mlp_gate_up")?;
+                let glu = NormSource::Glu { gate_up: &ws.gate_up, gate: *gate, up: *up, row_factors: None };
+                mlp.sub_norm.launch(gpu, rows, &mut ws.x, glu, sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+                mark("mlp_glu+sub_norm")?;
+                mlp.down.launch(gpu, down, rows, &ws.q, &ws.x_scale, &mut ws.down)?;
+                mark("mlp_down")?;
+                *down_factor
+            }
+            DeviceFfn::Moe { router, experts } => {
+                let out = NormOut::QuantF32 { q: &mut ws.q, scale: &mut ws.x_scale, xn: &mut ws.xn };
+                k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, out)?;
+                mark("residual+rmsnorm")?;
+                let kernels = k.moe.as_mut().expect("MoE kernels are loaded for an MoE model");
+                let work = ws.moe.as_mut().expect("MoE buffers exist for an MoE model");
+                let input = super::moe::MoeInput { q: &ws.q, x_scale: &ws.x_scale, xn: &ws.xn, unused: &w.norm };
+                moe_ffn(gpu, kernels, router, experts, c, rows, input, work, &mut ws.down, &mut mark)?;
+                // The combine already applied each expert's down factor and router weight.
+                1.0
+            }
+        };
+        let residual = NormSource::Residual { delta: &ws.down, factor: down_factor };
         match w.layers.get(li + 1) {
             Some(next) => k.norm.launch(gpu, rows, &mut ws.x, residual, &next.input_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
             None => k.norm.launch(gpu, rows, &mut ws.x, residual, &w.norm, eps, NormOut::F32(&mut ws.xn))?,
         }
         mark("residual+rmsnorm")?;
     }
-    let v = c.vocab;
-    let mut b0 = 0;
-    while b0 < seqs {
-        let head = k.lm_head.iter().take(seqs - b0).rev().find_map(|h| h.as_ref()).expect("M=1 is always loaded");
-        let m = head.m;
-        head.launch(gpu, w.head(), &ws.xn, ws.last.slice(b0..b0 + m), ws.logits.slice_mut(b0 * v..(b0 + m) * v))?;
-        mark("lm_head")?;
-        b0 += m;
-    }
+    k.lm_head.launch(gpu, w.head(), &ws.xn, &ws.last, seqs, &mut ws.logits)?;
+    mark("lm_head")?;
     Ok(())
 }

@@ -21,10 +21,31 @@ pub struct DeviceLayer {
     pub o: DeviceBuffer<u8>,
     pub o_factor: f32,
     pub post_attn_norm: DeviceBuffer<f32>,
+    pub ffn: DeviceFfn,
+}
+
+/// The feed-forward block of a layer on the device.
+pub enum DeviceFfn {
+    Dense {
+        /// Packed [2 I / 4, H]: gate rows, then up.
+        gate_up: DeviceBuffer<u8>,
+        gate_up_factors: [f32; 2],
+        sub_norm: DeviceBuffer<f32>,
+        down: DeviceBuffer<u8>,
+        down_factor: f32,
+    },
+    Moe {
+        /// bf16 router [experts, H].
+        router: DeviceBuffer<u16>,
+        experts: Vec<DeviceExpert>,
+    },
+}
+
+/// One MoE expert on the device.
+pub struct DeviceExpert {
     /// Packed [2 I / 4, H]: gate rows, then up.
     pub gate_up: DeviceBuffer<u8>,
     pub gate_up_factors: [f32; 2],
-    pub ffn_sub_norm: DeviceBuffer<f32>,
     pub down: DeviceBuffer<u8>,
     pub down_factor: f32,
 }
@@ -40,7 +61,7 @@ pub struct DeviceWeights {
 }
 
 impl DeviceWeights {
-    /// Uploads a dense model (MoE layers are refused by the caller).
+    /// Uploads a model (dense or MoE layers).
     pub fn upload(gpu: &Gpu, model: &Model) -> Result<Self, GpuError> {
         let conv = model.config.scale;
         let f32s = |v: &[f64]| -> Result<DeviceBuffer<f32>, GpuError> { gpu.upload(&v.iter().map(|&x| x as f32).collect::<Vec<_>>()) };
@@ -56,8 +77,28 @@ impl DeviceWeights {
         };
         let mut layers = Vec::with_capacity(model.layers.len());
         for layer in &model.layers {
-            let Ffn::Dense { gate, up, down, sub_norm } = &layer.ffn else {
-                return Err(GpuError::Shape { kernel: "engine".into(), what: "MoE layers are not supported by the CUDA backend".into() });
+            let ffn = match &layer.ffn {
+                Ffn::Dense { gate, up, down, sub_norm } => DeviceFfn::Dense {
+                    gate_up: concat(&[gate, up])?,
+                    gate_up_factors: [factor(gate), factor(up)],
+                    sub_norm: f32s(sub_norm)?,
+                    down: gpu.upload(&down.packed)?,
+                    down_factor: factor(down),
+                },
+                Ffn::Moe { router, experts } => DeviceFfn::Moe {
+                    router: gpu.upload(&router.iter().map(|&x| bf16::from_f64(x).to_bits()).collect::<Vec<_>>())?,
+                    experts: experts
+                        .iter()
+                        .map(|e| {
+                            Ok(DeviceExpert {
+                                gate_up: concat(&[&e.gate, &e.up])?,
+                                gate_up_factors: [factor(&e.gate), factor(&e.up)],
+                                down: gpu.upload(&e.down.packed)?,
+                                down_factor: factor(&e.down),
+                            })
+                        })
+                        .collect::<Result<_, GpuError>>()?,
+                },
             };
             layers.push(DeviceLayer {
                 input_norm: f32s(&layer.input_norm)?,
@@ -67,11 +108,7 @@ impl DeviceWeights {
                 o: gpu.upload(&layer.o.packed)?,
                 o_factor: factor(&layer.o),
                 post_attn_norm: f32s(&layer.post_attn_norm)?,
-                gate_up: concat(&[gate, up])?,
-                gate_up_factors: [factor(gate), factor(up)],
-                ffn_sub_norm: f32s(sub_norm)?,
-                down: gpu.upload(&down.packed)?,
-                down_factor: factor(down),
+                ffn,
             });
         }
         Ok(Self {

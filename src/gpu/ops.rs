@@ -34,7 +34,8 @@ pub enum NormSource<'a> {
     /// `x[r] += factor * delta[r]` (f32 [rows, H]), written back: the residual add.
     Residual { delta: &'a DeviceBuffer<f32>, factor: f32 },
     /// `act(gate * g) * (up * u)` from a fused gate_up output (f32 [rows, 2H]); x is untouched.
-    Glu { gate_up: &'a DeviceBuffer<f32>, gate: f32, up: f32 },
+    /// `row_factors` [rows, 2], when given, replace (gate, up) per row.
+    Glu { gate_up: &'a DeviceBuffer<f32>, gate: f32, up: f32, row_factors: Option<&'a DeviceBuffer<f32>> },
 }
 
 /// Where an [`RmsNormQuant`] writes.
@@ -43,6 +44,8 @@ pub enum NormOut<'a> {
     Quant { q: &'a mut DeviceBuffer<i8>, scale: &'a mut DeviceBuffer<f32> },
     /// f32 normalized rows [rows, H].
     F32(&'a mut DeviceBuffer<f32>),
+    /// Both: the int8 rows with their scales and the f32 rows (MoE: experts and router).
+    QuantF32 { q: &'a mut DeviceBuffer<i8>, scale: &'a mut DeviceBuffer<f32>, xn: &'a mut DeviceBuffer<f32> },
 }
 
 /// A loaded `rmsnorm_quant` kernel.
@@ -50,12 +53,15 @@ pub struct RmsNormQuant {
     kernel: LoadedKernel,
     pub h: usize,
     pub glu: bool,
+    /// False: rows are only quantized (no normalization; the weight is not read).
+    pub norm: bool,
 }
 
 impl RmsNormQuant {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "rmsnorm_quant")?;
-        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, kernel })
+        let norm = entry.inputs.params.get("NORM").is_none_or(|&v| v == 1);
+        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, norm, kernel })
     }
 
     /// Normalizes `rows` rows; `x` is the f32 residual stream / input rows [rows, H].
@@ -71,7 +77,9 @@ impl RmsNormQuant {
         out: NormOut,
     ) -> Result<(), GpuError> {
         let (name, h) = (self.kernel.name.as_str(), self.h);
-        need(name, "weight", weight.len(), h)?;
+        if self.norm {
+            need(name, "weight", weight.len(), h)?;
+        }
         if !matches!(source, NormSource::Glu { .. }) {
             need(name, "x", x.len(), rows * h)?;
         }
@@ -86,18 +94,27 @@ impl RmsNormQuant {
         match &source {
             NormSource::Embed { tokens, table } => {
                 need(name, "tokens", tokens.len(), rows)?;
-                b.arg(*tokens).arg(*table).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one);
+                b.arg(*tokens).arg(*table).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
             }
             NormSource::Rows => {
-                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one);
+                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
             }
             NormSource::Residual { delta, factor } => {
                 need(name, "delta", delta.len(), rows * h)?;
-                b.arg(&null).arg(&null).arg(*delta).arg(factor).arg(&null).arg(&one).arg(&one);
+                b.arg(&null).arg(&null).arg(*delta).arg(factor).arg(&null).arg(&one).arg(&one).arg(&null);
             }
-            NormSource::Glu { gate_up, gate, up } => {
+            NormSource::Glu { gate_up, gate, up, row_factors } => {
                 need(name, "gate_up", gate_up.len(), rows * 2 * h)?;
                 b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(*gate_up).arg(gate).arg(up);
+                match row_factors {
+                    Some(f) => {
+                        need(name, "row_factors", f.len(), rows * 2)?;
+                        b.arg(*f);
+                    }
+                    None => {
+                        b.arg(&null);
+                    }
+                }
             }
         }
         b.arg(weight).arg(&eps);
@@ -111,9 +128,15 @@ impl RmsNormQuant {
                 need(name, "xn", xn.len(), rows * h)?;
                 b.arg(&null).arg(&null).arg(xn);
             }
+            NormOut::QuantF32 { q, scale, xn } => {
+                need(name, "q", q.len(), rows * h)?;
+                need(name, "x_scale", scale.len(), rows)?;
+                need(name, "xn", xn.len(), rows * h)?;
+                b.arg(q).arg(scale).arg(xn);
+            }
         }
         // SAFETY: the arguments follow rmsnorm_quant.cu.tera's signature (x, tokens, embed, delta,
-        // delta_factor, gu, gate_factor, up_factor, weight, eps, q, x_scale, xn); absent pointers
+        // delta_factor, gu, gate_factor, up_factor, row_factors, weight, eps, q, x_scale, xn); absent pointers
         // are null, which the kernel tests before use; every present buffer holds the rows × H
         // elements the launch touches (checked above), and embedding ids were range-checked by the caller.
         unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
@@ -289,6 +312,35 @@ impl LmHead {
         b.arg(w).arg(x).arg(&rows).arg(&mut y);
         // SAFETY: arguments follow lm_head.cu.tera (w, x, rows, y); sizes checked above; every
         // row index points inside x (the caller gathers rows of the step it just computed).
+        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        Ok(())
+    }
+}
+
+/// A loaded `moe_combine` kernel.
+pub struct MoeCombine {
+    kernel: LoadedKernel,
+    topk: usize,
+    h: usize,
+}
+
+impl MoeCombine {
+    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
+        let kernel = load_checked(gpu, entry, "moe_combine")?;
+        Ok(Self { topk: entry_param(entry, "TOPK")?, h: entry_param(entry, "H")?, kernel })
+    }
+
+    /// `out[t] = sum_j w[t·TOPK + j] · d[t·TOPK + j]` for `rows` tokens: d [rows·TOPK, H] f32,
+    /// w [rows·TOPK], out [rows, H].
+    pub fn launch(&self, gpu: &Gpu, rows: usize, d: &DeviceBuffer<f32>, w: &DeviceBuffer<f32>, out: &mut DeviceBuffer<f32>) -> Result<(), GpuError> {
+        let name = self.kernel.name.as_str();
+        need(name, "d", d.len(), rows * self.topk * self.h)?;
+        need(name, "w", w.len(), rows * self.topk)?;
+        need(name, "out", out.len(), rows * self.h)?;
+        let cfg = self.kernel.config_rows(rows)?;
+        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        b.arg(d).arg(w).arg(out);
+        // SAFETY: arguments follow moe_combine.cu.tera (d, w, out); sizes checked above.
         unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
         Ok(())
     }

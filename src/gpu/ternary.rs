@@ -146,9 +146,9 @@ impl TernaryGemv {
         Ok(())
     }
 
-    /// W2A8 on rows `row0..row0 + M` of larger buffers: `q` [*, K], `x_scale` [*], `y` [*, N]
-    /// of bf16 bits (`u16`) or f32, as the kernel was rendered (the engine's step buffers, cut
-    /// into launches of at most M rows).
+    /// W2A8 on M rows of larger buffers: rows `q_row..q_row + M` of `q` [*, K] and `x_scale` [*]
+    /// into rows `y_row..y_row + M` of `y` [*, N] (bf16 bits `u16` or f32, as the kernel was
+    /// rendered): the engine's step buffers, cut into launches of at most M rows.
     #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
     pub fn launch_w2a8_rows<T: cudarc::driver::DeviceRepr>(
         &mut self,
@@ -156,12 +156,12 @@ impl TernaryGemv {
         w: &DeviceBuffer<u8>,
         q: &DeviceBuffer<i8>,
         x_scale: &DeviceBuffer<f32>,
+        (q_row, y_row): (usize, usize),
         y: &mut DeviceBuffer<T>,
-        row0: usize,
         scale: f32,
     ) -> Result<(), GpuError> {
         let (m, n, k) = (self.m, self.n, self.k);
-        let shape = format!("rows {row0}..{} of M={m} N={n} K={k}", row0 + m);
+        let shape = format!("rows {q_row}..{} → {y_row}.. of M={m} N={n} K={k}", q_row + m);
         if self.mode != ActMode::W2A8 {
             return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what: "not a W2A8 kernel".into() });
         }
@@ -169,17 +169,17 @@ impl TernaryGemv {
             let what = format!("output elements of {} bytes given, the kernel writes {}", std::mem::size_of::<T>(), self.out_bytes());
             return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what });
         }
-        let end = row0 + m;
+        let (q_end, y_end) = (q_row + m, y_row + m);
         let lens = [
             ("w", w.len(), n / 4 * k),
-            ("q", q.len().min(end * k), end * k),
-            ("x_scale", x_scale.len().min(end), end),
-            ("y", y.len().min(end * n), end * n),
+            ("q", q.len().min(q_end * k), q_end * k),
+            ("x_scale", x_scale.len().min(q_end), q_end),
+            ("y", y.len().min(y_end * n), y_end * n),
         ];
         check_lengths(&self.kernel.name, &shape, &lens)?;
-        let qv = q.slice(row0 * k..end * k);
-        let sv = x_scale.slice(row0..end);
-        let mut yv = y.slice_mut(row0 * n..end * n);
+        let qv = q.slice(q_row * k..q_end * k);
+        let sv = x_scale.slice(q_row..q_end);
+        let mut yv = y.slice_mut(y_row * n..y_end * n);
         let cfg = self.kernel.config();
         let mut b = gpu.stream().launch_builder(&self.kernel.func);
         b.arg(w).arg(&qv).arg(&sv).arg(&mut yv).arg(&scale).arg(&mut self.partial_i).arg(&mut self.counters);

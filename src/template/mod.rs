@@ -243,6 +243,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../kernel_templates/lm_head.toml"),
         include_str!("../../kernel_templates/lm_head.cu.tera"),
     ),
+    (
+        include_str!("../../kernel_templates/moe_combine.toml"),
+        include_str!("../../kernel_templates/moe_combine.cu.tera"),
+    ),
 ];
 
 impl Catalog {
