@@ -67,7 +67,10 @@ fn bless_verify_and_offline_lookup_for_sm90_and_sm120() {
         let b = Bundle::open(&dir).unwrap();
         let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
         let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), arch.parse::<Arch>().unwrap(), 8);
-        assert_eq!(b.manifest.kernels.len(), planned.len());
+        // One cubin per distinct key (families with identical requests share one).
+        let keys: std::collections::BTreeSet<String> = planned.iter().map(|p| b.key_for(&Catalog::embedded(), &p.request).unwrap().to_hex()).collect();
+        assert_eq!(b.manifest.kernels.len(), keys.len());
+        assert!(keys.len() < planned.len(), "rmsnorm and attn_sub_norm share a kernel when q_dim = hidden");
         assert!(b.missing(&Catalog::embedded(), &planned).unwrap().is_empty());
         for p in &planned {
             let e = b.get(&b.key_for(&Catalog::embedded(), &p.request).unwrap()).unwrap().unwrap();

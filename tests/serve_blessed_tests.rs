@@ -123,5 +123,5 @@ fn strict_serve_refuses_fallbacks_and_lists_them() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--strict") && err.contains("no_tuned_kernel") && err.contains("q_proj M=1"), "{err}");
+    assert!(err.contains("--strict") && err.contains("no_tuned_kernel") && err.contains("attn_qkv M=1"), "{err}");
 }
