@@ -39,6 +39,8 @@ pub enum EngineError {
     Tokenizer(#[from] TokenizerError),
     #[error("backend '{0}' is not known (available: cpu, cuda)")]
     UnknownBackend(String),
+    #[error("the cuda backend needs its kernels provisioned first (Engine::open_cuda; `mangrove serve --backend cuda` does it)")]
+    CudaNeedsKernels,
     #[error("cuda backend: {0}")]
     Cuda(#[from] cuda::CudaBackendError),
 }
@@ -119,10 +121,11 @@ impl Engine {
     /// Loads the checkpoint in `dir` onto the CPU backend (`backend` must be `"cpu"`; the CUDA
     /// backend needs its kernels: [`Engine::open_cuda`]).
     pub fn open(dir: &Path, backend: &str, name: Option<String>) -> Result<Self, EngineError> {
-        if backend != "cpu" {
-            return Err(EngineError::UnknownBackend(backend.into()));
+        match backend {
+            "cpu" => Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model))))),
+            "cuda" => Err(EngineError::CudaNeedsKernels),
+            other => Err(EngineError::UnknownBackend(other.into())),
         }
-        Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model)))))
     }
 
     /// Loads the checkpoint in `dir` onto GPU 0 with the provisioned plan kernels `entries`
