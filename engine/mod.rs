@@ -41,7 +41,7 @@ pub enum EngineError {
     UnknownBackend(String),
     #[error("the cuda backend needs its kernels provisioned first (Engine::open_cuda; `mangrove serve --backend cuda` does it)")]
     CudaNeedsKernels,
-    #[error("cuda backend: {0}")]
+    #[error("cuda backend")]
     Cuda(#[from] cuda::CudaBackendError),
 }
 

@@ -102,3 +102,27 @@ fn serve_reports_a_bad_checkpoint_clearly() {
     assert!(err.contains("config.json") && err.contains("hidden_size"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn cuda_backend_without_a_gpu_is_a_clear_error() {
+    if mangrove::gpu::Gpu::open(0).is_ok() {
+        eprintln!("skipped: this machine has a GPU (tests/gpu_engine_tests.rs covers it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    let gen = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["gen-model", "--preset", "tiny", "--out", m.to_str().unwrap()]).status().unwrap();
+    assert!(gen.success());
+    for args in [&["serve", "--port", "0"][..], &["bench", "decode"][..]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+            .args(["--cache-dir", dir.path().join("cache").to_str().unwrap()])
+            .args(args)
+            .args(["--backend", "cuda", "--model", m.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cuda backend") && err.contains("no GPU"), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -572,6 +572,8 @@ fn open_engine(
             if !(1..=4096).contains(&k.max_batch) {
                 bail!("--max-batch must be in 1..=4096 for the cuda backend, got {}", k.max_batch);
             }
+            // Say "no GPU" before preparing any kernel.
+            Gpu::open(0).map_err(|e| anyhow::anyhow!("cuda backend: {e}"))?;
             let (report, entries) = prepare_kernels(model, tuning_db, k, cache_dir, true)?.expect("forced");
             let engine = Engine::open_cuda(model, name, &entries, k.max_batch as usize).with_context(loading)?;
             Ok((engine, Some(report)))
