@@ -44,11 +44,11 @@ fn model_dir(tmp: &Path) -> std::path::PathBuf {
     }
 }
 
-/// Runs prompts of different lengths (one mixed prefill step), then greedy decode steps with the
+/// Runs prompts of 7, 1 and 40 tokens (one mixed prefill step), then greedy decode steps with the
 /// reference backend's tokens fed to both; returns the worst logit deltas and every CUDA logit.
 fn compare(cuda: &dyn Backend, cpu: &dyn Backend, steps: usize) -> (Deltas, Vec<Vec<f64>>) {
     let vocab = cpu.config().vocab as u32;
-    let prompts: Vec<Vec<u32>> = [7usize, 1, 12].iter().enumerate().map(|(s, &n)| (0..n as u32).map(|i| (i * 37 + s as u32 * 101 + 5) % vocab).collect()).collect();
+    let prompts: Vec<Vec<u32>> = [7usize, 1, 40].iter().enumerate().map(|(s, &n)| (0..n as u32).map(|i| (i * 37 + s as u32 * 101 + 5) % vocab).collect()).collect();
     let mut cc: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cpu.config())).collect();
     let mut gc: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cuda.config())).collect();
     let mut feed = prompts.clone();

@@ -75,7 +75,7 @@ impl CudaBackend {
         let kernels = StepKernels::load(&gpu, entries)?;
         let weights = DeviceWeights::upload(&gpu, model)?;
         let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
-        let work = Workspace::new(&gpu, &config, max_seqs.max(1))?;
+        let work = Workspace::new(&gpu, &config, &kernels, max_seqs.max(1))?;
         gpu.sync()?;
         // MoE steps route on the host mid-step: they cannot be captured.
         let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none() && config.moe.is_none();
@@ -112,7 +112,7 @@ impl Inner {
         if rows > self.work.rows {
             // Grow to the new largest step; captured graphs point at the old buffers.
             self.graphs.clear();
-            self.work = Workspace::new(&self.gpu, c, rows.next_power_of_two())?;
+            self.work = Workspace::new(&self.gpu, c, &self.kernels, rows.next_power_of_two())?;
         }
         let Inner { gpu, kernels, weights, work, kv, graphs, profile } = self;
         gpu.write(&r.tokens, &mut work.tokens)?;

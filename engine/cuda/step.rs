@@ -4,7 +4,7 @@
 //! launches, captured once as a CUDA graph, serve every step with the same row/sequence counts.
 
 use crate::engine::config::ModelConfig;
-use crate::gpu::{DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta, Spans};
+use crate::gpu::{AttnScratch, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta, Spans};
 
 use super::kernels::StepKernels;
 use super::moe::{moe_ffn, MoeWork};
@@ -28,6 +28,8 @@ pub struct Workspace {
     attn: DeviceBuffer<f32>,
     /// f32 final-norm rows [rows, H].
     xn: DeviceBuffer<f32>,
+    /// Split-K workspace of the attention kernel.
+    attn_scratch: AttnScratch,
     pub tokens: DeviceBuffer<i32>,
     pub pos: DeviceBuffer<i32>,
     pub slot: DeviceBuffer<i32>,
@@ -40,7 +42,7 @@ pub struct Workspace {
 }
 
 impl Workspace {
-    pub fn new(gpu: &Gpu, c: &ModelConfig, rows: usize) -> Result<Self, GpuError> {
+    pub fn new(gpu: &Gpu, c: &ModelConfig, k: &StepKernels, rows: usize) -> Result<Self, GpuError> {
         let (h, qd, kvd) = (c.hidden, c.q_dim(), c.kv_dim());
         Ok(Self {
             rows,
@@ -54,6 +56,7 @@ impl Workspace {
             q_rot: gpu.zeros(rows * qd)?,
             attn: gpu.zeros(rows * qd)?,
             xn: gpu.zeros(rows * h)?,
+            attn_scratch: k.attention.scratch(gpu, rows)?,
             tokens: gpu.zeros(rows)?,
             pos: gpu.zeros(rows)?,
             slot: gpu.zeros(rows)?,
@@ -105,7 +108,7 @@ pub fn enqueue(
         mark("attn_qkv")?;
         k.rope.launch(gpu, rows, &ws.qkv, l.qkv_factors, &meta, kv, li, theta, &mut ws.q_rot)?;
         mark("rope")?;
-        k.attention.launch(gpu, rows, &ws.q_rot, &meta, kv, li, &mut ws.attn)?;
+        k.attention.launch(gpu, rows, &ws.q_rot, &meta, kv, li, &mut ws.attn, &mut ws.attn_scratch)?;
         mark("attention")?;
         k.attn_sub_norm.launch(gpu, rows, &mut ws.attn, NormSource::Rows, &l.attn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
         mark("attn_sub_norm")?;

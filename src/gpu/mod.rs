@@ -21,7 +21,7 @@ use crate::template::LaunchDims;
 pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
-pub use ops::{Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
+pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
 

@@ -235,18 +235,39 @@ pub struct Attention {
     q_dim: usize,
     kv_dim: usize,
     max_pos: usize,
+    heads: usize,
+    head_dim: usize,
+    /// Blocks per (row, head) over the positions.
+    pub splits: usize,
+}
+
+/// Split-K workspace of [`Attention`]: per (row, head, split) the max, sum and value sum;
+/// per (row, head) a counter (zero between launches).
+pub struct AttnScratch {
+    pub partial: DeviceBuffer<f32>,
+    pub counters: DeviceBuffer<u32>,
 }
 
 impl Attention {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "attention_decode")?;
         let hd = entry_param(entry, "HD")?;
+        let heads = entry_param(entry, "QH")?;
         Ok(Self {
-            q_dim: entry_param(entry, "QH")? * hd,
+            q_dim: heads * hd,
             kv_dim: entry_param(entry, "KVH")? * hd,
             max_pos: entry_param(entry, "MAX_POS")?,
+            heads,
+            head_dim: hd,
+            splits: entry_param(entry, "SPLITS")?,
             kernel,
         })
+    }
+
+    /// A zeroed split-K workspace for launches of up to `rows` rows.
+    pub fn scratch(&self, gpu: &Gpu, rows: usize) -> Result<AttnScratch, GpuError> {
+        let rh = rows.max(1) * self.heads;
+        Ok(AttnScratch { partial: gpu.zeros(rh * self.splits * (self.head_dim + 2))?, counters: gpu.zeros(rh)? })
     }
 
     /// Attention of `rows` query rows `q` [rows, QD] over their sequences → `out` [rows, QD].
@@ -260,20 +281,25 @@ impl Attention {
         kv: &KvArena,
         layer: usize,
         out: &mut DeviceBuffer<f32>,
+        scratch: &mut AttnScratch,
     ) -> Result<(), GpuError> {
         let name = self.kernel.name.as_str();
         check_arena(name, kv, self.max_pos, self.kv_dim)?;
         need(name, "q", q.len(), rows * self.q_dim)?;
         need(name, "out", out.len(), rows * self.q_dim)?;
+        need(name, "partial", scratch.partial.len(), rows * self.heads * self.splits * (self.head_dim + 2))?;
+        need(name, "counters", scratch.counters.len(), rows * self.heads)?;
         need(name, "pos", meta.pos.len(), rows)?;
         need(name, "slot", meta.slot.len(), rows)?;
         let (layers, layer) = (kv.layers as i32, layer as i32);
         let cfg = self.kernel.config_rows(rows)?;
         let mut b = gpu.stream().launch_builder(&self.kernel.func);
         b.arg(q).arg(meta.pos).arg(meta.slot).arg(&kv.data).arg(&layers).arg(&layer).arg(out);
-        // SAFETY: arguments follow attention_decode.cu.tera (q, pos, slot, kv, layers, layer, out);
-        // sizes checked above; pos < max_pos and slot < slots per the RowMeta contract, and the
-        // dynamic shared memory (MAX_POS + HD floats) was opted in at load.
+        b.arg(&mut scratch.partial).arg(&mut scratch.counters);
+        // SAFETY: arguments follow attention_decode.cu.tera (q, pos, slot, kv, layers, layer, out,
+        // partial, counters); sizes checked above; pos < max_pos and slot < slots per the RowMeta
+        // contract; counters are zero between launches (the last split resets them); the dynamic
+        // shared memory was opted in at load when above 48 KB.
         unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
         Ok(())
     }
