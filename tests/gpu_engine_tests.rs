@@ -33,6 +33,9 @@ fn cuda_backend(gpu: mangrove::gpu::Gpu, dir: &Path, model: &Model, jit_dir: &Pa
     CudaBackend::new(gpu, model, &got.entries, max_seqs, context).unwrap()
 }
 
+/// Prompt lengths of the dense comparisons: the 40-token one spans several attention splits.
+const DENSE_PROMPTS: &[usize] = &[7, 1, 40];
+
 fn model_dir(tmp: &Path) -> std::path::PathBuf {
     match std::env::var_os("MANGROVE_GPU_MODEL") {
         Some(d) => d.into(),
@@ -44,11 +47,11 @@ fn model_dir(tmp: &Path) -> std::path::PathBuf {
     }
 }
 
-/// Runs prompts of 7, 1 and 40 tokens (one mixed prefill step), then greedy decode steps with the
+/// Runs prompts of `lens` tokens (one mixed prefill step), then greedy decode steps with the
 /// reference backend's tokens fed to both; returns the worst logit deltas and every CUDA logit.
-fn compare(cuda: &dyn Backend, cpu: &dyn Backend, steps: usize) -> (Deltas, Vec<Vec<f64>>) {
+fn compare(cuda: &dyn Backend, cpu: &dyn Backend, lens: &[usize], steps: usize) -> (Deltas, Vec<Vec<f64>>) {
     let vocab = cpu.config().vocab as u32;
-    let prompts: Vec<Vec<u32>> = [7usize, 1, 40].iter().enumerate().map(|(s, &n)| (0..n as u32).map(|i| (i * 37 + s as u32 * 101 + 5) % vocab).collect()).collect();
+    let prompts: Vec<Vec<u32>> = lens.iter().enumerate().map(|(s, &n)| (0..n as u32).map(|i| (i * 37 + s as u32 * 101 + 5) % vocab).collect()).collect();
     let mut cc: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cpu.config())).collect();
     let mut gc: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(cuda.config())).collect();
     let mut feed = prompts.clone();
@@ -76,12 +79,12 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     let model = Model::load(&dir).unwrap();
     let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 4);
     let cpu = CpuBackend::new(Arc::new(model.clone()));
-    let (d, graph_logits) = compare(&cuda, &cpu, 4);
+    let (d, graph_logits) = compare(&cuda, &cpu, DENSE_PROMPTS, 4);
     // How far the f64 reference itself moves when its embeddings move by 1e-6: deep random
     // ternary models amplify any int8 rounding flip, so this bounds what f32 can match.
     let mut shaken = model.clone();
     shaken.embed.iter_mut().for_each(|v| *v *= 1.0 + 1e-6);
-    let (sensitivity, _) = compare(&CpuBackend::new(Arc::new(shaken)), &cpu, 4);
+    let (sensitivity, _) = compare(&CpuBackend::new(Arc::new(shaken)), &cpu, DENSE_PROMPTS, 4);
     println!("CUDA vs CPU logits ({}): {d}", dir.display());
     println!("CPU vs CPU with embeddings × (1 + 1e-6): {sensitivity}");
     assert_eq!(d.non_finite, 0);
@@ -90,7 +93,7 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     let gate = 2e-2f64.max(3.0 * sensitivity.max_rel);
     assert!(d.max_rel < gate, "CUDA logits differ from the CPU reference: {d} (gate {gate:.2e})");
     let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("cache2"), 4).with_graphs(false);
-    let (_, direct_logits) = compare(&direct, &cpu, 4);
+    let (_, direct_logits) = compare(&direct, &cpu, DENSE_PROMPTS, 4);
     assert_eq!(graph_logits, direct_logits, "graph replay must equal direct launches bit for bit");
 }
 
@@ -103,7 +106,9 @@ fn cuda_moe_logits_match_cpu_reference() {
     let model = Model::load(&dir).unwrap();
     let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 4);
     let cpu = CpuBackend::new(Arc::new(model.clone()));
-    let (d, _) = compare(&cuda, &cpu, 4);
+    // Short prompts: top-k routing is discontinuous, and over many tokens an f32-vs-f64 near-tie
+    // between two experts' router scores eventually picks a different expert (seen at 48 rows).
+    let (d, _) = compare(&cuda, &cpu, &[7, 1, 12], 4);
     println!("CUDA vs CPU logits (tiny-moe): {d}");
     assert_eq!(d.non_finite, 0);
     assert!(d.max_rel < 2e-2, "CUDA MoE logits differ from the CPU reference: {d}");
