@@ -33,8 +33,9 @@ fn cuda_backend(gpu: mangrove::gpu::Gpu, dir: &Path, model: &Model, jit_dir: &Pa
     CudaBackend::new(gpu, model, &got.entries, max_seqs, context).unwrap()
 }
 
-/// Prompt lengths of the dense comparisons: the 40-token one spans several attention splits.
-const DENSE_PROMPTS: &[usize] = &[7, 1, 40];
+/// Prompt lengths of the dense comparisons: the 300-token one spans three attention splits
+/// (MIN_CHUNK 128), so the split-K combine is checked too.
+const DENSE_PROMPTS: &[usize] = &[7, 1, 300];
 
 fn model_dir(tmp: &Path) -> std::path::PathBuf {
     match std::env::var_os("MANGROVE_GPU_MODEL") {
