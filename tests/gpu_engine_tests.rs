@@ -25,8 +25,27 @@ fn shipped_db() -> TuningDb {
 
 /// The CUDA backend for `dir` with the plan's kernels from the shipped DB.
 fn cuda_backend(gpu: mangrove::gpu::Gpu, dir: &Path, model: &Model, jit_dir: &Path, max_seqs: usize) -> CudaBackend {
+    cuda_backend_with(gpu, dir, model, jit_dir, max_seqs, &[])
+}
+
+/// [`cuda_backend`] with some kernels' parameters overridden: (family, param, value).
+fn cuda_backend_with(
+    gpu: mangrove::gpu::Gpu,
+    dir: &Path,
+    model: &Model,
+    jit_dir: &Path,
+    max_seqs: usize,
+    overrides: &[(&str, &str, i64)],
+) -> CudaBackend {
     let shapes = ShapeConfig::from_model_dir(dir).unwrap();
-    let planned = plan(&shapes, &shipped_db(), gpu.info().arch, max_seqs as i64);
+    let mut planned = plan(&shapes, &shipped_db(), gpu.info().arch, max_seqs as i64);
+    for p in &mut planned {
+        for (family, param, v) in overrides {
+            if p.family == *family {
+                p.request.params.insert(param.to_string(), *v);
+            }
+        }
+    }
     let jit = common::jit_in(jit_dir);
     let got = provision(&planned, &KernelSource::Jit(jit), &|| unreachable!("the local JIT serves every kernel")).unwrap();
     let context = shapes.context() as usize;
@@ -84,10 +103,11 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     // How far the f64 reference itself moves when its embeddings move by 1e-6: deep random
     // ternary models amplify any int8 rounding flip, so this bounds what f32 can match.
     let mut shaken = model.clone();
-    shaken.embed.iter_mut().for_each(|v| *v *= 1.0 + 1e-6);
+    // Non-uniform, so the first RMSNorm does not cancel it.
+    shaken.embed.iter_mut().enumerate().for_each(|(i, v)| *v *= 1.0 + 1e-6 * ((i % 7) as f32 - 3.0));
     let (sensitivity, _) = compare(&CpuBackend::new(Arc::new(shaken)), &cpu, DENSE_PROMPTS, 4);
     println!("CUDA vs CPU logits ({}): {d}", dir.display());
-    println!("CPU vs CPU with embeddings × (1 + 1e-6): {sensitivity}");
+    println!("CPU vs CPU with embeddings × (1 + k·1e-6), k in -3..=3: {sensitivity}");
     assert_eq!(d.non_finite, 0);
     // f32 arithmetic against f64, identical int8 activations except where an f32 rounding flips
     // a quantization step: errors relative to 10% of the largest logit.
@@ -96,6 +116,24 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("cache2"), 4).with_graphs(false);
     let (_, direct_logits) = compare(&direct, &cpu, DENSE_PROMPTS, 4);
     assert_eq!(graph_logits, direct_logits, "graph replay must equal direct launches bit for bit");
+}
+
+#[test]
+fn split_attention_matches_one_split() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("tiny");
+    generate(Preset::Tiny, &dir, 11).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let split = cuda_backend_with(gpu, &dir, &model, &tmp.path().join("c1"), 4, &[("attention", "MIN_CHUNK", 16)]);
+    let one = cuda_backend_with(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("c2"), 4, &[("attention", "SPLITS", 1)]);
+    // The reference here is the one-split kernel: same f32 math, only the sum is reassociated.
+    let (d, _) = compare(&split, &one, DENSE_PROMPTS, 4);
+    println!("16 splits (MIN_CHUNK 16) vs 1 split: {d}");
+    let cpu = CpuBackend::new(Arc::new(model.clone()));
+    let (d1, _) = compare(&one, &cpu, DENSE_PROMPTS, 4);
+    println!("1 split vs CPU: {d1}");
+    assert!(d.max_rel < 1e-4, "split-K attention differs from one split: {d}");
 }
 
 #[test]
