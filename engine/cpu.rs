@@ -139,26 +139,35 @@ fn softmax_in_place(v: &mut [f64]) {
     v.iter_mut().for_each(|x| *x /= sum);
 }
 
-/// Runs one step for every sequence of `batch` and returns each one's last-position logits.
-/// The caches grow by the new tokens; on error no cache is changed.
-pub fn forward(model: &Model, batch: &mut [SeqInput]) -> Result<Vec<Vec<f64>>, ForwardError> {
-    let c = &model.config;
-    let (h, hd) = (c.hidden, c.head_dim);
-    // Rows: every new token of every sequence, with its sequence and position.
-    let mut rows: Vec<(usize, usize)> = Vec::new();
-    let mut x: Vec<f64> = Vec::new();
+/// Checks a batch before any backend touches a cache: every sequence has new tokens, fits the
+/// context of `cfg` (`max_positions`) and uses only vocabulary ids.
+pub fn check_batch(cfg: &ModelConfig, batch: &[SeqInput]) -> Result<(), ForwardError> {
     for (s, seq) in batch.iter().enumerate() {
         if seq.tokens.is_empty() {
             return Err(ForwardError::Empty { seq: s });
         }
         let len = seq.cache.len + seq.tokens.len();
-        if len > c.max_positions {
-            return Err(ForwardError::ContextFull { seq: s, len, max: c.max_positions });
+        if len > cfg.max_positions {
+            return Err(ForwardError::ContextFull { seq: s, len, max: cfg.max_positions });
         }
+        if let Some(&t) = seq.tokens.iter().find(|&&t| t as usize >= cfg.vocab) {
+            return Err(ForwardError::TokenOutOfRange { seq: s, token: t, vocab: cfg.vocab });
+        }
+    }
+    Ok(())
+}
+
+/// Runs one step for every sequence of `batch` and returns each one's last-position logits.
+/// The caches grow by the new tokens; on error no cache is changed.
+pub fn forward(model: &Model, batch: &mut [SeqInput]) -> Result<Vec<Vec<f64>>, ForwardError> {
+    let c = &model.config;
+    let (h, hd) = (c.hidden, c.head_dim);
+    check_batch(c, batch)?;
+    // Rows: every new token of every sequence, with its sequence and position.
+    let mut rows: Vec<(usize, usize)> = Vec::new();
+    let mut x: Vec<f64> = Vec::new();
+    for (s, seq) in batch.iter().enumerate() {
         for (i, &t) in seq.tokens.iter().enumerate() {
-            if t as usize >= c.vocab {
-                return Err(ForwardError::TokenOutOfRange { seq: s, token: t, vocab: c.vocab });
-            }
             rows.push((s, seq.cache.len + i));
             x.extend(model.embed[t as usize * h..][..h].iter().map(|&v| v as f64));
         }

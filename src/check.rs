@@ -4,6 +4,9 @@
 /// bf16 bit pattern written into outputs before a run; a NaN, so an unwritten element is caught.
 pub const POISON_BF16: u16 = 0x7FC1;
 
+/// The f32 twin of [`POISON_BF16`].
+pub const POISON_F32: u32 = 0x7FC0_0001;
+
 /// Deltas of one output against its reference.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Deltas {
@@ -29,6 +32,13 @@ impl Deltas {
     pub fn of_bf16(out: &[u16], reference: &[f64], rel_floor: f64) -> Self {
         let values: Vec<f64> = out.iter().map(|&b| half::bf16::from_bits(b).to_f64()).collect();
         let unwritten = out.iter().filter(|&&b| b == POISON_BF16).count();
+        Deltas { unwritten, ..Self::of_f64(&values, reference, rel_floor) }
+    }
+
+    /// Compares f32 `out` with `reference`; poison bits count as unwritten.
+    pub fn of_f32(out: &[f32], reference: &[f64], rel_floor: f64) -> Self {
+        let values: Vec<f64> = out.iter().map(|&v| v as f64).collect();
+        let unwritten = out.iter().filter(|v| v.to_bits() == POISON_F32).count();
         Deltas { unwritten, ..Self::of_f64(&values, reference, rel_floor) }
     }
 
@@ -94,5 +104,16 @@ mod tests {
         assert_eq!((d.non_finite, d.unwritten), (1, 1));
         assert!((d.max_rel - 0.125).abs() < 1e-9);
         assert!(!d.passes(&Gate { max_abs: 1.0, max_rel: 1.0, rel_floor: 1e-3 }));
+    }
+
+    #[test]
+    fn f32_poison_counts_as_unwritten_and_worst_keeps_the_max() {
+        let r = [1.0, 2.0, -4.0];
+        let out = [1.0f32, f32::from_bits(POISON_F32), -4.5];
+        let d = Deltas::of_f32(&out, &r, 1e-3);
+        assert_eq!((d.non_finite, d.unwritten, d.count), (1, 1, 3));
+        assert!((d.max_rel - 0.125).abs() < 1e-9);
+        let w = d.worst(Deltas::of_f32(&[1.5, 2.0, -4.0], &r, 1e-3));
+        assert_eq!((w.max_abs, w.unwritten, w.count), (0.5, 1, 6));
     }
 }

@@ -3,7 +3,6 @@
 //! the DB rule that chose its config, plus the decode ops (norms, RoPE + KV append, attention,
 //! LM head). `serve` provisions exactly this list and `cache bless` freezes it.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use crate::arch::Arch;
@@ -130,13 +129,12 @@ impl PlannedKernel {
     }
 }
 
-/// The config for `template` at `problem` and `m`: a tuned record if the DB has one, else the
-/// template defaults — `Default` (a counted fallback) for tuned families, `Fixed` for ops no
-/// tuner run covers.
-fn choose(db: &TuningDb, template: &str, problem: &Params, m: i64, tuned_family: bool, arch: Arch) -> (KernelRequest, LookupRule) {
+/// The config of a decode op (`template` at `problem` and `m`): a tuned record if the DB has one,
+/// else the template defaults with rule `Fixed` (no tuner run covers these ops: not a fallback).
+fn choose_op(db: &TuningDb, template: &str, problem: &Params, m: i64, arch: Arch) -> (KernelRequest, LookupRule) {
     let choice = db.lookup(template, problem, m);
     let rule = match choice.rule {
-        LookupRule::Default if !tuned_family => LookupRule::Fixed,
+        LookupRule::Default => LookupRule::Fixed,
         r => r,
     };
     let mut params = choice.params;
@@ -147,8 +145,7 @@ fn choose(db: &TuningDb, template: &str, problem: &Params, m: i64, tuned_family:
 /// Every kernel serving `config` needs on `arch` with `db`, for batches of up to `max_batch`.
 /// GEMV runs M > 1 in chunks of at most 8 rows, so M = 1..=min(max_batch, 8) are all hit,
 /// except where probe-mgt1 did not pass a shape (then rows run one by one at M = 1).
-/// The LM head takes up to 8 sequences per launch; the MoE gate_up stage is compiled per token
-/// count, so M = 1..=max_batch.
+/// The LM head and the MoE router take up to 8 rows per launch, so they are planned at the same M.
 pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> Vec<PlannedKernel> {
     let mut out = Vec::new();
     let chunk_ms = 1..=max_batch.min(MAX_GEMV_M as i64);
@@ -157,6 +154,14 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
         // The engine keeps linear outputs in f32 (its residual stream's precision).
         request.params.insert("OUT_F32".into(), 1);
         out.push(PlannedKernel::new(family, m, request, rule));
+    };
+    // A dense bf16 GEMV over gathered rows (`lm_head` template) at every chunk size.
+    let gathered = |out: &mut Vec<PlannedKernel>, family: &str, n: i64| {
+        for m in chunk_ms.clone() {
+            let problem: Params = [("M", m), ("N", n), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let (request, rule) = choose_op(db, "lm_head", &problem, m, arch);
+            out.push(PlannedKernel::new(family, m, request, rule));
+        }
     };
     for (family, n, k) in config.linear_shapes() {
         for m in chunk_ms.clone().filter(|&m| db.mgt1_allowed(m, n, k)) {
@@ -167,29 +172,16 @@ pub fn plan(config: &ShapeConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> 
         // Each (token, expert) pair runs its expert's gate|up and down as an M=1 GEMV.
         w2a8(&mut out, "moe_gate_up", 1, 2 * i, config.hidden_size);
         w2a8(&mut out, "moe_down", 1, config.hidden_size, i);
-        for m in chunk_ms.clone() {
-            let problem: Params = [("M", m), ("N", e), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
-            out.push(PlannedKernel::new("moe_router", m, request, rule));
-        }
+        gathered(&mut out, "moe_router", e);
     }
     for (family, template, problem) in config.op_kernels() {
-        let (request, rule) = choose(db, template, &problem, 1, false, arch);
+        let (request, rule) = choose_op(db, template, &problem, 1, arch);
         out.push(PlannedKernel::new(family, 1, request, rule));
     }
     if let Some(vocab) = config.vocab_size {
-        for m in chunk_ms {
-            let problem: Params = [("M", m), ("N", vocab), ("K", config.hidden_size)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
-            let (request, rule) = choose(db, "lm_head", &problem, m, false, arch);
-            out.push(PlannedKernel::new("lm_head", m, request, rule));
-        }
+        gathered(&mut out, "lm_head", vocab);
     }
     out
-}
-
-/// The plan's kernels by (family, m), for a backend that looks them up while it builds a step.
-pub fn by_family(plan: &[PlannedKernel]) -> BTreeMap<(String, i64), &PlannedKernel> {
-    plan.iter().map(|p| ((p.family.clone(), p.m), p)).collect()
 }
 
 #[cfg(test)]

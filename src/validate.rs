@@ -5,7 +5,7 @@
 use rand::{Rng, SeedableRng};
 
 use crate::cache::CacheEntry;
-use crate::check::{Deltas, POISON_BF16};
+use crate::check::{Deltas, POISON_BF16, POISON_F32};
 use crate::gpu::{ActMode, Activations, DeviceBuffer, DeviceRouting, ExpertWeights, Gpu, GpuError, MoeGateUp, TernaryGemv};
 use crate::reference::moe::{moe_gateup, MoeShape, TernaryExperts};
 use crate::reference::{pack_ternary, quantize_per_token, ternary_linear, ternary_linear_w2a8};
@@ -64,9 +64,6 @@ pub struct TernaryCase {
     y32: DeviceBuffer<f32>,
 }
 
-/// f32 bit pattern written into f32 outputs before a run (a NaN).
-const POISON_F32: u32 = 0x7FC0_0001;
-
 impl TernaryCase {
     /// Draws a fresh problem from `seed` and uploads it in both activation forms.
     pub fn new(gpu: &Gpu, m: usize, n: usize, k: usize, seed: u64) -> Result<Self, GpuError> {
@@ -110,9 +107,7 @@ impl TernaryCase {
             op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (0, 0), &mut self.y32, self.problem.scale)?;
             gpu.sync()?;
             let out = gpu.download(&self.y32)?;
-            let values: Vec<f64> = out.iter().map(|&v| v as f64).collect();
-            let unwritten = out.iter().filter(|v| v.to_bits() == POISON_F32).count();
-            let deltas = Deltas { unwritten, ..Deltas::of_f64(&values, self.reference(op.mode), rel_floor) };
+            let deltas = Deltas::of_f32(&out, self.reference(op.mode), rel_floor);
             return Ok(CheckedRun { deltas, output: out.iter().map(|v| v.to_bits()).collect() });
         }
         gpu.write(&vec![POISON_BF16; len], &mut self.y)?;

@@ -17,13 +17,27 @@ pub enum KernelSetError {
     Load { family: String, m: i64, source: GpuError },
 }
 
-/// A linear family: one loaded GEMV per provisioned M (index M-1).
-pub struct Linear {
-    by_m: Vec<Option<TernaryGemv>>,
+/// One loaded kernel per provisioned M (index M-1); M=1 is always there.
+pub struct ByM<T> {
+    by_m: Vec<Option<T>>,
 }
 
+impl<T> ByM<T> {
+    /// The kernel of the largest provisioned M that is at most `left`.
+    fn fit(&mut self, left: usize) -> &mut T {
+        self.by_m.iter_mut().take(left).rev().find_map(|g| g.as_mut()).expect("M=1 is always loaded (checked in StepKernels::load)")
+    }
+}
+
+/// A linear family: W2A8 GEMVs by M.
+pub type Linear = ByM<TernaryGemv>;
+
+/// A dense GEMV over gathered rows (`lm_head` template) by M.
+pub type Gathered = ByM<LmHead>;
+
 impl Linear {
-    /// Launches W2A8 on rows `0..rows` of `q` / `x_scale` into `y`, in chunks.
+    /// Launches W2A8 on rows `0..rows` of `q` / `x_scale` into `y`, in launches of the largest
+    /// provisioned M that fits.
     pub fn launch(
         &mut self,
         gpu: &Gpu,
@@ -35,14 +49,7 @@ impl Linear {
     ) -> Result<(), GpuError> {
         let mut row0 = 0;
         while row0 < rows {
-            let left = rows - row0;
-            let g = self
-                .by_m
-                .iter_mut()
-                .take(left)
-                .rev()
-                .find_map(|g| g.as_mut())
-                .expect("M=1 is always loaded (checked in StepKernels::load)");
+            let g = self.fit(rows - row0);
             g.launch_w2a8_rows(gpu, w, q, x_scale, (row0, row0), y, 1.0)?;
             row0 += g.m;
         }
@@ -50,16 +57,11 @@ impl Linear {
     }
 }
 
-/// A dense GEMV over gathered rows (`lm_head` template) per provisioned M (index M-1).
-pub struct Gathered {
-    by_m: Vec<Option<LmHead>>,
-}
-
 impl Gathered {
     /// `y[i] = W x[rows[i]]` for the first `count` indices of `rows`, in launches of the largest
     /// provisioned M that fits; y is [count, N].
     pub fn launch(
-        &self,
+        &mut self,
         gpu: &Gpu,
         w: &DeviceBuffer<u16>,
         x: &DeviceBuffer<f32>,
@@ -69,7 +71,7 @@ impl Gathered {
     ) -> Result<(), GpuError> {
         let mut b0 = 0;
         while b0 < count {
-            let g = self.by_m.iter().take(count - b0).rev().find_map(|h| h.as_ref()).expect("M=1 is always loaded");
+            let g = self.fit(count - b0);
             let (m, n) = (g.m, g.n);
             g.launch(gpu, w, x, rows.slice(b0..b0 + m), y.slice_mut(b0 * n..(b0 + m) * n))?;
             b0 += m;
@@ -119,27 +121,25 @@ impl StepKernels {
             let family = family.to_string();
             move |source| KernelSetError::Load { family, m, source }
         };
-        let per_m = |family: &str| -> Result<Vec<Option<&CacheEntry>>, KernelSetError> {
-            one(family)?;
-            Ok((1..=crate::tune::probe::MAX_GEMV_M as i64).map(|m| entries.get(&(family.to_string(), m))).collect())
-        };
-        let linear = |family: &str| -> Result<Linear, KernelSetError> {
-            let by_m = per_m(family)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| e.map(|e| TernaryGemv::new(gpu, e).map_err(load_err(family, i as i64 + 1))).transpose())
+        fn by_m<T>(
+            entries: &BTreeMap<(String, i64), CacheEntry>,
+            family: &str,
+            load: impl Fn(&CacheEntry) -> Result<T, GpuError>,
+        ) -> Result<ByM<T>, KernelSetError> {
+            if !entries.contains_key(&(family.to_string(), 1)) {
+                return Err(KernelSetError::Missing { family: family.into() });
+            }
+            let by_m = (1..=crate::tune::probe::MAX_GEMV_M as i64)
+                .map(|m| {
+                    let e = entries.get(&(family.to_string(), m));
+                    e.map(|e| load(e).map_err(|source| KernelSetError::Load { family: family.into(), m, source })).transpose()
+                })
                 .collect::<Result<_, _>>()?;
-            Ok(Linear { by_m })
-        };
+            Ok(ByM { by_m })
+        }
+        let linear = |family: &str| by_m(entries, family, |e| TernaryGemv::new(gpu, e));
+        let gathered = |family: &str| by_m(entries, family, |e| LmHead::new(gpu, e));
         let norm = |family: &str| RmsNormQuant::new(gpu, one(family)?).map_err(load_err(family, 1));
-        let gathered = |family: &str| -> Result<Gathered, KernelSetError> {
-            let by_m = per_m(family)?
-                .into_iter()
-                .enumerate()
-                .map(|(i, e)| e.map(|e| LmHead::new(gpu, e).map_err(load_err(family, i as i64 + 1))).transpose())
-                .collect::<Result<_, _>>()?;
-            Ok(Gathered { by_m })
-        };
         let gemv = |family: &str| TernaryGemv::new(gpu, one(family)?).map_err(load_err(family, 1));
         let is_moe = entries.contains_key(&("moe_gate_up".to_string(), 1));
         Ok(Self {

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use super::config::ModelConfig;
-use super::cpu::{ForwardError, SeqInput};
+use super::cpu::{check_batch, ForwardError, SeqInput};
 use super::model::Model;
 use super::slots::SlotPool;
 use super::{Backend, StepReport};
@@ -156,17 +156,8 @@ impl Backend for CudaBackend {
 
     fn forward(&self, batch: &mut [SeqInput]) -> Result<(Vec<Vec<f64>>, StepReport), ForwardError> {
         let c = &self.config;
+        check_batch(c, batch)?;
         for (s, seq) in batch.iter().enumerate() {
-            if seq.tokens.is_empty() {
-                return Err(ForwardError::Empty { seq: s });
-            }
-            let len = seq.cache.len + seq.tokens.len();
-            if len > c.max_positions {
-                return Err(ForwardError::ContextFull { seq: s, len, max: c.max_positions });
-            }
-            if let Some(&t) = seq.tokens.iter().find(|&&t| t as usize >= c.vocab) {
-                return Err(ForwardError::TokenOutOfRange { seq: s, token: t, vocab: c.vocab });
-            }
             if seq.cache.slot.as_ref().is_some_and(|l| !self.slots.owns(l)) {
                 return Err(ForwardError::Device(format!("sequence {s}: its KV cache belongs to another backend")));
             }

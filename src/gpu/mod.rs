@@ -211,6 +211,15 @@ pub(crate) fn check_lengths(kernel: &str, what_shape: &str, buffers: &[(&str, us
     }
 }
 
+/// Checks that buffer `what` holds at least `want` elements (a launch over part of a larger
+/// buffer); otherwise a [`GpuError::Shape`] naming it.
+pub(crate) fn check_at_least(kernel: &str, what: &str, got: usize, want: usize) -> Result<(), GpuError> {
+    if got < want {
+        return Err(GpuError::Shape { kernel: kernel.to_owned(), what: format!("{what} has {got} elements, the launch needs at least {want}") });
+    }
+    Ok(())
+}
+
 impl LoadedKernel {
     /// Opts the kernel in to its `launch.shared_bytes` of dynamic shared memory, which the
     /// driver requires above 48 KB; more than the device's per-block limit is an error.

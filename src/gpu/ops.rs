@@ -4,19 +4,13 @@
 
 use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
 
-use super::{driver_err, entry_param, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_at_least as need, driver_err, entry_param, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
 fn shape_err(kernel: &str, what: String) -> GpuError {
     GpuError::Shape { kernel: kernel.into(), what }
 }
 
-fn need(kernel: &str, what: &str, got: usize, want: usize) -> Result<(), GpuError> {
-    if got < want {
-        return Err(shape_err(kernel, format!("{what} has {got} elements, the launch needs at least {want}")));
-    }
-    Ok(())
-}
 
 fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedKernel, GpuError> {
     if entry.inputs.template != template {

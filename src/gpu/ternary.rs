@@ -4,7 +4,7 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_at_least, check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
 /// How activations reach the kernel.
@@ -170,13 +170,11 @@ impl TernaryGemv {
             return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what });
         }
         let (q_end, y_end) = (q_row + m, y_row + m);
-        let lens = [
-            ("w", w.len(), n / 4 * k),
-            ("q", q.len().min(q_end * k), q_end * k),
-            ("x_scale", x_scale.len().min(q_end), q_end),
-            ("y", y.len().min(y_end * n), y_end * n),
-        ];
-        check_lengths(&self.kernel.name, &shape, &lens)?;
+        let name = self.kernel.name.as_str();
+        check_lengths(name, &shape, &[("w", w.len(), n / 4 * k)])?;
+        check_at_least(name, "q", q.len(), q_end * k)?;
+        check_at_least(name, "x_scale", x_scale.len(), q_end)?;
+        check_at_least(name, "y", y.len(), y_end * n)?;
         let qv = q.slice(q_row * k..q_end * k);
         let sv = x_scale.slice(q_row..q_end);
         let mut yv = y.slice_mut(y_row * n..y_end * n);
