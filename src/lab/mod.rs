@@ -29,6 +29,13 @@ pub const LAB_GATE: Gate = Gate { max_abs: f64::MAX, max_rel: 1e-2, rel_floor: 1
 /// Names of [`BITNET_2B_SHAPES`], in its order.
 pub const BITNET_2B_NAMES: [&str; 4] = ["qkv", "o", "gate_up", "down"];
 
+/// The HBM-limit cases (M = 1 only): linears of public ternary checkpoints with at least
+/// 16 MB of packed weights per call, where launch latency no longer hides the bandwidth.
+/// (name, N, K): Llama3-8B-1.58 gate|up (29.4 MB), Falcon3-10B-1.58 gate|up (35.4 MB) and down
+/// (17.7 MB).
+pub const LARGE_SHAPES: &[(&str, usize, usize)] =
+    &[("l3-8b.gate_up", 28672, 4096), ("f3-10b.gate_up", 46080, 3072), ("f3-10b.down", 3072, 23040)];
+
 /// Token counts of the GEMV cases (one decode sequence; a full M = 8 launch).
 pub const GEMV_MS: &[usize] = &[1, 8];
 
@@ -93,14 +100,17 @@ impl Case {
     }
 }
 
-/// The default cases: the bitnet-2B decode GEMVs at M ∈ [`GEMV_MS`] and the default MoE
-/// gate_up problem at M ∈ [`GATEUP_MS`].
+/// The default cases: the bitnet-2B decode GEMVs at M ∈ [`GEMV_MS`], the [`LARGE_SHAPES`] at
+/// M = 1 and the default MoE gate_up problem at M ∈ [`GATEUP_MS`].
 pub fn default_cases() -> Vec<Case> {
     let mut cases = Vec::new();
     for (name, &(n, k)) in BITNET_2B_NAMES.iter().zip(BITNET_2B_SHAPES) {
         for &m in GEMV_MS {
             cases.push(Case { problem: Problem::Gemv { name: (*name).into(), n: n as usize, k: k as usize }, m });
         }
+    }
+    for &(name, n, k) in LARGE_SHAPES {
+        cases.push(Case { problem: Problem::Gemv { name: name.into(), n, k }, m: 1 });
     }
     let (e, topk, h, i) = crate::tune::gateup::DEFAULT_MOE;
     for &m in GATEUP_MS {
@@ -355,7 +365,7 @@ pub(crate) mod tests {
 
     pub(crate) fn timed(us: f64) -> Outcome {
         Outcome::Timed {
-            timing: TimingStats { median_us: us, p95_us: us, mean_us: us, min_us: us, samples: 3, batch: 2 },
+            timing: TimingStats { median_us: us, p95_us: us, mean_us: us, min_us: us, samples: 3, batch: 2, graphed: true },
             deltas: Deltas::default(),
         }
     }
@@ -380,7 +390,8 @@ pub(crate) mod tests {
     fn default_cases_cover_the_brief() {
         let cases = default_cases();
         assert_eq!(BITNET_2B_NAMES.len(), BITNET_2B_SHAPES.len());
-        assert_eq!(cases.len(), BITNET_2B_SHAPES.len() * GEMV_MS.len() + GATEUP_MS.len());
+        assert_eq!(cases.len(), BITNET_2B_SHAPES.len() * GEMV_MS.len() + LARGE_SHAPES.len() + GATEUP_MS.len());
+        assert!(LARGE_SHAPES.iter().all(|&(_, n, k)| n / 4 * k >= 16 << 20), "the HBM-limit cases move at least 16 MB");
         let labels: std::collections::BTreeSet<String> = cases.iter().map(Case::label).collect();
         assert_eq!(labels.len(), cases.len(), "labels are unique");
         assert!(labels.contains("gate_up 13824x2560 M=1"), "{labels:?}");
