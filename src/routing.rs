@@ -117,10 +117,10 @@ mod tests {
     #[test]
     fn moe_gateup_grid_covers_max_padded_len() {
         let t = crate::template::Catalog::embedded().get("moe_gateup").unwrap().clone();
-        for (m, bm, bn) in [(1, 16, 32), (16, 64, 64), (512, 128, 64), (3, 32, 128)] {
-            let p = crate::template::parse_params(&[format!("M={m}"), format!("BLOCK_M={bm}"), format!("BLOCK_N={bn}"), "WARPS=8".into()]);
+        for (m, bm, tiles) in [(1, 8, 1), (16, 16, 2), (512, 32, 1), (3, 8, 4)] {
+            let p = crate::template::parse_params(&[format!("M={m}"), format!("BLOCK_M={bm}"), format!("ROW_TILES={tiles}"), "WARPS=8".into(), "UNROLL=1".into()]);
             let k = t.render(&p.unwrap()).unwrap();
-            let (pairs, tiles_n) = (m * 8, 1408 / bn);
+            let (pairs, tiles_n) = (m * 8, 1408 / (32 * tiles));
             assert_eq!(k.launch.grid[0] as usize, max_padded_len(pairs, 64, bm) / bm * tiles_n, "M={m} BLOCK_M={bm}");
         }
     }

@@ -37,3 +37,31 @@ fn unsupported_target_of_this_nvrtc_is_a_clear_error() {
         Err(e) => assert!(e.to_string().contains("cannot target sm87"), "{e}"),
     }
 }
+
+/// A shipped tuning-DB record whose config no longer fits its template (a tunable renamed or
+/// dropped) would fail at serve time; every winner and runner-up must still render.
+#[test]
+fn every_shipped_tuning_record_renders() {
+    let catalog = Catalog::embedded();
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning_db");
+    for gpu in std::fs::read_dir(&dir).unwrap() {
+        let path = gpu.unwrap().path();
+        if !path.is_dir() {
+            continue;
+        }
+        let db = mangrove::tuning_db::TuningDb::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for (name, t) in &db.templates {
+            let template = catalog.get(name).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            for r in &t.records {
+                for timed in std::iter::once(&r.winner).chain(&r.runner_ups) {
+                    let mut params = r.problem.clone();
+                    params.insert("M".into(), r.m);
+                    params.extend(timed.params.clone());
+                    template.render(&params).unwrap_or_else(|e| {
+                        panic!("{}: {name} M={} [{}]: {e}", path.display(), r.m, format_params(&timed.params))
+                    });
+                }
+            }
+        }
+    }
+}

@@ -15,15 +15,16 @@ use mangrove::validate::check_moe_gateup;
 /// (E, TOPK, H, I): the Qwen-MoE-like default and a small shape.
 const SHAPES: [&str; 2] = ["E=64 TOPK=8 H=2048 I=1408", "E=8 TOPK=2 H=512 I=256"];
 
-/// Tile configs: small and large BLOCK_M, 1 to 3 stages, dynamic shared memory above 48 KB.
+/// Tile configs: one to four token groups, one to four row tiles, 1 to 8 warps (shared memory
+/// above 48 KB with 8 warps), every unroll.
 const CONFIGS: [&str; 7] = [
-    "BLOCK_M=16 BLOCK_N=32 BLOCK_K=128 GROUP_M=1 WARPS=4 STAGES=3",
-    "BLOCK_M=16 BLOCK_N=64 BLOCK_K=32 GROUP_M=4 WARPS=2 STAGES=1",
-    "BLOCK_M=32 BLOCK_N=128 BLOCK_K=64 GROUP_M=8 WARPS=4 STAGES=2",
-    "BLOCK_M=64 BLOCK_N=64 BLOCK_K=64 GROUP_M=8 WARPS=4 STAGES=3",
-    "BLOCK_M=128 BLOCK_N=64 BLOCK_K=128 GROUP_M=8 WARPS=8 STAGES=3",
-    "BLOCK_M=128 BLOCK_N=32 BLOCK_K=32 GROUP_M=1 WARPS=4 STAGES=1",
-    "BLOCK_M=64 BLOCK_N=128 BLOCK_K=128 GROUP_M=4 WARPS=8 STAGES=2",
+    "BLOCK_M=8 ROW_TILES=1 WARPS=4 UNROLL=2",
+    "BLOCK_M=8 ROW_TILES=4 WARPS=1 UNROLL=1",
+    "BLOCK_M=16 ROW_TILES=2 WARPS=2 UNROLL=2",
+    "BLOCK_M=16 ROW_TILES=1 WARPS=2 UNROLL=4",
+    "BLOCK_M=32 ROW_TILES=1 WARPS=8 UNROLL=1",
+    "BLOCK_M=32 ROW_TILES=1 WARPS=2 UNROLL=4",
+    "BLOCK_M=8 ROW_TILES=2 WARPS=4 UNROLL=2",
 ];
 
 fn request(arch: mangrove::arch::Arch, params: &str) -> KernelRequest {

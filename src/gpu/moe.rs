@@ -5,7 +5,7 @@ use cudarc::driver::PushKernelArg;
 
 use super::{check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
-use crate::routing::Routing;
+use crate::routing::{max_padded_len, Routing};
 
 /// Device buffers of one MoE layer's ternary experts (see `kernel_templates/moe_gateup.toml`).
 #[derive(Clone, Copy)]
@@ -61,10 +61,16 @@ impl MoeGateUp {
             })
         };
         let (tokens, experts, topk, hidden, inter) = (get("M")?, get("E")?, get("TOPK")?, get("H")?, get("I")?);
-        let (block_m, block_n) = (get("BLOCK_M")?, get("BLOCK_N")?);
+        let block_m = get("BLOCK_M")?;
         let kernel = gpu.load(entry)?;
-        // The grid is (max padded length / BLOCK_M) row tiles x (I / BLOCK_N) column tiles.
-        let max_em = kernel.launch.grid[0] as usize / (inter / block_n) * block_m;
+        // The grid is (max padded length / BLOCK_M) row blocks x the weight tiles.
+        let max_em = max_padded_len(tokens * topk, experts, block_m);
+        if block_m == 0 || kernel.launch.grid[0] as usize % (max_em / block_m).max(1) != 0 {
+            return Err(GpuError::Shape {
+                kernel: entry.inputs.template.clone(),
+                what: format!("grid {} does not cover {} row blocks of {block_m}", kernel.launch.grid[0], max_em / block_m.max(1)),
+            });
+        }
         Ok(Self { kernel, tokens, experts, topk, hidden, inter, block_m, max_em })
     }
 
