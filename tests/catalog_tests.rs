@@ -65,3 +65,16 @@ fn every_shipped_tuning_record_renders() {
         }
     }
 }
+
+/// A template that allows programmatic dependent launch must wait for the previous kernel in
+/// its own body (prelude.cuh's GRID_DEP_WAIT); otherwise a PDL launch would race it.
+#[test]
+fn pdl_templates_wait_for_the_previous_kernel() {
+    for k in Catalog::embedded().samples().unwrap() {
+        let body = &k.source[mangrove::template::PRELUDE.len()..];
+        assert!(k.source.starts_with(mangrove::template::PRELUDE), "{}: prelude missing", k.template);
+        if k.launch.pdl {
+            assert!(body.contains("GRID_DEP_WAIT();"), "{} has pdl = true but never calls GRID_DEP_WAIT()", k.template);
+        }
+    }
+}

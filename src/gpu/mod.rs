@@ -6,6 +6,7 @@
 
 mod cublas;
 mod graph;
+mod launch;
 mod moe;
 mod ops;
 mod ternary;
@@ -20,6 +21,7 @@ use crate::cache::CacheEntry;
 use crate::template::LaunchDims;
 pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
+pub(crate) use launch::{Args, Null};
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
@@ -72,6 +74,8 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     info: DeviceInfo,
+    /// Kernels that allow it are launched with programmatic dependent launch ([`launch`]).
+    pdl: bool,
 }
 
 /// A cubin loaded as a module, with its entry function and launch geometry.
@@ -122,7 +126,8 @@ impl Gpu {
             mem_clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_MEMORY_CLOCK_RATE).unwrap_or(0) / 1000,
         };
         let stream = ctx.new_stream().map_err(driver_err("stream"))?;
-        Ok(Self { ctx, stream, info })
+        let pdl = launch::pdl_allowed(info.arch.cc / 10);
+        Ok(Self { ctx, stream, info, pdl })
     }
 
     pub fn info(&self) -> &DeviceInfo {
@@ -185,6 +190,16 @@ impl Gpu {
 
     pub(crate) fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Whether kernels that allow it go out with programmatic dependent launch.
+    pub fn pdl(&self) -> bool {
+        self.pdl
+    }
+
+    /// Makes this GPU's context current on the calling thread (before a raw driver call).
+    pub(crate) fn bind(&self) -> Result<(), GpuError> {
+        self.ctx.bind_to_thread().map_err(driver_err("binding the CUDA context"))
     }
 }
 

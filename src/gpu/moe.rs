@@ -1,9 +1,8 @@
 //! Host side of the `moe_gateup` template: uploads a routing, checks every buffer against the
 //! entry's rendered shape and launches the kernel over the grid sized for the largest routing.
 
-use cudarc::driver::PushKernelArg;
 
-use super::{check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 use crate::routing::{max_padded_len, Routing};
 
@@ -118,7 +117,7 @@ impl MoeGateUp {
         }
         let em = i32::try_from(em).map_err(|_| self.shape_err(format!("padded length {em} exceeds i32")))?;
         let cfg = self.kernel.config();
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(x).arg(w.w_gate).arg(w.w_up).arg(w.s_gate).arg(w.s_up);
         b.arg(&routing.sorted_ids).arg(&routing.block_expert).arg(&em).arg(act);
         // SAFETY: the argument list matches the kernel signature in moe_gateup.cu.tera
@@ -127,7 +126,7 @@ impl MoeGateUp {
         // em <= max_em with the routing buffers holding at least em ids and em/BLOCK_M blocks,
         // so tiles past em exit before reading them; the kernel bounds-checks every id and
         // expert it reads, so the routing's contents cannot take it out of bounds.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 

@@ -2,9 +2,9 @@
 //! `lm_head`): typed argument lists, buffer checks and launches. The row-wise ops run one block
 //! row per token: the host puts the launch's row count on grid.y.
 
-use cudarc::driver::{CudaView, CudaViewMut, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut};
 
-use super::{check_at_least as need, driver_err, entry_param, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_at_least as need, entry_param, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel, Null};
 use crate::cache::CacheEntry;
 
 fn shape_err(kernel: &str, what: String) -> GpuError {
@@ -80,10 +80,10 @@ impl RmsNormQuant {
         if self.glu != matches!(source, NormSource::Glu { .. }) {
             return Err(shape_err(name, format!("GLU={} kernel given the wrong row source", self.glu as u8)));
         }
-        let null = 0u64;
+        let null = Null;
         let (zero, one) = (0f32, 1f32);
         let cfg = self.kernel.config_rows(rows)?;
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(&mut *x);
         match &source {
             NormSource::Embed { tokens, table } => {
@@ -133,7 +133,7 @@ impl RmsNormQuant {
         // delta_factor, gu, gate_factor, up_factor, row_factors, weight, eps, q, x_scale, xn); absent pointers
         // are null, which the kernel tests before use; every present buffer holds the rows × H
         // elements the launch touches (checked above), and embedding ids were range-checked by the caller.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }
@@ -212,13 +212,13 @@ impl RopeKv {
         need(name, "slot", meta.slot.len(), rows)?;
         let (layers, layer) = (kv.layers as i32, layer as i32);
         let cfg = self.kernel.config_rows(rows)?;
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(qkv).arg(&factors[0]).arg(&factors[1]).arg(&factors[2]).arg(meta.pos).arg(meta.slot);
         b.arg(&mut kv.data).arg(&layers).arg(&layer).arg(&theta).arg(q);
         // SAFETY: arguments follow rope_kv.cu.tera (qkv, fq, fk, fv, pos, slot, kv, layers, layer,
         // theta, qout); buffer sizes are checked above and the arena's shape matches the kernel's;
         // the caller guarantees pos < max_pos and slot < slots for every row (RowMeta contract).
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }
@@ -287,14 +287,14 @@ impl Attention {
         need(name, "slot", meta.slot.len(), rows)?;
         let (layers, layer) = (kv.layers as i32, layer as i32);
         let cfg = self.kernel.config_rows(rows)?;
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(q).arg(meta.pos).arg(meta.slot).arg(&kv.data).arg(&layers).arg(&layer).arg(out);
         b.arg(&mut scratch.partial).arg(&mut scratch.counters);
         // SAFETY: arguments follow attention_decode.cu.tera (q, pos, slot, kv, layers, layer, out,
         // partial, counters); sizes checked above; pos < max_pos and slot < slots per the RowMeta
         // contract; counters are zero between launches (the last split resets them); the dynamic
         // shared memory was opted in at load when above 48 KB.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }
@@ -328,11 +328,11 @@ impl LmHead {
         need(name, "y", y.len(), self.m * self.n)?;
         need(name, "x", x.len(), self.k)?;
         let cfg = self.kernel.config();
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(w).arg(x).arg(&rows).arg(&mut y);
         // SAFETY: arguments follow lm_head.cu.tera (w, x, rows, y); sizes checked above; every
         // row index points inside x (the caller gathers rows of the step it just computed).
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }
@@ -358,10 +358,10 @@ impl MoeCombine {
         need(name, "w", w.len(), rows * self.topk)?;
         need(name, "out", out.len(), rows * self.h)?;
         let cfg = self.kernel.config_rows(rows)?;
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(d).arg(w).arg(out);
         // SAFETY: arguments follow moe_combine.cu.tera (d, w, out); sizes checked above.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {name}")))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }

@@ -2,9 +2,8 @@
 //! `ternary_gemv_w2a8`: int8 per-token activations): owns the split-K workspace and launches
 //! the kernel with its argument list. Shapes come from the entry's rendered parameters.
 
-use cudarc::driver::PushKernelArg;
 
-use super::{check_at_least, check_lengths, driver_err, DeviceBuffer, Gpu, GpuError, LoadedKernel};
+use super::{check_at_least, check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
 /// How activations reach the kernel.
@@ -127,7 +126,7 @@ impl TernaryGemv {
         }
         check_lengths(&self.kernel.name, &shape, &lens)?;
         let cfg = self.kernel.config();
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(w);
         match x {
             Activations::Bf16(x) => {
@@ -142,7 +141,7 @@ impl TernaryGemv {
         // (w, x, y, scale, partial, counters) and ternary_gemv_w2a8.cu.tera (w, q, x_scale, y,
         // scale, partial, counters), the mode was checked against the activations, every
         // buffer length above, and the workspace was sized from the rendered parameters.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 
@@ -179,12 +178,12 @@ impl TernaryGemv {
         let sv = x_scale.slice(q_row..q_end);
         let mut yv = y.slice_mut(y_row * n..y_end * n);
         let cfg = self.kernel.config();
-        let mut b = gpu.stream().launch_builder(&self.kernel.func);
+        let mut b = Args::new(gpu);
         b.arg(w).arg(&qv).arg(&sv).arg(&mut yv).arg(&scale).arg(&mut self.partial_i).arg(&mut self.counters);
         // SAFETY: the argument list matches ternary_gemv_w2a8.cu.tera (w, q, x_scale, y, scale,
         // partial, counters); the views cover exactly the M rows the kernel reads and writes, and
         // the split-K workspace was sized from the rendered parameters.
-        unsafe { b.launch(cfg) }.map_err(driver_err(format!("launching {}", self.kernel.name)))?;
+        unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 }

@@ -54,6 +54,8 @@ pub struct LaunchDims {
     pub grid: [u32; 3],
     pub block: [u32; 3],
     pub shared_bytes: u32,
+    /// Launchable with programmatic dependent launch (see `LaunchSpec::pdl`).
+    pub pdl: bool,
 }
 
 /// A template rendered for one full parameter set.
@@ -92,7 +94,7 @@ impl Template {
             t.resolve(sample).map_err(|e| TemplateError::Schema { template: t.name().into(), reason: format!("sample {sample:?}: {e}") })?;
         }
         let mut h = blake3::Hasher::new();
-        for part in [schema_text, source] {
+        for part in [schema_text, source, PRELUDE] {
             h.update(&(part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
@@ -166,10 +168,11 @@ impl Template {
         for (k, v) in &params {
             ctx.insert(k.as_str(), v);
         }
-        let source = self.engine.render(self.name(), &ctx).map_err(|e| TemplateError::Render {
+        let body = self.engine.render(self.name(), &ctx).map_err(|e| TemplateError::Render {
             template: self.name().into(),
             reason: error_chain(&e),
         })?;
+        let source = format!("{PRELUDE}{body}");
         let dim = |e: &str| -> Result<u32, TemplateError> {
             let v = self.eval_int(e, &params)?;
             u32::try_from(v).map_err(|_| TemplateError::BadExpression {
@@ -183,6 +186,7 @@ impl Template {
             grid: [dim(&l.grid[0])?, dim(&l.grid[1])?, dim(&l.grid[2])?],
             block: [dim(&l.block[0])?, dim(&l.block[1])?, dim(&l.block[2])?],
             shared_bytes: dim(&l.shared_bytes)?,
+            pdl: l.pdl,
         };
         Ok(RenderedKernel {
             template: self.name().into(),
@@ -212,6 +216,9 @@ impl Template {
 pub struct Catalog {
     templates: BTreeMap<String, Template>,
 }
+
+/// CUDA text prepended to every rendered source (shared macros such as `GRID_DEP_WAIT`).
+pub const PRELUDE: &str = include_str!("../../kernel_templates/prelude.cuh");
 
 /// Templates compiled into the binary: (schema TOML, Tera source).
 const EMBEDDED: &[(&str, &str)] = &[

@@ -58,6 +58,10 @@ pub struct LaunchSpec {
     pub grid: [String; 3],
     pub block: [String; 3],
     pub shared_bytes: String,
+    /// The kernel executes `griddepcontrol.wait` before it touches memory an earlier kernel
+    /// writes, so it may be launched with programmatic dependent launch (Hopper+).
+    #[serde(default)]
+    pub pdl: bool,
 }
 
 /// The whole schema file.

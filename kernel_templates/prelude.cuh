@@ -1,0 +1,15 @@
+// mangrove prelude: prepended to every rendered template (part of each template's content hash).
+
+// Programmatic dependent launch. A template whose schema says `pdl = true` calls GRID_DEP_WAIT()
+// before it reads or writes any memory that another kernel may write (weights, never written by
+// a kernel, may be prefetched before it). It holds the block until the previous kernel of the
+// stream has finished and its writes are visible, then lets the next kernel be scheduled while
+// this one runs. Without a PDL launch (or below sm_90) it costs nothing.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_DEP_WAIT() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#define PREFETCH_L2(p) asm volatile("prefetch.global.L2 [%0];" ::"l"(p))
+#else
+#define GRID_DEP_WAIT() do {} while (0)
+#define PREFETCH_L2(p) do {} while (0)
+#endif
+
