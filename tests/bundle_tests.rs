@@ -125,8 +125,11 @@ fn a_bundle_missing_a_kernel_names_it() {
     let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
     let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
     let missing = p.missing(&Catalog::embedded(), &planned).unwrap();
-    assert_eq!(missing.len(), 1);
-    assert_eq!(p.key_for(&Catalog::embedded(), &missing[0].request).unwrap().to_hex(), dropped.key);
+    // One kernel can serve several plan entries (e.g. two norms of the same width).
+    assert!(!missing.is_empty());
+    for m in &missing {
+        assert_eq!(p.key_for(&Catalog::embedded(), &m.request).unwrap().to_hex(), dropped.key);
+    }
 }
 
 #[test]
@@ -181,6 +184,6 @@ fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kerne
     let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
     let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), offline: true };
     let err = provision(&planned, &source, &no_local).unwrap_err();
-    assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if l.len() == 1), "{err}");
+    assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if !l.is_empty()), "{err}");
     assert!(err.to_string().contains(&label), "{err} should name {label}");
 }

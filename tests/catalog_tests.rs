@@ -71,8 +71,8 @@ fn every_shipped_tuning_record_renders() {
 #[test]
 fn pdl_templates_wait_for_the_previous_kernel() {
     for k in Catalog::embedded().samples().unwrap() {
-        let body = &k.source[mangrove::template::PRELUDE.len()..];
-        assert!(k.source.starts_with(mangrove::template::PRELUDE), "{}: prelude missing", k.template);
+        let body = k.body();
+        assert!(k.source.starts_with(mangrove::template::PRELUDE) && body.len() < k.source.len(), "{}: prelude missing", k.template);
         if k.launch.pdl {
             assert!(body.contains("GRID_DEP_WAIT();"), "{} has pdl = true but never calls GRID_DEP_WAIT()", k.template);
         }

@@ -51,6 +51,9 @@ enum Cmd {
         /// Keep the PTX in the cache entry.
         #[arg(long)]
         ptx: bool,
+        /// Also write the cubin here (for `cuobjdump -sass FILE`).
+        #[arg(long, value_name = "FILE")]
+        cubin: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -318,11 +321,14 @@ fn run(cli: Cli) -> Result<()> {
     let cache_dir = cache::resolve_dir(cli.cache_dir.as_deref());
     match cli.cmd {
         Cmd::Templates { json } => templates(&catalog, json),
-        Cmd::Compile { template, arch, params, ptx, json } => {
+        Cmd::Compile { template, arch, params, ptx, cubin, json } => {
             let params = parse_params(&params)?;
             catalog.get(&template)?.resolve(&params)?; // bad input fails before anything opens
             let jit = open_jit(catalog, &cache_dir, ptx)?;
             let f = jit.get(&KernelRequest { template, params, arch })?;
+            if let Some(path) = &cubin {
+                std::fs::write(path, &f.entry.cubin).map_err(|e| std::io::Error::other(format!("writing {}: {e}", path.display())))?;
+            }
             let r = &f.entry.resources;
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({

@@ -116,7 +116,7 @@ impl Compiler {
                 template: kernel.template.clone(),
                 arch,
                 options: options.to_vec(),
-                excerpt: source_excerpt(&log, &kernel.source, &format!("{}.cu", kernel.template)),
+                excerpt: source_excerpt(&log, kernel.body(), &format!("{}.cu", kernel.template)),
                 log,
             });
         }

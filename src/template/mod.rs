@@ -69,6 +69,14 @@ pub struct RenderedKernel {
     pub launch: LaunchDims,
 }
 
+impl RenderedKernel {
+    /// The rendered template text without the prelude; compiler line numbers count from its
+    /// first line.
+    pub fn body(&self) -> &str {
+        self.source.strip_prefix(PRELUDE).and_then(|s| s.strip_prefix(BODY_START)).unwrap_or(&self.source)
+    }
+}
+
 impl Template {
     /// Parses a template from its schema TOML and Tera source.
     pub fn parse(schema_text: &str, source: &str) -> Result<Self, TemplateError> {
@@ -94,7 +102,7 @@ impl Template {
             t.resolve(sample).map_err(|e| TemplateError::Schema { template: t.name().into(), reason: format!("sample {sample:?}: {e}") })?;
         }
         let mut h = blake3::Hasher::new();
-        for part in [schema_text, source, PRELUDE] {
+        for part in [schema_text, source, PRELUDE, BODY_START] {
             h.update(&(part.len() as u64).to_le_bytes());
             h.update(part.as_bytes());
         }
@@ -172,7 +180,7 @@ impl Template {
             template: self.name().into(),
             reason: error_chain(&e),
         })?;
-        let source = format!("{PRELUDE}{body}");
+        let source = format!("{PRELUDE}{BODY_START}{body}");
         let dim = |e: &str| -> Result<u32, TemplateError> {
             let v = self.eval_int(e, &params)?;
             u32::try_from(v).map_err(|_| TemplateError::BadExpression {
@@ -219,6 +227,10 @@ pub struct Catalog {
 
 /// CUDA text prepended to every rendered source (shared macros such as `GRID_DEP_WAIT`).
 pub const PRELUDE: &str = include_str!("../../kernel_templates/prelude.cuh");
+
+/// Between the prelude and the template's text: compiler messages count lines from the
+/// template's first line again.
+const BODY_START: &str = "#line 1\n";
 
 /// Templates compiled into the binary: (schema TOML, Tera source).
 const EMBEDDED: &[(&str, &str)] = &[
