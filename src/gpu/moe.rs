@@ -1,7 +1,6 @@
 //! Host side of the `moe_gateup` template: uploads a routing, checks every buffer against the
 //! entry's rendered shape and launches the kernel over the grid sized for the largest routing.
 
-
 use super::{check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 use crate::routing::{max_padded_len, Routing};

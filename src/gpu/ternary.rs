@@ -2,7 +2,6 @@
 //! `ternary_gemv_w2a8`: int8 per-token activations): owns the split-K workspace and launches
 //! the kernel with its argument list. Shapes come from the entry's rendered parameters.
 
-
 use super::{check_at_least, check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
