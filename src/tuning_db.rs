@@ -39,6 +39,10 @@ pub struct Provenance {
     pub mem_clock_mhz: i32,
     pub date: String,
     pub command: String,
+    /// How kernels were timed, e.g. "cuda-graph replays, programmatic dependent launch"
+    /// (empty: not recorded, in records made before mangrove wrote this field).
+    #[serde(default)]
+    pub timing: String,
 }
 
 /// A timed config.

@@ -78,6 +78,12 @@ impl TuneContext {
     }
 }
 
+/// The timing method records carry: graph replays (`Gpu::time_launches`), with or without PDL.
+fn timing_method(gpu: &Gpu) -> String {
+    let pdl = if gpu.pdl() { ", programmatic dependent launch" } else { "" };
+    format!("cuda-graph replays{pdl}")
+}
+
 /// Reproducibility metadata for records made now.
 pub fn provenance(gpu: Option<&Gpu>, nvrtc_version: (i32, i32), command: String) -> Provenance {
     let info = gpu.map(|g| g.info().clone());
@@ -92,5 +98,6 @@ pub fn provenance(gpu: Option<&Gpu>, nvrtc_version: (i32, i32), command: String)
         mem_clock_mhz: info.as_ref().map(|i| i.mem_clock_mhz).unwrap_or(0),
         date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         command,
+        timing: gpu.map(timing_method).unwrap_or_default(),
     }
 }
