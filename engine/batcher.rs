@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use rayon::prelude::*;
 use tokio::sync::mpsc;
 
 use super::cpu::{KvCache, SeqInput};
@@ -212,13 +213,16 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         for (family, reason) in &report.fallbacks {
             metrics.fallback(family, *reason);
         }
-        for (mut s, l) in seqs.into_iter().zip(logits) {
-            if s.fed < s.pending.len() {
+        // Sample every sequence that finished its prompt, in parallel (a draw over a 128k
+        // vocabulary is ~0.6 ms of CPU with temperature; the step's sequences are independent).
+        let mut items: Vec<(Seq, Vec<f64>, Option<u32>)> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, tok)| *tok = Some(s.sampler.sample(l)));
+        for (mut s, _, tok) in items {
+            let Some(tok) = tok else {
                 // Mid-prefill: these logits are not the last prompt position's.
                 active.push(s);
                 continue;
-            }
-            let tok = s.sampler.sample(&l);
+            };
             metrics.generated(1);
             if let Some(reason) = advance(&engine, &mut s, tok) {
                 let f = Finish { reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: None };
