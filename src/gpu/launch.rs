@@ -2,8 +2,9 @@
 //! [`LoadedKernel::launch`], which goes through `cuLaunchKernelEx` so that kernels whose template
 //! declares `pdl` (they run `griddepcontrol.wait` before touching memory another kernel writes)
 //! are launched with programmatic dependent launch on Hopper and later: the next kernel of the
-//! stream is scheduled while this one drains, instead of after it, which hides most of the
-//! launch gap between the short kernels of a decode step. `MANGROVE_NO_PDL=1` turns it off.
+//! stream is scheduled while this one drains, instead of after it, which hides part of the
+//! launch gap between the short kernels of a decode step (bitnet-2b batch 1 on the H100:
+//! 1.08–1.15× per token). `MANGROVE_NO_PDL=1` turns it off.
 
 use std::ffi::c_void;
 
