@@ -206,10 +206,14 @@ async fn bad_requests_are_openai_style_4xx() {
             assert_eq!(err["param"], p, "{path} {body}: {v}");
         }
     }
-    // An oversized body is a JSON 413, not a bare text error.
-    let (st, text) = s.post_raw("/v1/completions", format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20))).await;
-    assert_eq!(st, 413, "{text}");
-    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string());
+    // An oversized body is a JSON 413, not a bare text error, and closes the connection (the
+    // rest of the body was never read, so the connection cannot be reused).
+    let big = format!("{{\"prompt\": \"{}\"}}", "a".repeat(3 << 20));
+    let r = s.client.post(format!("{}/v1/completions", s.base)).header("content-type", "application/json").body(big).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 413);
+    assert_eq!(r.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"));
+    let text = r.text().await.unwrap();
+    assert!(serde_json::from_str::<Value>(&text).unwrap()["error"]["message"].is_string(), "{text}");
     // Still healthy afterwards.
     assert_eq!(s.get("/health").await.0, 200);
 }
