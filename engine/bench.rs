@@ -6,6 +6,7 @@
 
 use std::time::Instant;
 
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::config::ModelConfig;
@@ -74,7 +75,8 @@ pub fn bench_decode(
     let t_all = Instant::now();
     for _ in 0..steps {
         let t = Instant::now();
-        let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
+        // Greedy picks, one row per thread (as the server's batcher samples a step).
+        let next: Vec<[u32; 1]> = logits.par_iter().map(|l| [argmax(l)]).collect();
         let mut inputs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
         logits = backend.forward(&mut inputs)?.0;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
