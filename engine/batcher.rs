@@ -119,6 +119,10 @@ struct Seq {
     emitted: usize,
 }
 
+/// A sequence after a step: its logits, then the token picked and the text decoded so far
+/// (none while its prompt is still being fed).
+type StepItem = (Seq, Vec<f64>, Option<(u32, String)>);
+
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
     spawn_with(engine, metrics, BatcherConfig::default())
@@ -213,18 +217,23 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         for (family, reason) in &report.fallbacks {
             metrics.fallback(family, *reason);
         }
-        // Sample every sequence that finished its prompt, in parallel (a draw over a 128k
-        // vocabulary is ~0.6 ms of CPU with temperature; the step's sequences are independent).
-        let mut items: Vec<(Seq, Vec<f64>, Option<u32>)> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
-        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, tok)| *tok = Some(s.sampler.sample(l)));
-        for (mut s, _, tok) in items {
-            let Some(tok) = tok else {
+        // Sample and detokenize every sequence that finished its prompt, in parallel (a draw
+        // over a 128k vocabulary is ~0.6 ms of CPU with temperature, and the text is decoded
+        // whole; the step's sequences are independent).
+        let mut items: Vec<StepItem> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, picked)| {
+            let tok = s.sampler.sample(l);
+            s.generated.push(tok);
+            *picked = Some((tok, engine.tokenizer.decode(&s.generated).unwrap_or_default()));
+        });
+        for (mut s, _, picked) in items {
+            let Some((tok, text)) = picked else {
                 // Mid-prefill: these logits are not the last prompt position's.
                 active.push(s);
                 continue;
             };
             metrics.generated(1);
-            if let Some(reason) = advance(&engine, &mut s, tok) {
+            if let Some(reason) = advance(&engine, &mut s, tok, &text) {
                 let f = Finish { reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: None };
                 let _ = s.req.events.send(GenEvent::Done(f));
             } else {
@@ -246,11 +255,10 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// Records `tok`, sends the new text, and says whether the sequence is done.
-fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
+/// After `tok` (already in `s.generated`, whose decoded text is `text`): sends the new text and
+/// says whether the sequence is done.
+fn advance(engine: &Engine, s: &mut Seq, tok: u32, text: &str) -> Option<FinishReason> {
     let eos = engine.eos.contains(&tok);
-    s.generated.push(tok);
-    let text = engine.tokenizer.decode(&s.generated).unwrap_or_default();
     let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| text.find(st.as_str())).min();
     let length = s.generated.len() >= s.req.max_tokens || s.cache.len() + 1 >= engine.config().max_positions;
     let (end, reason) = match (stop_at, eos, length) {
@@ -258,7 +266,7 @@ fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
         (None, true, _) => (text.len(), Some(FinishReason::Stop)),
         (None, false, true) => (text.len(), Some(FinishReason::Length)),
         // Hold back an unfinished UTF-8 character and a possible stop-string prefix.
-        (None, false, false) => (text.trim_end_matches('\u{FFFD}').len().saturating_sub(partial_stop(&text, &s.req.stop)), None),
+        (None, false, false) => (text.trim_end_matches('\u{FFFD}').len().saturating_sub(partial_stop(text, &s.req.stop)), None),
     };
     if end > s.emitted && text.is_char_boundary(s.emitted) && text.is_char_boundary(end) {
         let _ = s.req.events.send(GenEvent::Delta(text[s.emitted..end].to_string()));
