@@ -54,12 +54,12 @@ impl Sampler {
         }
         let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         let mut probs: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
-        let sum: f64 = probs.iter().map(|p| p.1).sum();
-        probs.iter_mut().for_each(|p| p.1 /= sum);
+        let sum = sum_of(&probs);
         if self.params.top_p >= 1.0 {
-            // The whole distribution: one pass in token order, no sort.
-            return walk(&probs, sum_of(&probs), self.rng.random::<f64>());
+            // The whole distribution: one pass in token order over the unnormalized weights.
+            return walk(&probs, sum, self.rng.random::<f64>());
         }
+        probs.iter_mut().for_each(|p| p.1 /= sum);
         // The nucleus: the most probable tokens (ties: lower id first) until their mass reaches
         // top_p. Sorted lazily, a growing prefix at a time, as a full sort of the vocabulary
         // would cost ~5 ms per token at 128k entries.

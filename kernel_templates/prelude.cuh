@@ -13,3 +13,14 @@
 #define PREFETCH_L2(p) do {} while (0)
 #endif
 
+// The row GEMVs' prologue: an L2 prefetch of the first UNROLL chunks (VEC bytes, 32 lanes apart,
+// starting at chunk c) of each of the warp's RPW weight rows, skipping chunks at or past c_end.
+template <int UNROLL, int RPW, int VEC>
+__device__ __forceinline__ void prefetch_first_chunks(const unsigned char* const (&rows)[RPW], int c, int c_end) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u)
+#pragma unroll
+        for (int i = 0; i < RPW; ++i)
+            if (c + u * 32 < c_end) PREFETCH_L2(rows[i] + (size_t)(c + u * 32) * VEC);
+}
+

@@ -59,12 +59,16 @@ const DENSE_PROMPTS: &[usize] = &[7, 1, 300];
 fn model_dir(tmp: &Path) -> std::path::PathBuf {
     match std::env::var_os("MANGROVE_GPU_MODEL") {
         Some(d) => d.into(),
-        None => {
-            let d = tmp.join("tiny");
-            generate(Preset::Tiny, &d, 11).unwrap();
-            d
-        }
+        None => generated(tmp, Preset::Tiny, 11).0,
     }
+}
+
+/// A random checkpoint of `preset` written under `tmp`, and the model loaded from it.
+fn generated(tmp: &Path, preset: Preset, seed: u64) -> (std::path::PathBuf, Model) {
+    let dir = tmp.join(format!("{preset:?}").to_lowercase());
+    generate(preset, &dir, seed).unwrap();
+    let model = Model::load(&dir).unwrap();
+    (dir, model)
 }
 
 /// Runs prompts of `lens` tokens (one mixed prefill step), then greedy decode steps with the
@@ -122,9 +126,7 @@ fn cuda_logits_match_cpu_reference_and_graphs_match_direct_launches() {
 fn split_attention_matches_one_split() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    generate(Preset::Tiny, &dir, 11).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (dir, model) = generated(tmp.path(), Preset::Tiny, 11);
     let split = cuda_backend_with(gpu, &dir, &model, &tmp.path().join("c1"), 4, &[("attention", "MIN_CHUNK", 16)]);
     let one = cuda_backend_with(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("c2"), 4, &[("attention", "SPLITS", 1)]);
     // The reference here is the one-split kernel: same f32 math, only the sum is reassociated.
@@ -140,9 +142,7 @@ fn split_attention_matches_one_split() {
 fn cuda_moe_logits_match_cpu_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny-moe");
-    generate(Preset::TinyMoe, &dir, 5).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (dir, model) = generated(tmp.path(), Preset::TinyMoe, 5);
     let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 4);
     let cpu = CpuBackend::new(Arc::new(model.clone()));
     // Short prompts: top-k routing is discontinuous, and over many tokens an f32-vs-f64 near-tie
@@ -159,9 +159,7 @@ fn cuda_moe_logits_match_cpu_reference() {
 fn kv_slots_are_reused_and_exhaustion_is_an_error() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("tiny");
-    generate(Preset::Tiny, &dir, 3).unwrap();
-    let model = Model::load(&dir).unwrap();
+    let (dir, model) = generated(tmp.path(), Preset::Tiny, 3);
     let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 2);
     let run = |caches: &mut [KvCache]| {
         let toks = [1u32, 2, 3];

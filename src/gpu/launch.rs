@@ -19,7 +19,6 @@ pub(crate) enum Value {
     Ptr(sys::CUdeviceptr),
     F32(f32),
     I32(i32),
-    U32(u32),
 }
 
 /// A kernel's argument list, in signature order.
@@ -29,7 +28,7 @@ pub(crate) struct Args<'g> {
 }
 
 /// What may be passed as a kernel argument: device buffers and views (their device address)
-/// and 32-bit scalars (by value).
+/// and f32 / i32 scalars (by value).
 pub(crate) trait KernelArg {
     #[doc(hidden)]
     fn value(&self, gpu: &Gpu) -> Value;
@@ -61,7 +60,7 @@ macro_rules! scalar_arg {
         }
     )*};
 }
-scalar_arg!(f32 => F32, i32 => I32, u32 => U32);
+scalar_arg!(f32 => F32, i32 => I32);
 
 /// A null device pointer argument (an optional input the kernel does not read).
 pub(crate) struct Null;
@@ -105,7 +104,6 @@ impl LoadedKernel {
                 Value::Ptr(p) => p as *mut u64 as *mut c_void,
                 Value::F32(f) => f as *mut f32 as *mut c_void,
                 Value::I32(i) => i as *mut i32 as *mut c_void,
-                Value::U32(u) => u as *mut u32 as *mut c_void,
             })
             .collect();
         // SAFETY: a plain C struct (id + union of plain values) for which all-zero is valid.

@@ -71,11 +71,11 @@ impl Gpu {
         let batch = plan.batch.max(1);
         let captured = self.capture(|| (0..batch).try_for_each(&mut launch));
         match captured {
-            Ok(graph) => self.time_batches(plan, batch, true, |_| graph.launch()),
+            Ok(graph) => self.time_batches(plan, batch, true, || graph.launch()),
             Err(_) => {
                 self.sync()?; // a failed capture leaves nothing queued; start from a quiet stream
                 let mut i = 0usize;
-                self.time_batches(plan, batch, false, |_| {
+                self.time_batches(plan, batch, false, || {
                     (0..batch).try_for_each(|_| {
                         i += 1;
                         launch(i - 1)
@@ -92,18 +92,18 @@ impl Gpu {
         plan: TimingPlan,
         batch: usize,
         graphed: bool,
-        mut batch_fn: impl FnMut(usize) -> Result<(), GpuError>,
+        mut batch_fn: impl FnMut() -> Result<(), GpuError>,
     ) -> Result<TimingStats, GpuError> {
         let ev = || self.ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("event"));
         let (start, stop) = (ev()?, ev()?);
-        for w in 0..plan.warmup {
-            batch_fn(w)?;
+        for _ in 0..plan.warmup {
+            batch_fn()?;
         }
         self.sync()?;
         let mut us = Vec::with_capacity(plan.samples);
-        for s in 0..plan.samples {
+        for _ in 0..plan.samples {
             start.record(&self.stream).map_err(driver_err("event record"))?;
-            batch_fn(s)?;
+            batch_fn()?;
             stop.record(&self.stream).map_err(driver_err("event record"))?;
             let ms = start.elapsed_ms(&stop).map_err(driver_err("event elapsed"))?;
             us.push(ms as f64 * 1e3 / batch as f64);
@@ -119,7 +119,7 @@ impl Gpu {
         let src = self.zeros::<u8>(bytes)?;
         let mut dst = self.zeros::<u8>(bytes)?;
         let plan = TimingPlan { warmup: 2, samples: 10, batch: 4 };
-        let stats = self.time_batches(plan, plan.batch, false, |_| {
+        let stats = self.time_batches(plan, plan.batch, false, || {
             (0..plan.batch).try_for_each(|_| self.stream.memcpy_dtod(&src, &mut dst).map_err(driver_err("copy")))
         })?;
         Ok(2.0 * bytes as f64 / (stats.median_us * 1e-6) / 1e9)
