@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 mod common;
 
@@ -23,9 +24,9 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> String {
     out
 }
 
-/// Runs `f` (a spawn of the copied binary), retrying while the kernel says the file is busy:
-/// a test thread that forks while the copy is still open for writing holds that descriptor
-/// until its child execs (ETXTBSY, a known race of copying an executable in a test process).
+/// Runs `f` (a spawn of the detached binary), retrying while the kernel says the file is busy:
+/// where it had to be copied, a test thread that forked while the copy was open for writing
+/// holds that descriptor until its child execs (ETXTBSY).
 fn retry_busy<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
     for _ in 0..100 {
         match f() {
@@ -33,7 +34,26 @@ fn retry_busy<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
             r => return r.unwrap(),
         }
     }
-    panic!("the copied binary stayed busy for 2 s")
+    panic!("the detached binary stayed busy for 2 s")
+}
+
+/// The mangrove binary under a directory outside the repository (whose .nvrtc/ it would
+/// find), made once per test process: a hard link where the filesystem allows (no second
+/// 260 MB copy on a CI disk, and no copy open for writing while a test thread forks, which
+/// makes exec fail with ETXTBSY), a copy otherwise.
+fn detached_binary() -> &'static Path {
+    static BIN: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    let (_, bin) = BIN.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("mangrove");
+        if std::fs::hard_link(env!("CARGO_BIN_EXE_mangrove"), &bin).is_err() {
+            let tmp = dir.path().join("mangrove.part");
+            std::fs::copy(env!("CARGO_BIN_EXE_mangrove"), &tmp).unwrap();
+            std::fs::rename(&tmp, &bin).unwrap();
+        }
+        (dir, bin)
+    });
+    bin
 }
 
 /// A tiny checkpoint and a bundle blessed for it from the shipped H100 DB.
@@ -54,15 +74,9 @@ fn setup(root: &Path) -> (PathBuf, PathBuf) {
     (model, b)
 }
 
-/// The mangrove binary copied away from the repository (whose .nvrtc/ it would find), run with
-/// every NVRTC location pointed at nothing.
+/// The detached binary run from `root` with every NVRTC location pointed at nothing.
 fn offline_command(root: &Path) -> Command {
-    let bin = root.join("bin/mangrove");
-    std::fs::create_dir_all(bin.parent().unwrap()).unwrap();
-    if !bin.exists() {
-        std::fs::copy(env!("CARGO_BIN_EXE_mangrove"), &bin).unwrap();
-    }
-    let mut c = Command::new(bin);
+    let mut c = Command::new(detached_binary());
     c.current_dir(root).env("MANGROVE_NVRTC_LIB", "/nonexistent/libnvrtc.so").env_remove("CUDA_HOME").env_remove("CUDA_PATH");
     c
 }
