@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::config::{Activation, ModelConfig, ScaleConvention};
 use super::model::{Ffn, Model, TernaryLinear};
+use crate::reference::decode_ops::{attend_head, relu2, rmsnorm, rope, softmax_in_place};
 use crate::reference::moe::silu;
 use crate::reference::ternary_linear;
 
@@ -107,38 +108,6 @@ pub fn bitlinear(lin: &TernaryLinear, conv: ScaleConvention, x: &[f64], m: usize
     y
 }
 
-/// RMSNorm of every row of `x`.
-pub fn rmsnorm(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
-    let mut out = Vec::with_capacity(x.len());
-    for row in x.chunks_exact(w.len()) {
-        let r = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / w.len() as f64 + eps).sqrt();
-        out.extend(row.iter().zip(w).map(|(v, g)| v * r * g));
-    }
-    out
-}
-
-/// Rotary embedding (rotate_half convention) of one head vector at `pos`.
-pub fn rope(x: &mut [f64], pos: usize, theta: f64) {
-    let half = x.len() / 2;
-    for i in 0..half {
-        let inv = theta.powf(-((2 * i) as f64) / x.len() as f64);
-        let (sin, cos) = (pos as f64 * inv).sin_cos();
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * cos - b * sin;
-        x[i + half] = b * cos + a * sin;
-    }
-}
-
-fn softmax_in_place(v: &mut [f64]) {
-    let max = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let mut sum = 0.0;
-    for x in v.iter_mut() {
-        *x = (*x - max).exp();
-        sum += *x;
-    }
-    v.iter_mut().for_each(|x| *x /= sum);
-}
-
 /// Checks a batch before any backend touches a cache: every sequence has new tokens, fits the
 /// context of `cfg` (`max_positions`) and uses only vocabulary ids.
 pub fn check_batch(cfg: &ModelConfig, batch: &[SeqInput]) -> Result<(), ForwardError> {
@@ -198,18 +167,9 @@ pub fn forward(model: &Model, batch: &mut [SeqInput]) -> Result<Vec<Vec<f64>>, F
                 for head in 0..c.heads {
                     let kvh = head / group;
                     let qh = &q[r * c.q_dim() + head * hd..][..hd];
-                    let mut w: Vec<f64> = (0..=pos)
-                        .map(|p| {
-                            let kh = &kc[p * c.kv_dim() + kvh * hd..][..hd];
-                            qh.iter().zip(kh).map(|(a, b)| a * b).sum::<f64>() / (hd as f64).sqrt()
-                        })
-                        .collect();
-                    softmax_in_place(&mut w);
-                    let o = &mut out[head * hd..][..hd];
-                    for (p, wp) in w.iter().enumerate() {
-                        let vh = &vc[p * c.kv_dim() + kvh * hd..][..hd];
-                        o.iter_mut().zip(vh).for_each(|(o, v)| *o += wp * v);
-                    }
+                    let k = |p: usize| &kc[p * c.kv_dim() + kvh * hd..][..hd];
+                    let v = |p: usize| &vc[p * c.kv_dim() + kvh * hd..][..hd];
+                    attend_head(qh, pos + 1, k, v, &mut out[head * hd..][..hd]);
                 }
                 out
             })
@@ -247,7 +207,7 @@ pub fn forward(model: &Model, batch: &mut [SeqInput]) -> Result<Vec<Vec<f64>>, F
 
 fn activate(act: Activation, z: f64) -> f64 {
     match act {
-        Activation::Relu2 => z.max(0.0) * z.max(0.0),
+        Activation::Relu2 => relu2(z),
         Activation::Silu => silu(z),
     }
 }

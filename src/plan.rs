@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use crate::arch::Arch;
+use crate::engine::genmodel::{preset_config, Preset};
 use crate::gpu::ActMode;
 use crate::jit::KernelRequest;
 use crate::template::{Catalog, Params};
@@ -50,6 +51,12 @@ impl ShapeConfig {
             return Err(err(format!("hidden_size {} is not a positive multiple of num_attention_heads {}", c.hidden_size, c.num_attention_heads)));
         }
         Ok(c)
+    }
+
+    /// The shapes of a `gen-model` preset.
+    pub fn of_preset(preset: Preset) -> Self {
+        let file = serde_json::to_value(preset_config(preset)).expect("a preset config serializes");
+        serde_json::from_value(file).expect("a preset config has the shape keys")
     }
 
     fn head_dim(&self) -> i64 {

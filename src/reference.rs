@@ -2,6 +2,7 @@
 //! tests, the tuner's correctness gate and the engine's CPU backend all compare against.
 //! [`moe`] builds the MoE gate_up reference on [`ternary_linear`].
 
+pub mod decode_ops;
 pub mod moe;
 
 use rayon::prelude::*;

@@ -52,6 +52,32 @@ fn compile_only_sweep_prunes_with_reasons_and_writes_no_db() {
     assert!(!db.exists(), "compile-only must not create the DB");
 }
 
+#[test]
+fn decode_ops_compile_only_covers_the_plans_norm_and_attention_problems() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let db = dir.path().join("db");
+    let (ok, out, err) = tune(&[
+        "decode-ops", "--preset", "tiny", "--cache-dir", cache.to_str().unwrap(), "--db", db.to_str().unwrap(), "--compile-only", "--json",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    let names: Vec<String> = jobs.iter().map(|j| format!("{} {}", j["template"].as_str().unwrap(), j["problem"])).collect();
+    // tiny: H 64 (input/post-attention norms and the attention sub-norm share it), the MLP's
+    // GLU sub-norm at I 128, and attention; RoPE is not tuned.
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("rmsnorm_quant") && n.contains("\"GLU\":0") && n.contains("\"H\":64")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("rmsnorm_quant") && n.contains("\"GLU\":1") && n.contains("\"H\":128")), "{names:?}");
+    assert!(names.iter().any(|n| n.starts_with("attention_decode")), "{names:?}");
+    let attention = jobs.iter().find(|j| j["template"] == "attention_decode").unwrap();
+    assert!(attention["candidates"].as_u64().unwrap() > 1, "attention tunables are swept");
+    assert_eq!(v["written"], false);
+    assert!(!db.exists(), "compile-only must not create the DB");
+    let (ok, _, err) = tune(&["decode-ops", "--model", dir.path().join("missing").to_str().unwrap(), "--compile-only"]);
+    assert!(!ok && err.contains("config.json"), "{err}");
+}
+
 fn record(threads: i64, us: f64) -> Record {
     let timed = |t: i64, us: f64| Timed {
         params: [("THREADS".to_string(), t)].into(),

@@ -14,6 +14,9 @@ use mangrove::gpu::{ActMode, TimingPlan};
 use mangrove::jit::Jit;
 use mangrove::template::{format_params, Catalog, Params};
 use mangrove::tune::context::TuneContext;
+use mangrove::engine::genmodel::Preset;
+use mangrove::plan::ShapeConfig;
+use mangrove::tune::decode_ops::{tune_decode_ops, OpOutcome};
 use mangrove::tune::gateup::{tune_gateup, DEFAULT_MOE, GATEUP_BUCKETS};
 use mangrove::tune::gemv::{tune_gemv, BITNET_2B_SHAPES};
 use mangrove::tune::probe::{probe_case, ProbeReference};
@@ -67,6 +70,20 @@ enum Cmd {
         /// Token counts (M buckets).
         #[arg(long, value_delimiter = ',', default_values_t = GATEUP_BUCKETS.to_vec())]
         m: Vec<i64>,
+    },
+    /// The decode step's row-wise ops of one model at one token row: its RMSNorm + int8
+    /// quantization kernels (threads per row) and attention (splits over positions, fewest
+    /// positions per split, threads), timed on a mix of contexts; `serve` picks the winners.
+    #[command(name = "decode-ops")]
+    DecodeOps {
+        #[command(flatten)]
+        common: Common,
+        /// Shapes of a gen-model preset.
+        #[arg(long, value_enum, default_value = "bitnet-2b", conflicts_with = "model")]
+        preset: Preset,
+        /// A model folder whose config.json gives the shapes (instead of --preset).
+        #[arg(long)]
+        model: Option<PathBuf>,
     },
     /// The M>1 ternary linear gate: run the tuned GEMV path for M tokens (row chunks of at most
     /// 8) against a reference, time it, and record pass/fail in the tuning DB.
@@ -233,7 +250,7 @@ fn run(cli: Cli) -> Result<()> {
             let pb = progress(common.json);
             let outcomes = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
             pb.finish_and_clear();
-            finish(&ctx, &common, act.mode().template(), outcomes)
+            finish(&ctx, &common, of_template(act.mode().template(), outcomes))
         }
         Cmd::Gateup { common, experts, topk, hidden, inter, m } => {
             let ctx = context(&common)?;
@@ -243,7 +260,22 @@ fn run(cli: Cli) -> Result<()> {
             let pb = progress(common.json);
             let outcomes = tune_gateup(&ctx, (experts, topk, hidden, inter), &m, &pb)?;
             pb.finish_and_clear();
-            finish(&ctx, &common, "moe_gateup", outcomes)
+            finish(&ctx, &common, of_template("moe_gateup", outcomes))
+        }
+        Cmd::DecodeOps { common, preset, model } => {
+            let config = match &model {
+                Some(dir) => ShapeConfig::from_model_dir(dir)?,
+                None => ShapeConfig::of_preset(preset),
+            };
+            let ctx = context(&common)?;
+            if !common.json {
+                let what = model.as_ref().map_or_else(|| format!("preset {}", preset.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())), |d| d.display().to_string());
+                println!("decode-ops: {what}, {}", ctx.settings.strategy);
+            }
+            let pb = progress(common.json);
+            let outcomes = tune_decode_ops(&ctx, &config, &pb)?;
+            pb.finish_and_clear();
+            finish(&ctx, &common, outcomes)
         }
         Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => {
             let shapes = if shapes.is_empty() { BITNET_2B_SHAPES.to_vec() } else { shapes };
@@ -348,7 +380,7 @@ fn run(cli: Cli) -> Result<()> {
                 std::fs::write(&path, serde_json::to_string_pretty(&full)? + "\n").with_context(|| format!("writing {}", path.display()))?;
             }
             if !common.no_write {
-                finish(&ctx, &Common { json: false, ..common }, act.mode().template(), exhaustive)?;
+                finish(&ctx, &Common { json: false, ..common }, of_template(act.mode().template(), exhaustive))?;
             }
             Ok(())
         }
@@ -433,25 +465,32 @@ fn gpu_slug(name: &str) -> String {
         .to_ascii_lowercase()
 }
 
-fn finish(ctx: &TuneContext, c: &Common, template: &str, outcomes: Vec<(Params, SweepOutcome)>) -> Result<()> {
+/// The outcomes of one template's sweeps, each tagged with the template.
+fn of_template(template: &str, outcomes: Vec<(Params, SweepOutcome)>) -> Vec<OpOutcome> {
+    outcomes.into_iter().map(|(p, o)| (template.to_string(), p, o)).collect()
+}
+
+fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<()> {
     let dir = db_dir(ctx, &c.db);
     let mut db = TuningDb::load(&dir)?;
     let mut conflicts = Vec::new();
-    for (_, o) in &outcomes {
+    for (template, _, o) in &outcomes {
         if let Some(r) = &o.record {
             conflicts.extend(db.upsert(template, r.clone()));
         }
     }
-    let wrote = !c.no_write && outcomes.iter().any(|(_, o)| o.record.is_some());
+    let wrote = !c.no_write && outcomes.iter().any(|(_, _, o)| o.record.is_some());
+    let mut templates: Vec<&str> = outcomes.iter().map(|(t, _, _)| t.as_str()).collect();
+    templates.dedup();
     if wrote {
         db.save(&dir)?;
     }
     if c.json {
         let jobs: Vec<_> = outcomes
             .iter()
-            .map(|(p, o)| {
+            .map(|(t, p, o)| {
                 serde_json::json!({
-                    "problem": p, "candidates": o.candidates,
+                    "template": t, "problem": p, "candidates": o.candidates,
                     "pruned": o.pruned.iter().map(|(p, r)| serde_json::json!({"params": p, "reason": r.to_string()})).collect::<Vec<_>>(),
                     "rejected": o.rejected.iter().map(|(p, d)| serde_json::json!({"params": p, "deltas": d})).collect::<Vec<_>>(),
                     "timed": o.timed.len(), "default_us": o.default_us, "record": o.record,
@@ -459,7 +498,7 @@ fn finish(ctx: &TuneContext, c: &Common, template: &str, outcomes: Vec<(Params, 
             })
             .collect();
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-            "template": template, "arch": ctx.arch().to_string(), "compile_only": ctx.settings.compile_only,
+            "templates": templates, "arch": ctx.arch().to_string(), "compile_only": ctx.settings.compile_only,
             "copy_bw_gbs": ctx.copy_bw_gbs, "db": dir, "written": wrote, "jobs": jobs,
         }))?);
         return Ok(());
@@ -468,8 +507,8 @@ fn finish(ctx: &TuneContext, c: &Common, template: &str, outcomes: Vec<(Params, 
         println!("copy bandwidth: {:.0} GB/s", ctx.copy_bw_gbs);
     }
     println!("{:<24} {:>5} {:>6} {:>6} {:>6} {:>9} {:>8} {:>6} {:>9} {:>7}  winner", "problem", "cands", "pruned", "reject", "timed", "median", "GB/s", "%copy", "default", "speedup");
-    for (p, o) in &outcomes {
-        let prob = format_params(p);
+    for (t, p, o) in &outcomes {
+        let prob = if templates.len() > 1 { format!("{t} {}", format_params(p)) } else { format_params(p) };
         match &o.record {
             Some(r) => {
                 let w = &r.winner;
@@ -485,10 +524,10 @@ fn finish(ctx: &TuneContext, c: &Common, template: &str, outcomes: Vec<(Params, 
             None => println!("{prob:<24} {:>5} {:>6} {:>6} {:>6}  (not timed)", o.candidates, o.pruned.len(), o.rejected.len(), o.timed.len()),
         }
     }
-    let pruned: usize = outcomes.iter().map(|(_, o)| o.pruned.len()).sum();
+    let pruned: usize = outcomes.iter().map(|(_, _, o)| o.pruned.len()).sum();
     if pruned > 0 {
         let mut reasons = std::collections::BTreeMap::<String, usize>::new();
-        for (_, o) in &outcomes {
+        for (_, _, o) in &outcomes {
             for (_, r) in &o.pruned {
                 *reasons.entry(r.kind().to_string()).or_default() += 1;
             }

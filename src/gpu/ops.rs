@@ -49,13 +49,16 @@ pub struct RmsNormQuant {
     pub glu: bool,
     /// False: rows are only quantized (no normalization; the weight is not read).
     pub norm: bool,
+    /// The GLU activation is SiLU (else squared ReLU).
+    pub silu: bool,
 }
 
 impl RmsNormQuant {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "rmsnorm_quant")?;
         let norm = entry.inputs.params.get("NORM").is_none_or(|&v| v == 1);
-        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, norm, kernel })
+        let silu = entry.inputs.params.get("ACT") == Some(&1);
+        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, norm, silu, kernel })
     }
 
     /// Normalizes `rows` rows; `x` is the f32 residual stream / input rows [rows, H].
@@ -226,11 +229,11 @@ impl RopeKv {
 /// A loaded `attention_decode` kernel.
 pub struct Attention {
     kernel: LoadedKernel,
-    q_dim: usize,
-    kv_dim: usize,
-    max_pos: usize,
-    heads: usize,
-    head_dim: usize,
+    pub q_dim: usize,
+    pub kv_dim: usize,
+    pub max_pos: usize,
+    pub heads: usize,
+    pub head_dim: usize,
     /// Blocks per (row, head) over the positions.
     pub splits: usize,
 }

@@ -10,3 +10,4 @@ pub mod context;
 pub mod gemv;
 pub mod probe;
 pub mod gateup;
+pub mod decode_ops;

@@ -3,9 +3,10 @@
 
 use crate::cache::CacheEntry;
 use crate::check::Deltas;
-use crate::gpu::{DeviceBuffer, ExpertWeights, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats};
+use crate::gpu::{Attention, DeviceBuffer, ExpertWeights, Gpu, GpuError, KvArena, RmsNormQuant, RowMeta, TernaryGemv, TimingPlan, TimingStats};
 use crate::gpu::MoeGateUp;
 use crate::reference::moe::MoeShape;
+use crate::validate::decode_ops::{AttentionCase, AttnShape, NormCase, NormShape};
 use crate::validate::{MoeCase, TernaryCase};
 
 /// A problem instance the tuner can check and time kernels on.
@@ -116,6 +117,104 @@ impl Workload for GateupWorkload {
 
     fn min_bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+/// A decode-step `rmsnorm_quant`: checked on 3 random rows, timed on one row (batch-1
+/// decode) with its inputs hot in L2, as the previous kernel of the step leaves them.
+pub struct NormWorkload {
+    case: NormCase,
+    shape: NormShape,
+}
+
+impl NormWorkload {
+    pub fn new(gpu: &Gpu, shape: NormShape, seed: u64) -> Result<Self, GpuError> {
+        Ok(Self { case: NormCase::new(gpu, shape, 3, seed)?, shape })
+    }
+}
+
+impl Workload for NormWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &RmsNormQuant::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let op = RmsNormQuant::new(gpu, entry)?;
+        let case = &mut self.case;
+        gpu.time_launches(plan, |_| case.launch_quant(gpu, &op, 1))
+    }
+
+    fn min_bytes(&self) -> usize {
+        // f32 row(s) in (x and delta, or gate and up), x back (residual add), int8 row out.
+        let h = self.shape.h;
+        if self.shape.glu { 8 * h + h } else { 12 * h + h }
+    }
+}
+
+/// Contexts (positions attended) of the attention workload's timing mix, at most MAX_POS.
+pub const ATTENTION_CONTEXTS: &[usize] = &[64, 256, 1024, 3072];
+
+/// Layers of the attention workload's KV arena: launches rotate over layers × contexts, so the
+/// keys and values read exceed the L2 as a whole decode step's do.
+const ATTENTION_LAYERS: usize = 8;
+
+/// A decode-step `attention_decode`: checked on [`AttentionCase`]'s three sequences, timed on
+/// one query row per launch over a mix of contexts ([`ATTENTION_CONTEXTS`]: the mean time of
+/// the mix) with the KV cache rotated over layers.
+pub struct AttentionWorkload {
+    case: AttentionCase,
+    shape: AttnShape,
+    arena: KvArena,
+    /// Per context: the row's position and slot.
+    metas: Vec<(DeviceBuffer<i32>, DeviceBuffer<i32>)>,
+    out: DeviceBuffer<f32>,
+}
+
+impl AttentionWorkload {
+    pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
+        let contexts = Self::contexts(shape);
+        let mut arena = KvArena::new(gpu, contexts.len(), ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
+        // Any finite values time the same; a cheap pattern in [-1, 1) fills the arena.
+        let fill: Vec<f32> = (0..arena.data.len()).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 2048) as f32 / 1024.0 - 1.0).collect();
+        gpu.write(&fill, &mut arena.data)?;
+        let metas = contexts
+            .iter()
+            .enumerate()
+            .map(|(slot, &n)| Ok((gpu.upload(&[n as i32 - 1])?, gpu.upload(&[slot as i32])?)))
+            .collect::<Result<_, GpuError>>()?;
+        Ok(Self { case: AttentionCase::new(gpu, shape, seed)?, shape, arena, metas, out: gpu.zeros(shape.q_dim())? })
+    }
+
+    fn contexts(shape: AttnShape) -> Vec<usize> {
+        let mut c: Vec<usize> = ATTENTION_CONTEXTS.iter().map(|&n| n.min(shape.max_pos)).collect();
+        c.dedup();
+        c
+    }
+}
+
+impl Workload for AttentionWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        let op = Attention::new(gpu, entry)?;
+        let mut scratch = op.scratch(gpu, self.case.rows.len())?;
+        Ok(self.case.run(gpu, &op, &mut scratch, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let op = Attention::new(gpu, entry)?;
+        let mut scratch = op.scratch(gpu, 1)?;
+        let (arena, metas, out) = (&self.arena, &self.metas, &mut self.out);
+        gpu.time_launches(plan, |i| {
+            let (pos, slot) = &metas[i % metas.len()];
+            let layer = (i / metas.len()) % arena.layers;
+            op.launch(gpu, 1, &self.case.q, &RowMeta { pos, slot }, arena, layer, out, &mut scratch)
+        })
+    }
+
+    fn min_bytes(&self) -> usize {
+        // Mean over the mix: keys and values of every attended position, plus q in and out.
+        let contexts = Self::contexts(self.shape);
+        let kv: usize = contexts.iter().map(|&n| 2 * n * self.shape.kv_dim() * 4).sum();
+        kv / contexts.len() + 8 * self.shape.q_dim()
     }
 }
 

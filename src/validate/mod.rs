@@ -1,6 +1,9 @@
 //! Runs a kernel on fresh random inputs and holds it to the CPU reference: the one
 //! correctness check shared by the GPU tests, `mangrove warm` and the tuner's gate.
-//! One problem generator and check per template family; [`check_entry`] picks by template.
+//! One problem generator and check per template family ([`decode_ops`]: the row-wise decode
+//! ops); [`check_entry`] picks by template.
+
+pub mod decode_ops;
 
 use rand::{Rng, SeedableRng};
 
@@ -269,10 +272,11 @@ pub fn check_moe_gateup(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64
     MoeCase::new(gpu, shape, seed)?.run(gpu, &mut op, rel_floor)
 }
 
-/// Whether [`check_entry`] can validate kernels of `template` on their own (the decode-step
-/// ops are validated end to end, through the engine's logits).
+/// Whether [`check_entry`] can validate kernels of `template` on their own (the other decode-step
+/// ops, RoPE + KV append, the LM head and the MoE combine, are validated end to end, through the
+/// engine's logits).
 pub fn has_validator(template: &str) -> bool {
-    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8")
+    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8" | "rmsnorm_quant" | "attention_decode")
 }
 
 /// Checks any cache entry against its reference on random data, by its template.
@@ -280,6 +284,8 @@ pub fn check_entry(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64) -> 
     match entry.inputs.template.as_str() {
         "moe_gateup" => check_moe_gateup(gpu, entry, seed, rel_floor),
         "ternary_gemv" | "ternary_gemv_w2a8" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
+        "rmsnorm_quant" => decode_ops::check_rmsnorm_quant(gpu, entry, seed, rel_floor),
+        "attention_decode" => decode_ops::check_attention(gpu, entry, seed, rel_floor),
         other => Err(GpuError::Shape { kernel: other.into(), what: "no validator for this template".into() }),
     }
 }
