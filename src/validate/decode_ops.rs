@@ -201,15 +201,15 @@ pub struct AttentionCase {
 }
 
 impl AttentionCase {
-    /// Draws queries and a KV cache (values in [-1, 1), keys scaled so scores spread over a few
-    /// units) for `op`, one sequence per row: the longest context, a long one over several
-    /// splits and a short one.
+    /// Draws queries in [-1, 1), keys in [-6, 6) (scores q·k/√HD then have a standard deviation
+    /// of about 2 at any HD, so the softmax is far from uniform) and values in [-1, 1), one
+    /// sequence per row: the longest context, a long one over several splits and a short one.
     pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
         let (qd, kvd, hd, max_pos) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.max_pos);
         let rows: Vec<(usize, usize)> = vec![(0, max_pos - 1), (1, (max_pos - 1).min(777)), (2, (max_pos - 1).min(3))];
         let mut rng = StdRng::seed_from_u64(seed);
         let q = uniform(&mut rng, rows.len() * qd, -1.0, 1.0);
-        let key_range = 3.0 / (hd as f32).sqrt();
+        let key_range = 6.0f32;
         let per_slot = 2 * max_pos * kvd;
         let mut kv = Vec::with_capacity(rows.len() * per_slot);
         for _ in &rows {
