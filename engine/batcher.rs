@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use super::cpu::{KvCache, SeqInput};
 use super::metrics::Metrics;
 use super::sampling::{Sampler, SamplingParams};
+use super::tokenizer::TextStream;
 use super::Engine;
 
 /// One generation request.
@@ -115,13 +116,15 @@ struct Seq {
     fed: usize,
     generated: Vec<u32>,
     sampler: Sampler,
+    /// The generated text, detokenized incrementally.
+    text: TextStream,
     /// Bytes of the decoded text already sent.
     emitted: usize,
 }
 
-/// A sequence after a step: its logits, then the token picked and the text decoded so far
-/// (none while its prompt is still being fed).
-type StepItem = (Seq, Vec<f64>, Option<(u32, String)>);
+/// A sequence after a step: its logits, then the token picked (none while its prompt is still
+/// being fed).
+type StepItem = (Seq, Vec<f64>, Option<u32>);
 
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
@@ -141,6 +144,7 @@ fn admit(engine: &Engine, req: GenRequest) -> Seq {
         fed: 0,
         generated: Vec::new(),
         sampler: Sampler::new(req.sampling),
+        text: TextStream::default(),
         emitted: 0,
         req,
     }
@@ -218,22 +222,24 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             metrics.fallback(family, *reason);
         }
         // Sample and detokenize every sequence that finished its prompt, in parallel (a draw
-        // over a 128k vocabulary is ~0.6 ms of CPU with temperature, and the text is decoded
-        // whole; the step's sequences are independent).
+        // over a 128k vocabulary is ~0.6 ms of CPU with temperature; the step's sequences are
+        // independent).
         let mut items: Vec<StepItem> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
         items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, picked)| {
             let tok = s.sampler.sample(l);
             s.generated.push(tok);
-            *picked = Some((tok, engine.tokenizer.decode(&s.generated).unwrap_or_default()));
+            // A tokenizer error leaves the text as it was; the token still counts.
+            let _ = engine.tokenizer.step(&mut s.text, tok);
+            *picked = Some(tok);
         });
         for (mut s, _, picked) in items {
-            let Some((tok, text)) = picked else {
+            let Some(tok) = picked else {
                 // Mid-prefill: these logits are not the last prompt position's.
                 active.push(s);
                 continue;
             };
             metrics.generated(1);
-            if let Some(reason) = advance(&engine, &mut s, tok, &text) {
+            if let Some(reason) = advance(&engine, &mut s, tok) {
                 let f = Finish { reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: None };
                 let _ = s.req.events.send(GenEvent::Done(f));
             } else {
@@ -255,11 +261,14 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// After `tok` (already in `s.generated`, whose decoded text is `text`): sends the new text and
-/// says whether the sequence is done.
-fn advance(engine: &Engine, s: &mut Seq, tok: u32, text: &str) -> Option<FinishReason> {
+/// After `tok` (already in `s.generated` and `s.text`): sends the new text and says whether the
+/// sequence is done. A stop string can only start in the unsent text (a possible stop prefix is
+/// held back), so only that part is searched.
+fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
+    let text = s.text.text.as_str();
     let eos = engine.eos.contains(&tok);
-    let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| text.find(st.as_str())).min();
+    let unsent = text.get(s.emitted..).unwrap_or_default();
+    let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| unsent.find(st.as_str())).min().map(|i| s.emitted + i);
     let length = s.generated.len() >= s.req.max_tokens || s.cache.len() + 1 >= engine.config().max_positions;
     let (end, reason) = match (stop_at, eos, length) {
         (Some(i), _, _) => (i, Some(FinishReason::Stop)),

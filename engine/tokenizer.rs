@@ -15,6 +15,23 @@ pub enum TokenizerError {
 /// End-of-text and end-of-turn token names; any the vocabulary has ends a sequence.
 const EOS_NAMES: [&str; 4] = ["<|end_of_text|>", "<|eot_id|>", "</s>", "<|endoftext|>"];
 
+/// Incremental detokenization of one generated sequence: each token's text comes from a short
+/// window of ids (the `tokenizers` crate's decode-stream algorithm: decode the window, emit what
+/// follows the text of its already-emitted prefix), so a token costs O(window) instead of a
+/// decode of the whole sequence. Nothing is appended while the text ends inside a UTF-8
+/// character.
+#[derive(Debug, Clone, Default)]
+pub struct TextStream {
+    /// Every id stepped so far (to resynchronize by a full decode).
+    all: Vec<u32>,
+    /// The window, the text of its emitted prefix and that prefix's length in ids.
+    ids: Vec<u32>,
+    prefix: String,
+    prefix_index: usize,
+    /// The sequence's text so far.
+    pub text: String,
+}
+
 /// A loaded tokenizer.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -84,6 +101,26 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| TokenizerError::Run(e.to_string()))
     }
 
+    /// Appends the text `id` adds (special tokens skipped) to `stream.text`. Where the window
+    /// cannot be decoded on its own (a decoder whose output for a window does not extend its
+    /// prefix's), the text is rebuilt by one decode of the whole sequence and the window restarts.
+    pub fn step(&self, stream: &mut TextStream, id: u32) -> Result<(), TokenizerError> {
+        stream.all.push(id);
+        let TextStream { ids, prefix, prefix_index, text, all } = stream;
+        match tokenizers::step_decode_stream(&self.inner, vec![id], true, ids, prefix, prefix_index) {
+            Ok(Some(chunk)) => text.push_str(&chunk),
+            Ok(None) => {}
+            Err(_) => {
+                let full = self.decode(all)?;
+                *text = full.trim_end_matches('\u{FFFD}').to_string();
+                *ids = all.clone();
+                *prefix = text.clone();
+                *prefix_index = all.len();
+            }
+        }
+        Ok(())
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -108,6 +145,27 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn byte_level() -> Tokenizer {
+        let json = crate::engine::genmodel::tokenizer_json(300).to_string();
+        Tokenizer::from_inner(json.parse().unwrap())
+    }
+
+    #[test]
+    fn stream_text_is_the_whole_decode_at_every_step() {
+        let t = byte_level();
+        // Multi-byte characters split across byte tokens, merges, spaces and a special token.
+        let text = "héllo wörld, ünïcode ✓ 日本語 the end";
+        let mut ids = t.encode(text).unwrap();
+        ids.insert(5, t.end_ids()[0]);
+        let mut stream = TextStream::default();
+        for n in 1..=ids.len() {
+            t.step(&mut stream, ids[n - 1]).unwrap();
+            let full = t.decode(&ids[..n]).unwrap();
+            assert_eq!(stream.text, full.trim_end_matches('\u{FFFD}'), "after {n} tokens");
+        }
+        assert_eq!(stream.text, text);
+    }
 
     #[test]
     fn chat_template() {
