@@ -18,5 +18,11 @@ fn sampling(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, sampling);
+/// What the CUDA backend does to each downloaded f32 logits row before sampling.
+fn widening(c: &mut Criterion) {
+    let l: Vec<f32> = logits(128_256).into_iter().map(|v| v as f32).collect();
+    c.bench_function("widen 128256 f32 logits to f64", |b| b.iter(|| l.iter().map(|&v| v as f64).collect::<Vec<f64>>()));
+}
+
+criterion_group!(benches, sampling, widening);
 criterion_main!(benches);

@@ -1,8 +1,15 @@
 //! Next-token choice from logits: greedy (temperature 0) or temperature + nucleus (top_p)
 //! sampling from a per-request seeded RNG, so a fixed seed gives the same tokens every run.
+//! The passes over the vocabulary (max, exponentials and their sums) run in parallel over fixed
+//! blocks of [`BLOCK`] tokens, summed in block order, so the result does not depend on the
+//! number of threads: at batch 1 one sequence's 128k-entry draw no longer runs on one core.
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+/// Tokens per block of the parallel passes (fixed: sums and draws are thread-count independent).
+pub const BLOCK: usize = 8192;
 
 /// Sampling settings of one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -26,24 +33,38 @@ impl Default for SamplingParams {
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Unnormalized weights of the last draw (kept to reuse the allocation).
+    weights: Vec<f64>,
 }
 
 /// Index of the largest logit (the lowest index among ties).
 pub fn argmax(logits: &[f64]) -> u32 {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
+    let block_best = |(b, chunk): (usize, &[f64])| {
+        let mut best = 0;
+        for (i, &v) in chunk.iter().enumerate() {
+            if v > chunk[best] {
+                best = i;
+            }
         }
+        (b * BLOCK + best, chunk[best])
+    };
+    let pick = |a: (usize, f64), b: (usize, f64)| if b.1 > a.1 || (b.1 == a.1 && b.0 < a.0) || a.1.is_nan() { b } else { a };
+    match logits.is_empty() {
+        true => 0,
+        false => logits.par_chunks(BLOCK).enumerate().map(block_best).reduce_with(pick).map_or(0, |(i, _)| i as u32),
     }
-    best as u32
+}
+
+/// Largest logit (NaNs ignored).
+fn max_of(logits: &[f64]) -> f64 {
+    logits.par_chunks(BLOCK).map(|c| c.iter().cloned().fold(f64::NEG_INFINITY, f64::max)).reduce(|| f64::NEG_INFINITY, f64::max)
 }
 
 impl Sampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let seed = params.seed.unwrap_or_else(rand::random);
-        Sampler { params, rng: StdRng::seed_from_u64(seed) }
+        Sampler { params, rng: StdRng::seed_from_u64(seed), weights: Vec::new() }
     }
 
     /// Picks the next token.
@@ -52,20 +73,57 @@ impl Sampler {
         if t <= 0.0 || logits.len() < 2 {
             return argmax(logits);
         }
-        let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let mut probs: Vec<(u32, f64)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
-        let sum = sum_of(&probs);
+        let max = max_of(logits);
         if self.params.top_p >= 1.0 {
-            // The whole distribution: one pass in token order over the unnormalized weights.
-            return walk(&probs, sum, self.rng.random::<f64>());
+            // The whole distribution, walked in token order: first to the block, then in it.
+            return self.draw_in_order(logits, max, t);
         }
-        probs.iter_mut().for_each(|p| p.1 /= sum);
+        let mut probs: Vec<(u32, f64)> = logits.par_iter().enumerate().map(|(i, &l)| (i as u32, ((l - max) / t).exp())).collect();
+        let sum = sum_of(&probs);
+        probs.par_iter_mut().for_each(|p| p.1 /= sum);
         // The nucleus: the most probable tokens (ties: lower id first) until their mass reaches
         // top_p. Sorted lazily, a growing prefix at a time, as a full sort of the vocabulary
         // would cost ~5 ms per token at 128k entries.
         let keep = sorted_prefix_until(&mut probs, self.params.top_p);
         let kept = &probs[..keep];
         walk(kept, sum_of(kept), self.rng.random::<f64>())
+    }
+
+    /// A draw from the softmax of `logits / t` over the whole vocabulary: the weights and each
+    /// block's sum in parallel, then the block where the running mass passes u · total, then the
+    /// token in it.
+    fn draw_in_order(&mut self, logits: &[f64], max: f64, t: f64) -> u32 {
+        self.weights.resize(logits.len(), 0.0);
+        let sums: Vec<f64> = self
+            .weights
+            .par_chunks_mut(BLOCK)
+            .zip(logits.par_chunks(BLOCK))
+            .map(|(w, l)| {
+                let mut s = 0.0;
+                for (w, &l) in w.iter_mut().zip(l) {
+                    *w = ((l - max) / t).exp();
+                    s += *w;
+                }
+                s
+            })
+            .collect();
+        let total: f64 = sums.iter().sum();
+        let mut u = self.rng.random::<f64>() * total;
+        let last = logits.len() - 1;
+        for (b, &s) in sums.iter().enumerate() {
+            if u < s {
+                for (i, &w) in self.weights[b * BLOCK..].iter().take(BLOCK).enumerate() {
+                    if u < w {
+                        return (b * BLOCK + i) as u32;
+                    }
+                    u -= w;
+                }
+                // Rounding left u at the block's end: its last token.
+                return (b * BLOCK + BLOCK - 1).min(last) as u32;
+            }
+            u -= s;
+        }
+        last as u32
     }
 }
 
@@ -96,7 +154,7 @@ fn sorted_prefix_until(probs: &mut [(u32, f64)], top_p: f64) -> usize {
         if end < n {
             probs[start..].select_nth_unstable_by(end - start - 1, order);
         }
-        probs[start..end].sort_by(order);
+        probs[start..end].par_sort_unstable_by(order); // a total order: one result however sorted
         for (i, p) in probs[start..end].iter().enumerate() {
             acc += p.1;
             if acc >= top_p {
@@ -167,6 +225,35 @@ mod tests {
             let got = *c as f64 / draws as f64;
             assert!((got - want).abs() < 0.01, "{counts:?}");
         }
+    }
+
+    /// Over several blocks: the frequencies follow the softmax, and a seed draws the same
+    /// tokens on one thread as on four.
+    #[test]
+    fn draws_across_blocks_follow_the_softmax_on_any_thread_count() {
+        let n = 3 * BLOCK + 5;
+        // Four strong tokens, one per block (the last in the partial block), over a weak tail.
+        let strong = [(17usize, 3f64.ln() + 10.0), (BLOCK + 1, 2f64.ln() + 10.0), (2 * BLOCK + BLOCK - 1, 10.0), (3 * BLOCK + 4, 4f64.ln() + 10.0)];
+        let mut logits = vec![-30.0; n];
+        strong.iter().for_each(|&(i, l)| logits[i] = l);
+        let draws = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| {
+                let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, seed: Some(5) });
+                (0..6_000).map(|_| s.sample(&logits)).collect::<Vec<_>>()
+            })
+        };
+        let one = draws(1);
+        assert_eq!(one, draws(4), "thread count changed the draws");
+        for (&(id, _), want) in strong.iter().zip([3.0 / 10.0, 2.0 / 10.0, 1.0 / 10.0, 4.0 / 10.0]) {
+            let got = one.iter().filter(|&&t| t as usize == id).count() as f64 / one.len() as f64;
+            assert!((got - want).abs() < 0.025, "token {id}: {got} vs {want}");
+        }
+        assert_eq!(argmax(&logits), (3 * BLOCK + 4) as u32);
+        let mut ties = vec![0.0; n];
+        ties[BLOCK + 3] = 1.0;
+        ties[2 * BLOCK] = 1.0;
+        assert_eq!(argmax(&ties), (BLOCK + 3) as u32, "ties go to the lowest index across blocks");
     }
 
     #[test]
