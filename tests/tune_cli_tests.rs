@@ -74,6 +74,13 @@ fn decode_ops_compile_only_covers_the_plans_norm_and_attention_problems() {
     assert!(attention["candidates"].as_u64().unwrap() > 1, "attention tunables are swept");
     assert_eq!(v["written"], false);
     assert!(!db.exists(), "compile-only must not create the DB");
+    // An MoE model adds its experts' GLU quantization (no norm, SiLU); the combine is not tuned.
+    let (ok, out, err) = tune(&["decode-ops", "--preset", "tiny-moe", "--cache-dir", cache.to_str().unwrap(), "--compile-only", "--json", "--no-write"]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let moe_glu = v["jobs"].as_array().unwrap().iter().any(|j| j["problem"]["NORM"] == 0 && j["problem"]["ACT"] == 1 && j["problem"]["GLU"] == 1);
+    assert!(moe_glu, "{out}");
+    assert!(v["jobs"].as_array().unwrap().iter().all(|j| j["template"] != "moe_combine" && j["template"] != "rope_kv"), "{out}");
     let (ok, _, err) = tune(&["decode-ops", "--model", dir.path().join("missing").to_str().unwrap(), "--compile-only"]);
     assert!(!ok && err.contains("config.json"), "{err}");
 }
