@@ -24,7 +24,9 @@ fn check_all(gpu: &mangrove::gpu::Gpu, reqs: &[KernelRequest]) -> Vec<String> {
         let what = format!("{} {}", f.entry.inputs.template, format_params(&f.entry.inputs.params));
         let d = check_entry(gpu, &f.entry, 2000 + i as u64, common::GPU_GATE.rel_floor).unwrap().deltas;
         println!("{what}: {d}");
-        if !d.passes(&common::GPU_GATE) || d.max_rel > 1e-4 {
+        // f32 kernels against f64: an f32 simulation of the attention's accumulation order gives
+        // max_rel ~2e-4 at 4096 positions; 1e-3 is ten times under the shared gate.
+        if !d.passes(&common::GPU_GATE) || d.max_rel > 1e-3 {
             failures.push(format!("{what}: {d}"));
         }
     }
