@@ -5,33 +5,9 @@
 
 mod common;
 
-use mangrove::jit::KernelRequest;
-use mangrove::template::{format_params, parse_params};
-use mangrove::validate::check_entry;
-
-fn request(arch: mangrove::arch::Arch, template: &str, params: &str) -> KernelRequest {
-    let p: Vec<&str> = params.split(' ').collect();
-    KernelRequest { template: template.into(), params: parse_params(&p).unwrap(), arch }
-}
-
-/// Checks every request; returns the failures.
-fn check_all(gpu: &mangrove::gpu::Gpu, reqs: &[KernelRequest]) -> Vec<String> {
-    let dir = tempfile::tempdir().unwrap();
-    let jit = common::jit_in(dir.path());
-    let mut failures = Vec::new();
-    for (i, f) in jit.get_many(reqs).into_iter().enumerate() {
-        let f = f.unwrap_or_else(|e| panic!("{e}"));
-        let what = format!("{} {}", f.entry.inputs.template, format_params(&f.entry.inputs.params));
-        let d = check_entry(gpu, &f.entry, 2000 + i as u64, common::GPU_GATE.rel_floor).unwrap().deltas;
-        println!("{what}: {d}");
-        // f32 kernels against f64: an f32 simulation of the attention's accumulation order gives
-        // max_rel ~2e-4 at 4096 positions; 1e-3 is ten times under the shared gate.
-        if !d.passes(&common::GPU_GATE) || d.max_rel > 1e-3 {
-            failures.push(format!("{what}: {d}"));
-        }
-    }
-    failures
-}
+/// f32 kernels against f64: an f32 simulation of the attention's accumulation order gives
+/// max_rel ~2e-4 at 4096 positions; 1e-3 is ten times under the shared gate.
+const MAX_REL: f64 = 1e-3;
 
 #[test]
 fn rmsnorm_quant_configs_match_f64_reference() {
@@ -39,12 +15,12 @@ fn rmsnorm_quant_configs_match_f64_reference() {
     let arch = gpu.info().arch;
     let mut reqs = Vec::new();
     for threads in [128, 256, 512, 1024] {
-        reqs.push(request(arch, "rmsnorm_quant", &format!("H=2560 GLU=0 THREADS={threads}")));
-        reqs.push(request(arch, "rmsnorm_quant", &format!("H=6912 GLU=1 ACT=0 THREADS={threads}")));
+        reqs.push(common::request(arch, "rmsnorm_quant", &format!("H=2560 GLU=0 THREADS={threads}")));
+        reqs.push(common::request(arch, "rmsnorm_quant", &format!("H=6912 GLU=1 ACT=0 THREADS={threads}")));
     }
-    reqs.push(request(arch, "rmsnorm_quant", "H=1408 GLU=1 ACT=1 NORM=0 THREADS=256"));
-    reqs.push(request(arch, "rmsnorm_quant", "H=64 GLU=0 THREADS=128"));
-    let failures = check_all(&gpu, &reqs);
+    reqs.push(common::request(arch, "rmsnorm_quant", "H=1408 GLU=1 ACT=1 NORM=0 THREADS=256"));
+    reqs.push(common::request(arch, "rmsnorm_quant", "H=64 GLU=0 THREADS=128"));
+    let failures = common::failed_checks(&gpu, &reqs, 2000, MAX_REL);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
 
@@ -57,11 +33,11 @@ fn attention_configs_match_f64_reference() {
     for splits in [1, 2, 8, 32] {
         for min_chunk in [16, 128] {
             let threads = [64, 128, 256, 512][i % 4];
-            reqs.push(request(arch, "attention_decode", &format!("QH=20 KVH=5 HD=128 MAX_POS=4096 SPLITS={splits} MIN_CHUNK={min_chunk} THREADS={threads}")));
+            reqs.push(common::request(arch, "attention_decode", &format!("QH=20 KVH=5 HD=128 MAX_POS=4096 SPLITS={splits} MIN_CHUNK={min_chunk} THREADS={threads}")));
             i += 1;
         }
     }
-    reqs.push(request(arch, "attention_decode", "QH=4 KVH=2 HD=32 MAX_POS=256 SPLITS=4 MIN_CHUNK=16 THREADS=64"));
-    let failures = check_all(&gpu, &reqs);
+    reqs.push(common::request(arch, "attention_decode", "QH=4 KVH=2 HD=32 MAX_POS=256 SPLITS=4 MIN_CHUNK=16 THREADS=64"));
+    let failures = common::failed_checks(&gpu, &reqs, 2000, MAX_REL);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }

@@ -8,9 +8,7 @@ mod common;
 use mangrove::gpu::{DeviceRouting, ExpertWeights, MoeGateUp};
 use mangrove::jit::KernelRequest;
 use mangrove::routing::align_block_size;
-use mangrove::template::{format_params, parse_params};
 use mangrove::validate::check_moe_gateup;
-
 
 /// (E, TOPK, H, I): the Qwen-MoE-like default and a small shape.
 const SHAPES: [&str; 2] = ["E=64 TOPK=8 H=2048 I=1408", "E=8 TOPK=2 H=512 I=256"];
@@ -27,35 +25,16 @@ const CONFIGS: [&str; 7] = [
     "BLOCK_M=8 ROW_TILES=2 WARPS=4 UNROLL=2",
 ];
 
-fn request(arch: mangrove::arch::Arch, params: &str) -> KernelRequest {
-    let p: Vec<&str> = params.split_whitespace().collect();
-    KernelRequest { template: "moe_gateup".into(), params: parse_params(&p).unwrap(), arch }
-}
-
 #[test]
 fn moe_gateup_matches_f64_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let jit = common::jit_in(dir.path());
     let arch = gpu.info().arch;
     let reqs: Vec<KernelRequest> = [1, 16, 128]
         .into_iter()
         .flat_map(|m| SHAPES.iter().flat_map(move |s| CONFIGS.iter().map(move |c| format!("M={m} {s} {c}"))))
-        .map(|p| request(arch, &p))
+        .map(|p| common::request(arch, "moe_gateup", &p))
         .collect();
-    let fetched = jit.get_many(&reqs);
-    let mut failures = Vec::new();
-    for (i, f) in fetched.into_iter().enumerate() {
-        let f = f.unwrap_or_else(|e| panic!("{e}"));
-        let what = format_params(&f.entry.inputs.params);
-        let run = check_moe_gateup(&gpu, &f.entry, 2000 + i as u64, common::GPU_GATE.rel_floor).unwrap_or_else(|e| panic!("{what}: {e}"));
-        let d = run.deltas;
-        let r = &f.entry.resources;
-        println!("{what}: {d} regs={} spills={} smem={}", r.registers, r.spill_stores, f.entry.launch.shared_bytes);
-        if !d.passes(&common::GPU_GATE) {
-            failures.push(format!("{what}: {d}"));
-        }
-    }
+    let failures = common::failed_checks(&gpu, &reqs, 2000, f64::INFINITY);
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
 
@@ -65,7 +44,7 @@ fn repeated_runs_are_bit_identical() {
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
     for c in [CONFIGS[0], CONFIGS[4]] {
-        let f = jit.get(&request(gpu.info().arch, &format!("M=16 {} {c}", SHAPES[0]))).unwrap();
+        let f = jit.get(&common::request(gpu.info().arch, "moe_gateup", &format!("M=16 {} {c}", SHAPES[0]))).unwrap();
         let first = check_moe_gateup(&gpu, &f.entry, 5, common::GPU_GATE.rel_floor).unwrap();
         for _ in 0..3 {
             let again = check_moe_gateup(&gpu, &f.entry, 5, common::GPU_GATE.rel_floor).unwrap();
@@ -80,7 +59,7 @@ fn shape_mismatch_is_an_error_not_a_crash() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
-    let f = jit.get(&request(gpu.info().arch, &format!("M=2 {}", SHAPES[1]))).unwrap();
+    let f = jit.get(&common::request(gpu.info().arch, "moe_gateup", &format!("M=2 {}", SHAPES[1]))).unwrap();
     let mut op = MoeGateUp::new(&gpu, &f.entry).unwrap();
     let (e, h, n) = (op.experts, op.hidden, op.inter);
     let w_gate = gpu.zeros::<u8>(e * n / 4 * h).unwrap();

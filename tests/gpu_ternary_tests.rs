@@ -5,7 +5,7 @@
 mod common;
 
 use mangrove::jit::KernelRequest;
-use mangrove::template::{format_params, parse_params};
+use mangrove::template::format_params;
 use mangrove::validate::check_ternary_gemv;
 
 const SHAPES: [(i64, i64); 4] = [(2560, 2560), (6912, 2560), (2560, 6912), (3000, 1000)];
@@ -22,8 +22,7 @@ fn cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
                 let rpw = if m >= 8 { 1 } else { [1, 2, 4][i % 3] };
                 let unroll = if m >= 4 { [1, 2][i % 2] } else { [1, 2, 4][i % 3] };
                 let p = format!("M={m} N={n} K={k} SPLIT_K={split} VEC={vec} THREADS={threads} ROWS_PER_WARP={rpw} UNROLL={unroll}");
-                let p: Vec<&str> = p.split(' ').collect();
-                out.push(KernelRequest { template: "ternary_gemv".into(), params: parse_params(&p).unwrap(), arch });
+                out.push(common::request(arch, "ternary_gemv", &p));
                 i += 1;
             }
         }
@@ -34,21 +33,8 @@ fn cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
 #[test]
 fn ternary_gemv_matches_f64_reference() {
     let Some(gpu) = common::gpu_or_skip() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    let jit = common::jit_in(dir.path());
     let reqs = cases(gpu.info().arch);
-    let fetched = jit.get_many(&reqs);
-    let mut failures = Vec::new();
-    for (i, f) in fetched.into_iter().enumerate() {
-        let f = f.unwrap_or_else(|e| panic!("{e}"));
-        let what = format_params(&f.entry.inputs.params);
-        let runs = check_ternary_gemv(&gpu, &f.entry, 1000 + i as u64, 1, common::GPU_GATE.rel_floor).unwrap();
-        let d = runs[0].deltas;
-        println!("{what}: {d} regs={}", f.entry.resources.registers);
-        if !d.passes(&common::GPU_GATE) {
-            failures.push(format!("{what}: {d}"));
-        }
-    }
+    let failures = common::failed_checks(&gpu, &reqs, 1000, f64::INFINITY);
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
 
