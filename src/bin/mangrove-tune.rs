@@ -263,13 +263,12 @@ fn run(cli: Cli) -> Result<()> {
             finish(&ctx, &common, of_template("moe_gateup", outcomes))
         }
         Cmd::DecodeOps { common, preset, model } => {
-            let config = match &model {
-                Some(dir) => ShapeConfig::from_model_dir(dir)?,
-                None => ShapeConfig::of_preset(preset),
+            let (config, what) = match &model {
+                Some(dir) => (ShapeConfig::from_model_dir(dir)?, dir.display().to_string()),
+                None => (ShapeConfig::of_preset(preset), format!("preset {}", preset.to_possible_value().expect("presets are named").get_name())),
             };
             let ctx = context(&common)?;
             if !common.json {
-                let what = model.as_ref().map_or_else(|| format!("preset {}", preset.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())), |d| d.display().to_string());
                 println!("decode-ops: {what}, {}", ctx.settings.strategy);
             }
             let pb = progress(common.json);

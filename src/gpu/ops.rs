@@ -11,7 +11,6 @@ fn shape_err(kernel: &str, what: String) -> GpuError {
     GpuError::Shape { kernel: kernel.into(), what }
 }
 
-
 fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedKernel, GpuError> {
     if entry.inputs.template != template {
         return Err(shape_err(&entry.inputs.template, format!("not a {template} kernel")));

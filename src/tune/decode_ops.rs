@@ -34,7 +34,8 @@ pub fn tune_decode_ops(ctx: &TuneContext, config: &ShapeConfig, progress: &Progr
         let mut work: Option<Box<dyn Workload>> = match &ctx.gpu {
             Some(g) if ctx.timing() => Some(match template {
                 "rmsnorm_quant" => Box::new(NormWorkload::new(g, NormShape::from_params(&problem).ok_or_else(bad)?, 44)?),
-                _ => Box::new(AttentionWorkload::new(g, AttnShape::from_params(&problem).ok_or_else(bad)?, 45)?),
+                "attention_decode" => Box::new(AttentionWorkload::new(g, AttnShape::from_params(&problem).ok_or_else(bad)?, 45)?),
+                other => return Err(TuneError::Input(format!("{other} is in TUNED_OPS but has no workload"))),
             }),
             _ => None,
         };

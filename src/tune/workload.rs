@@ -124,12 +124,11 @@ impl Workload for GateupWorkload {
 /// decode) with its inputs hot in L2, as the previous kernel of the step leaves them.
 pub struct NormWorkload {
     case: NormCase,
-    shape: NormShape,
 }
 
 impl NormWorkload {
     pub fn new(gpu: &Gpu, shape: NormShape, seed: u64) -> Result<Self, GpuError> {
-        Ok(Self { case: NormCase::new(gpu, shape, 3, seed)?, shape })
+        Ok(Self { case: NormCase::new(gpu, shape, 3, seed)? })
     }
 }
 
@@ -146,8 +145,8 @@ impl Workload for NormWorkload {
 
     fn min_bytes(&self) -> usize {
         // f32 row(s) in (x and delta, or gate and up), x back (residual add), int8 row out.
-        let h = self.shape.h;
-        if self.shape.glu { 8 * h + h } else { 12 * h + h }
+        let h = self.case.shape.h;
+        if self.case.shape.glu { 8 * h + h } else { 12 * h + h }
     }
 }
 
@@ -194,9 +193,7 @@ impl AttentionWorkload {
 
 impl Workload for AttentionWorkload {
     fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
-        let op = Attention::new(gpu, entry)?;
-        let mut scratch = op.scratch(gpu, self.case.rows.len())?;
-        Ok(self.case.run(gpu, &op, &mut scratch, rel_floor)?.deltas)
+        Ok(self.case.run(gpu, &Attention::new(gpu, entry)?, rel_floor)?.deltas)
     }
 
     fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {

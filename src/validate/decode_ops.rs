@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use super::CheckedRun;
 use crate::check::{Deltas, POISON_F32};
-use crate::gpu::{Attention, AttnScratch, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RmsNormQuant, RowMeta};
+use crate::gpu::{Attention, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RmsNormQuant, RowMeta};
 use crate::reference::decode_ops::{attend_head, relu2, rmsnorm};
 use crate::reference::moe::silu;
 use crate::template::Params;
@@ -50,8 +50,7 @@ impl NormShape {
 /// the f64 reference of the normalized rows and their scales.
 pub struct NormCase {
     pub rows: usize,
-    h: usize,
-    glu: bool,
+    pub shape: NormShape,
     x0: Vec<f32>,
     /// GLU = 0: the residual add's delta and factor; GLU = 1: the fused gate|up rows and factors.
     factors: (f32, f32),
@@ -98,8 +97,7 @@ impl NormCase {
         let scales = normed.chunks_exact(h).map(|r| 127.0 / r.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-5)).collect();
         Ok(Self {
             rows,
-            h,
-            glu,
+            shape,
             x: gpu.upload(&x0)?,
             input: gpu.upload(&input)?,
             weight: gpu.upload(&weight)?,
@@ -118,7 +116,7 @@ impl NormCase {
     /// Launches `op` over the first `rows` rows writing int8 rows and scales, as the decode
     /// step does (the residual add accumulates into x on every launch: for timing only).
     pub fn launch_quant(&mut self, gpu: &Gpu, op: &RmsNormQuant, rows: usize) -> Result<(), GpuError> {
-        let source = norm_source(self.glu, &self.input, self.factors);
+        let source = norm_source(self.shape.glu, &self.input, self.factors);
         op.launch(gpu, rows, &mut self.x, source, &self.weight, self.eps, NormOut::Quant { q: &mut self.q, scale: &mut self.scale })
     }
 
@@ -127,18 +125,18 @@ impl NormCase {
     /// reference, the scales with the reference's, and each int8 value with the rounding of the
     /// kernel's own f32 row times its scale (exact: one rounding of the same f32 product).
     pub fn run(&mut self, gpu: &Gpu, op: &RmsNormQuant, rel_floor: f64) -> Result<CheckedRun, GpuError> {
-        let (rows, h) = (self.rows, self.h);
+        let (rows, h) = (self.rows, self.shape.h);
         gpu.write(&self.x0, &mut self.x)?;
         gpu.write(&vec![POISON_I8; rows * h], &mut self.q)?;
         gpu.write(&poison_f32(rows), &mut self.scale)?;
         gpu.write(&poison_f32(rows * h), &mut self.xn)?;
-        let source = norm_source(self.glu, &self.input, self.factors);
+        let source = norm_source(self.shape.glu, &self.input, self.factors);
         let out = NormOut::QuantF32 { q: &mut self.q, scale: &mut self.scale, xn: &mut self.xn };
         op.launch(gpu, rows, &mut self.x, source, &self.weight, self.eps, out)?;
         gpu.sync()?;
         let (xn, scale, q) = (gpu.download(&self.xn)?, gpu.download(&self.scale)?, gpu.download(&self.q)?);
         let mut deltas = Deltas::of_f32(&xn, &self.normed, rel_floor).worst(Deltas::of_f32(&scale, &self.scales, rel_floor));
-        if !self.glu {
+        if !self.shape.glu {
             deltas = deltas.worst(Deltas::of_f32(&gpu.download(&self.x)?, &self.pre, rel_floor));
         }
         let rounded: Vec<f64> = xn.iter().enumerate().map(|(j, &v)| (v * scale[j / h]).round_ties_even().clamp(-128.0, 127.0) as f64).collect();
@@ -242,11 +240,13 @@ impl AttentionCase {
         })
     }
 
-    /// Poisons the output, launches `op` over every row and compares with the reference.
-    pub fn run(&mut self, gpu: &Gpu, op: &Attention, scratch: &mut AttnScratch, rel_floor: f64) -> Result<CheckedRun, GpuError> {
+    /// Poisons the output, launches `op` over every row (with a fresh split-K workspace) and
+    /// compares with the reference.
+    pub fn run(&mut self, gpu: &Gpu, op: &Attention, rel_floor: f64) -> Result<CheckedRun, GpuError> {
+        let mut scratch = op.scratch(gpu, self.rows.len())?;
         gpu.write(&poison_f32(self.out.len()), &mut self.out)?;
         let meta = RowMeta { pos: &self.pos, slot: &self.slot };
-        op.launch(gpu, self.rows.len(), &self.q, &meta, &self.arena, 0, &mut self.out, scratch)?;
+        op.launch(gpu, self.rows.len(), &self.q, &meta, &self.arena, 0, &mut self.out, &mut scratch)?;
         gpu.sync()?;
         let out = gpu.download(&self.out)?;
         Ok(CheckedRun { deltas: Deltas::of_f32(&out, &self.reference, rel_floor), output: out.iter().map(|v| v.to_bits()).collect() })
@@ -262,7 +262,5 @@ pub fn check_rmsnorm_quant(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u6
 /// Checks an `attention_decode` entry on three sequences (full, long and short context).
 pub fn check_attention(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     let op = Attention::new(gpu, entry)?;
-    let mut case = AttentionCase::new(gpu, AttnShape::of(&op), seed)?;
-    let mut scratch = op.scratch(gpu, case.rows.len())?;
-    case.run(gpu, &op, &mut scratch, rel_floor)
+    AttentionCase::new(gpu, AttnShape::of(&op), seed)?.run(gpu, &op, rel_floor)
 }
