@@ -9,7 +9,7 @@ use crate::engine::cpu::route;
 use crate::gpu::{DeviceBuffer, Gpu, GpuError, NormOut, NormSource};
 
 use super::kernels::MoeKernels;
-use super::weights::DeviceExpert;
+use super::weights::DeviceMlp;
 
 /// Per-pair device buffers of an MoE step of up to `rows` tokens.
 pub struct MoeWork {
@@ -47,8 +47,6 @@ pub struct MoeInput<'a> {
     pub q: &'a DeviceBuffer<i8>,
     pub x_scale: &'a DeviceBuffer<f32>,
     pub xn: &'a DeviceBuffer<f32>,
-    /// Any f32 buffer: the no-norm GLU quantization takes a weight it does not read.
-    pub unused: &'a DeviceBuffer<f32>,
 }
 
 /// Runs the MoE block over `rows` tokens and writes each token's combined output to `out`
@@ -58,7 +56,7 @@ pub fn moe_ffn(
     gpu: &Gpu,
     k: &mut MoeKernels,
     router: &DeviceBuffer<u16>,
-    experts: &[DeviceExpert],
+    experts: &[DeviceMlp],
     c: &ModelConfig,
     rows: usize,
     input: MoeInput,
@@ -91,7 +89,7 @@ pub fn moe_ffn(
     let pairs = pair_expert.len();
     let glu = NormSource::Glu { gate_up: &work.gate_up, gate: 1.0, up: 1.0, row_factors: Some(&work.factors) };
     let quant = NormOut::Quant { q: &mut work.q, scale: &mut work.q_scale };
-    k.glu.launch(gpu, pairs, &mut work.down, glu, input.unused, 0.0, quant)?;
+    k.glu.launch(gpu, pairs, glu, None, 0.0, quant)?;
     mark("moe_glu")?;
     for (p, &e) in pair_expert.iter().enumerate() {
         k.down.launch_w2a8_rows(gpu, &experts[e].down, &work.q, &work.q_scale, (p, p), &mut work.down, 1.0)?;

@@ -8,7 +8,7 @@ use crate::gpu::{AttnScratch, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, Nor
 
 use super::kernels::StepKernels;
 use super::moe::{moe_ffn, MoeWork};
-use super::weights::{DeviceFfn, DeviceWeights};
+use super::weights::{DeviceFfn, DeviceMlp, DeviceWeights};
 
 /// Device buffers of a step of up to `rows` token rows.
 pub struct Workspace {
@@ -100,7 +100,7 @@ pub fn enqueue(
     let eps = c.rms_eps as f32;
     let theta = c.rope_theta as f32;
     let first = w.layers.first().map_or(&w.norm, |l| &l.input_norm);
-    k.norm.launch(gpu, rows, &mut ws.x, NormSource::Embed { tokens: &ws.tokens, table: &w.embed }, first, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+    k.norm.launch(gpu, rows, NormSource::Embed { x: &mut ws.x, tokens: &ws.tokens, table: &w.embed }, Some(first), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
     mark("embedding+rmsnorm")?;
     for (li, l) in w.layers.iter().enumerate() {
         let meta = RowMeta { pos: &ws.pos, slot: &ws.slot };
@@ -110,20 +110,20 @@ pub fn enqueue(
         mark("rope")?;
         k.attention.launch(gpu, rows, &ws.q_rot, &meta, kv, li, &mut ws.attn, &mut ws.attn_scratch)?;
         mark("attention")?;
-        k.attn_sub_norm.launch(gpu, rows, &mut ws.attn, NormSource::Rows, &l.attn_sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+        k.attn_sub_norm.launch(gpu, rows, NormSource::Rows { x: &ws.attn }, Some(&l.attn_sub_norm), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
         mark("attn_sub_norm")?;
         k.o.launch(gpu, &l.o, rows, &ws.q, &ws.x_scale, &mut ws.o)?;
         mark("attn_o")?;
-        let residual = NormSource::Residual { delta: &ws.o, factor: l.o_factor };
+        let residual = NormSource::Residual { x: &mut ws.x, delta: &ws.o, factor: l.o_factor };
         let down_factor = match &l.ffn {
-            DeviceFfn::Dense { gate_up, gate_up_factors: [gate, up], sub_norm, down, down_factor } => {
+            DeviceFfn::Dense { mlp: DeviceMlp { gate_up, gate_up_factors: [gate, up], down, down_factor }, sub_norm } => {
                 let mlp = k.mlp.as_mut().expect("dense kernels are loaded for a dense model");
-                k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+                k.norm.launch(gpu, rows, residual, Some(&l.post_attn_norm), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
                 mark("residual+rmsnorm")?;
                 mlp.gate_up.launch(gpu, gate_up, rows, &ws.q, &ws.x_scale, &mut ws.gate_up)?;
                 mark("mlp_gate_up")?;
                 let glu = NormSource::Glu { gate_up: &ws.gate_up, gate: *gate, up: *up, row_factors: None };
-                mlp.sub_norm.launch(gpu, rows, &mut ws.x, glu, sub_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
+                mlp.sub_norm.launch(gpu, rows, glu, Some(sub_norm), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
                 mark("mlp_glu+sub_norm")?;
                 mlp.down.launch(gpu, down, rows, &ws.q, &ws.x_scale, &mut ws.down)?;
                 mark("mlp_down")?;
@@ -131,20 +131,20 @@ pub fn enqueue(
             }
             DeviceFfn::Moe { router, experts } => {
                 let out = NormOut::QuantF32 { q: &mut ws.q, scale: &mut ws.x_scale, xn: &mut ws.xn };
-                k.norm.launch(gpu, rows, &mut ws.x, residual, &l.post_attn_norm, eps, out)?;
+                k.norm.launch(gpu, rows, residual, Some(&l.post_attn_norm), eps, out)?;
                 mark("residual+rmsnorm")?;
                 let kernels = k.moe.as_mut().expect("MoE kernels are loaded for an MoE model");
                 let work = ws.moe.as_mut().expect("MoE buffers exist for an MoE model");
-                let input = super::moe::MoeInput { q: &ws.q, x_scale: &ws.x_scale, xn: &ws.xn, unused: &w.norm };
+                let input = super::moe::MoeInput { q: &ws.q, x_scale: &ws.x_scale, xn: &ws.xn };
                 moe_ffn(gpu, kernels, router, experts, c, rows, input, work, &mut ws.down, &mut mark)?;
                 // The combine already applied each expert's down factor and router weight.
                 1.0
             }
         };
-        let residual = NormSource::Residual { delta: &ws.down, factor: down_factor };
+        let residual = NormSource::Residual { x: &mut ws.x, delta: &ws.down, factor: down_factor };
         match w.layers.get(li + 1) {
-            Some(next) => k.norm.launch(gpu, rows, &mut ws.x, residual, &next.input_norm, eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
-            None => k.norm.launch(gpu, rows, &mut ws.x, residual, &w.norm, eps, NormOut::F32(&mut ws.xn))?,
+            Some(next) => k.norm.launch(gpu, rows, residual, Some(&next.input_norm), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
+            None => k.norm.launch(gpu, rows, residual, Some(&w.norm), eps, NormOut::F32(&mut ws.xn))?,
         }
         mark("residual+rmsnorm")?;
     }

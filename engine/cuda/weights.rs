@@ -26,23 +26,17 @@ pub struct DeviceLayer {
 
 /// The feed-forward block of a layer on the device.
 pub enum DeviceFfn {
-    Dense {
-        /// Packed [2 I / 4, H]: gate rows, then up.
-        gate_up: DeviceBuffer<u8>,
-        gate_up_factors: [f32; 2],
-        sub_norm: DeviceBuffer<f32>,
-        down: DeviceBuffer<u8>,
-        down_factor: f32,
-    },
+    /// One gated MLP with a sub-norm before its down projection.
+    Dense { mlp: DeviceMlp, sub_norm: DeviceBuffer<f32> },
     Moe {
         /// bf16 router [experts, H].
         router: DeviceBuffer<u16>,
-        experts: Vec<DeviceExpert>,
+        experts: Vec<DeviceMlp>,
     },
 }
 
-/// One MoE expert on the device.
-pub struct DeviceExpert {
+/// A gated MLP's ternary weights on the device: a dense layer's, or one MoE expert's.
+pub struct DeviceMlp {
     /// Packed [2 I / 4, H]: gate rows, then up.
     pub gate_up: DeviceBuffer<u8>,
     pub gate_up_factors: [f32; 2],
@@ -75,29 +69,21 @@ impl DeviceWeights {
                 ScaleConvention::Divide => 1.0 / l.scale,
             }) as f32
         };
+        let mlp = |gate: &TernaryLinear, up: &TernaryLinear, down: &TernaryLinear| -> Result<DeviceMlp, GpuError> {
+            Ok(DeviceMlp {
+                gate_up: concat(&[gate, up])?,
+                gate_up_factors: [factor(gate), factor(up)],
+                down: gpu.upload(&down.packed)?,
+                down_factor: factor(down),
+            })
+        };
         let mut layers = Vec::with_capacity(model.layers.len());
         for layer in &model.layers {
             let ffn = match &layer.ffn {
-                Ffn::Dense { gate, up, down, sub_norm } => DeviceFfn::Dense {
-                    gate_up: concat(&[gate, up])?,
-                    gate_up_factors: [factor(gate), factor(up)],
-                    sub_norm: f32s(sub_norm)?,
-                    down: gpu.upload(&down.packed)?,
-                    down_factor: factor(down),
-                },
+                Ffn::Dense { gate, up, down, sub_norm } => DeviceFfn::Dense { mlp: mlp(gate, up, down)?, sub_norm: f32s(sub_norm)? },
                 Ffn::Moe { router, experts } => DeviceFfn::Moe {
                     router: gpu.upload(&router.iter().map(|&x| bf16::from_f64(x).to_bits()).collect::<Vec<_>>())?,
-                    experts: experts
-                        .iter()
-                        .map(|e| {
-                            Ok(DeviceExpert {
-                                gate_up: concat(&[&e.gate, &e.up])?,
-                                gate_up_factors: [factor(&e.gate), factor(&e.up)],
-                                down: gpu.upload(&e.down.packed)?,
-                                down_factor: factor(&e.down),
-                            })
-                        })
-                        .collect::<Result<_, GpuError>>()?,
+                    experts: experts.iter().map(|e| mlp(&e.gate, &e.up, &e.down)).collect::<Result<_, GpuError>>()?,
                 },
             };
             layers.push(DeviceLayer {

@@ -18,15 +18,16 @@ fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedK
     gpu.load(entry)
 }
 
-/// Where the rows an [`RmsNormQuant`] normalizes come from.
+/// Where the rows an [`RmsNormQuant`] normalizes come from; `x` is the f32 residual stream or
+/// input rows [rows, H].
 pub enum NormSource<'a> {
     /// `x[r] = embed[tokens[r]]` (bf16 table [vocab, H]), written to the residual stream.
-    Embed { tokens: &'a DeviceBuffer<i32>, table: &'a DeviceBuffer<u16> },
+    Embed { x: &'a mut DeviceBuffer<f32>, tokens: &'a DeviceBuffer<i32>, table: &'a DeviceBuffer<u16> },
     /// The rows of `x` as they are.
-    Rows,
+    Rows { x: &'a DeviceBuffer<f32> },
     /// `x[r] += factor * delta[r]` (f32 [rows, H]), written back: the residual add.
-    Residual { delta: &'a DeviceBuffer<f32>, factor: f32 },
-    /// `act(gate * g) * (up * u)` from a fused gate_up output (f32 [rows, 2H]); x is untouched.
+    Residual { x: &'a mut DeviceBuffer<f32>, delta: &'a DeviceBuffer<f32>, factor: f32 },
+    /// `act(gate * g) * (up * u)` from a fused gate_up output (f32 [rows, 2H]).
     /// `row_factors` [rows, 2], when given, replace (gate, up) per row.
     Glu { gate_up: &'a DeviceBuffer<f32>, gate: f32, up: f32, row_factors: Option<&'a DeviceBuffer<f32>> },
 }
@@ -60,24 +61,22 @@ impl RmsNormQuant {
         Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, norm, silu, kernel })
     }
 
-    /// Normalizes `rows` rows; `x` is the f32 residual stream / input rows [rows, H].
-    #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
+    /// Normalizes `rows` rows of `source` with `weight` [H] (None for a kernel built without
+    /// the norm: NORM=0 only quantizes).
     pub fn launch(
         &self,
         gpu: &Gpu,
         rows: usize,
-        x: &mut DeviceBuffer<f32>,
         source: NormSource,
-        weight: &DeviceBuffer<f32>,
+        weight: Option<&DeviceBuffer<f32>>,
         eps: f32,
         out: NormOut,
     ) -> Result<(), GpuError> {
         let (name, h) = (self.kernel.name.as_str(), self.h);
-        if self.norm {
-            need(name, "weight", weight.len(), h)?;
-        }
-        if !matches!(source, NormSource::Glu { .. }) {
-            need(name, "x", x.len(), rows * h)?;
+        match weight {
+            Some(w) => need(name, "weight", w.len(), h)?,
+            None if self.norm => return Err(shape_err(name, "a NORM=1 kernel needs the norm weight".into())),
+            None => {}
         }
         if self.glu != matches!(source, NormSource::Glu { .. }) {
             return Err(shape_err(name, format!("GLU={} kernel given the wrong row source", self.glu as u8)));
@@ -86,26 +85,28 @@ impl RmsNormQuant {
         let (zero, one) = (0f32, 1f32);
         let cfg = self.kernel.config_rows(rows)?;
         let mut b = Args::new(gpu);
-        b.arg(&mut *x);
-        match &source {
-            NormSource::Embed { tokens, table } => {
+        match source {
+            NormSource::Embed { x, tokens, table } => {
+                need(name, "x", x.len(), rows * h)?;
                 need(name, "tokens", tokens.len(), rows)?;
-                b.arg(*tokens).arg(*table).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
+                b.arg(x).arg(tokens).arg(table).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
             }
-            NormSource::Rows => {
-                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
+            NormSource::Rows { x } => {
+                need(name, "x", x.len(), rows * h)?;
+                b.arg(x).arg(&null).arg(&null).arg(&null).arg(&zero).arg(&null).arg(&one).arg(&one).arg(&null);
             }
-            NormSource::Residual { delta, factor } => {
+            NormSource::Residual { x, delta, factor } => {
+                need(name, "x", x.len(), rows * h)?;
                 need(name, "delta", delta.len(), rows * h)?;
-                b.arg(&null).arg(&null).arg(*delta).arg(factor).arg(&null).arg(&one).arg(&one).arg(&null);
+                b.arg(x).arg(&null).arg(&null).arg(delta).arg(&factor).arg(&null).arg(&one).arg(&one).arg(&null);
             }
             NormSource::Glu { gate_up, gate, up, row_factors } => {
                 need(name, "gate_up", gate_up.len(), rows * 2 * h)?;
-                b.arg(&null).arg(&null).arg(&null).arg(&zero).arg(*gate_up).arg(gate).arg(up);
+                b.arg(&null).arg(&null).arg(&null).arg(&null).arg(&zero).arg(gate_up).arg(&gate).arg(&up);
                 match row_factors {
                     Some(f) => {
                         need(name, "row_factors", f.len(), rows * 2)?;
-                        b.arg(*f);
+                        b.arg(f);
                     }
                     None => {
                         b.arg(&null);
@@ -113,7 +114,11 @@ impl RmsNormQuant {
                 }
             }
         }
-        b.arg(weight).arg(&eps);
+        match weight {
+            Some(w) => b.arg(w),
+            None => b.arg(&null),
+        };
+        b.arg(&eps);
         match out {
             NormOut::Quant { q, scale } => {
                 need(name, "q", q.len(), rows * h)?;
@@ -133,7 +138,8 @@ impl RmsNormQuant {
         }
         // SAFETY: the arguments follow rmsnorm_quant.cu.tera's signature (x, tokens, embed, delta,
         // delta_factor, gu, gate_factor, up_factor, row_factors, weight, eps, q, x_scale, xn); absent pointers
-        // are null, which the kernel tests before use; every present buffer holds the rows × H
+        // are null, which the kernel tests before use (x is not read with GLU=1, nor the weight
+        // with NORM=0); every present buffer holds the rows × H
         // elements the launch touches (checked above), and embedding ids were range-checked by the caller.
         unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())

@@ -116,8 +116,8 @@ impl NormCase {
     /// Launches `op` over the first `rows` rows writing int8 rows and scales, as the decode
     /// step does (the residual add accumulates into x on every launch: for timing only).
     pub fn launch_quant(&mut self, gpu: &Gpu, op: &RmsNormQuant, rows: usize) -> Result<(), GpuError> {
-        let source = norm_source(self.shape.glu, &self.input, self.factors);
-        op.launch(gpu, rows, &mut self.x, source, &self.weight, self.eps, NormOut::Quant { q: &mut self.q, scale: &mut self.scale })
+        let source = norm_source(self.shape.glu, &mut self.x, &self.input, self.factors);
+        op.launch(gpu, rows, source, Some(&self.weight), self.eps, NormOut::Quant { q: &mut self.q, scale: &mut self.scale })
     }
 
     /// Restores x, poisons every output, launches `op` once over all rows (int8 rows, scales
@@ -130,9 +130,9 @@ impl NormCase {
         gpu.write(&vec![POISON_I8; rows * h], &mut self.q)?;
         gpu.write(&poison_f32(rows), &mut self.scale)?;
         gpu.write(&poison_f32(rows * h), &mut self.xn)?;
-        let source = norm_source(self.shape.glu, &self.input, self.factors);
+        let source = norm_source(self.shape.glu, &mut self.x, &self.input, self.factors);
         let out = NormOut::QuantF32 { q: &mut self.q, scale: &mut self.scale, xn: &mut self.xn };
-        op.launch(gpu, rows, &mut self.x, source, &self.weight, self.eps, out)?;
+        op.launch(gpu, rows, source, Some(&self.weight), self.eps, out)?;
         gpu.sync()?;
         let (xn, scale, q) = (gpu.download(&self.xn)?, gpu.download(&self.scale)?, gpu.download(&self.q)?);
         let mut deltas = Deltas::of_f32(&xn, &self.normed, rel_floor).worst(Deltas::of_f32(&scale, &self.scales, rel_floor));
@@ -147,11 +147,11 @@ impl NormCase {
     }
 }
 
-/// The row source of a [`NormCase`]: its residual delta (GLU = 0) or fused gate|up rows.
-fn norm_source(glu: bool, input: &DeviceBuffer<f32>, (a, b): (f32, f32)) -> NormSource<'_> {
+/// The row source of a [`NormCase`]: the residual add into `x` (GLU = 0) or fused gate|up rows.
+fn norm_source<'a>(glu: bool, x: &'a mut DeviceBuffer<f32>, input: &'a DeviceBuffer<f32>, (a, b): (f32, f32)) -> NormSource<'a> {
     match glu {
         true => NormSource::Glu { gate_up: input, gate: a, up: b, row_factors: None },
-        false => NormSource::Residual { delta: input, factor: a },
+        false => NormSource::Residual { x, delta: input, factor: a },
     }
 }
 
