@@ -86,7 +86,7 @@ impl Sampler {
         // would cost ~5 ms per token at 128k entries.
         let keep = sorted_prefix_until(&mut probs, self.params.top_p);
         let kept = &probs[..keep];
-        walk(kept, sum_of(kept), self.rng.random::<f64>())
+        walk(kept.iter().copied(), self.rng.random::<f64>() * sum_of(kept)).0
     }
 
     /// A draw from the softmax of `logits / t` over the whole vocabulary: the weights and each
@@ -108,22 +108,9 @@ impl Sampler {
             })
             .collect();
         let total: f64 = sums.iter().sum();
-        let mut u = self.rng.random::<f64>() * total;
-        let last = logits.len() - 1;
-        for (b, &s) in sums.iter().enumerate() {
-            if u < s {
-                for (i, &w) in self.weights[b * BLOCK..].iter().take(BLOCK).enumerate() {
-                    if u < w {
-                        return (b * BLOCK + i) as u32;
-                    }
-                    u -= w;
-                }
-                // Rounding left u at the block's end: its last token.
-                return (b * BLOCK + BLOCK - 1).min(last) as u32;
-            }
-            u -= s;
-        }
-        last as u32
+        let (b, u) = walk(sums.iter().enumerate().map(|(b, &s)| (b as u32, s)), self.rng.random::<f64>() * total);
+        let start = b as usize * BLOCK;
+        walk(self.weights[start..].iter().take(BLOCK).enumerate().map(|(i, &w)| ((start + i) as u32, w)), u).0
     }
 }
 
@@ -132,16 +119,18 @@ fn sum_of(probs: &[(u32, f64)]) -> f64 {
     probs.iter().map(|p| p.1).sum()
 }
 
-/// The token where the running mass passes `unit · total` (walking `probs` in order).
-fn walk(probs: &[(u32, f64)], total: f64, unit: f64) -> u32 {
-    let mut u = unit * total;
-    for &(id, p) in probs {
-        if u < p {
-            return id;
+/// Walks (id, weight) pairs in order: the id where the running mass passes `u`, with the mass
+/// still left at it (rounding that runs past the end gives the last id).
+fn walk(weights: impl IntoIterator<Item = (u32, f64)>, mut u: f64) -> (u32, f64) {
+    let mut last = (0, u);
+    for (id, w) in weights {
+        if u < w {
+            return (id, u);
         }
-        u -= p;
+        u -= w;
+        last = (id, u);
     }
-    probs[probs.len() - 1].0
+    last
 }
 
 /// Orders `probs` by probability (descending, ties by id) far enough that its first `keep`
