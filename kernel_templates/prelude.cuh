@@ -24,3 +24,20 @@ __device__ __forceinline__ void prefetch_first_chunks(const unsigned char* const
             if (c + u * 32 < c_end) PREFETCH_L2(rows[i] + (size_t)(c + u * 32) * VEC);
 }
 
+
+// Block-wide reduction over the block's NWARPS warps (sum when MAX is false, max otherwise),
+// in warp order; every thread gets the result. `red` holds NWARPS floats of shared memory.
+template <int NWARPS, bool MAX>
+__device__ __forceinline__ float block_reduce(float v, float* red) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        float o = __shfl_xor_sync(0xffffffffu, v, off);
+        v = MAX ? fmaxf(v, o) : v + o;
+    }
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float r = red[0];
+    for (int w = 1; w < NWARPS; ++w) r = MAX ? fmaxf(r, red[w]) : r + red[w];
+    __syncthreads();
+    return r;
+}
