@@ -117,7 +117,7 @@ struct Seq {
     generated: Vec<u32>,
     sampler: Sampler,
     /// The generated text, detokenized incrementally.
-    text: TextStream,
+    stream: TextStream,
     /// Bytes of the decoded text already sent.
     emitted: usize,
 }
@@ -144,7 +144,7 @@ fn admit(engine: &Engine, req: GenRequest) -> Seq {
         fed: 0,
         generated: Vec::new(),
         sampler: Sampler::new(req.sampling),
-        text: TextStream::default(),
+        stream: TextStream::default(),
         emitted: 0,
         req,
     }
@@ -229,7 +229,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             let tok = s.sampler.sample(l);
             s.generated.push(tok);
             // A tokenizer error leaves the text as it was; the token still counts.
-            let _ = engine.tokenizer.step(&mut s.text, tok);
+            let _ = engine.tokenizer.step(&mut s.stream, tok);
             *picked = Some(tok);
         });
         for (mut s, _, picked) in items {
@@ -261,11 +261,11 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
         .unwrap_or(0)
 }
 
-/// After `tok` (already in `s.generated` and `s.text`): sends the new text and says whether the
+/// After `tok` (already in `s.generated` and `s.stream`): sends the new text and says whether the
 /// sequence is done. A stop string can only start in the unsent text (a possible stop prefix is
 /// held back), so only that part is searched.
 fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
-    let text = s.text.text.as_str();
+    let text = s.stream.text.as_str();
     let eos = engine.eos.contains(&tok);
     let unsent = text.get(s.emitted..).unwrap_or_default();
     let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| unsent.find(st.as_str())).min().map(|i| s.emitted + i);
