@@ -9,7 +9,8 @@ use std::process::Command;
 
 use mangrove::arch::Arch;
 use mangrove::bundle::{self, Bundle, BundleError};
-use mangrove::plan::{plan, ShapeConfig};
+use mangrove::model_config::ModelConfig;
+use mangrove::plan::plan;
 use mangrove::template::Catalog;
 use mangrove::tuning_db::TuningDb;
 
@@ -29,7 +30,7 @@ fn model_dir(root: &Path) -> PathBuf {
     std::fs::write(
         dir.join("config.json"),
         r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5,
-            "num_hidden_layers": 30, "vocab_size": 128256}"#,
+            "num_hidden_layers": 30, "vocab_size": 128256, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}"#,
     )
     .unwrap();
     dir
@@ -65,8 +66,8 @@ fn bless_verify_and_offline_lookup_for_sm90_and_sm120() {
 
         // Offline: every planned kernel is found by key, with no NVRTC in this process.
         let b = Bundle::open(&dir).unwrap();
-        let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
-        let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), arch.parse::<Arch>().unwrap(), 8);
+        let config = ModelConfig::from_model_dir(&root.path().join("model")).unwrap();
+        let planned = plan(&Catalog::embedded(), &config, &TuningDb::load(&shipped_db()).unwrap(), arch.parse::<Arch>().unwrap(), 8);
         // One cubin per distinct key (families with identical requests share one).
         let keys: std::collections::BTreeSet<String> = planned.iter().map(|p| b.key_for(&Catalog::embedded(), &p.request).unwrap().to_hex()).collect();
         assert_eq!(b.manifest.kernels.len(), keys.len());
@@ -122,8 +123,8 @@ fn a_bundle_missing_a_kernel_names_it() {
     let dir = bless(root.path(), "sm90");
     let (partial, dropped) = common::bundle_without(&dir, root.path(), 0);
     let p = Bundle::open(&partial).unwrap();
-    let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
-    let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
+    let config = ModelConfig::from_model_dir(&root.path().join("model")).unwrap();
+    let planned = plan(&Catalog::embedded(), &config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
     let missing = p.missing(&Catalog::embedded(), &planned).unwrap();
     // One kernel can serve several plan entries (e.g. two norms of the same width).
     assert!(!missing.is_empty());
@@ -169,19 +170,19 @@ fn offline_provisioning_takes_everything_from_the_bundle_or_refuses_naming_kerne
     use mangrove::provision::{provision, FallbackReason, KernelSource, ProvisionError};
     let root = tempfile::tempdir().unwrap();
     let dir = bless(root.path(), "sm90");
-    let config = ShapeConfig::from_model_dir(&root.path().join("model")).unwrap();
-    let planned = plan(&config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
+    let config = ModelConfig::from_model_dir(&root.path().join("model")).unwrap();
+    let planned = plan(&Catalog::embedded(), &config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
     let no_local = || -> Result<mangrove::jit::Jit, ProvisionError> { panic!("offline must not open a local JIT") };
     let source = KernelSource::Blessed { bundle: Bundle::open(&dir).unwrap(), catalog: Catalog::embedded(), offline: true };
     let got = provision(&planned, &source, &no_local).unwrap();
     assert_eq!(got.obtained.get("Bundle"), Some(&planned.len()));
     assert_eq!(got.entries.len(), planned.len());
-    assert!(got.fallbacks.iter().all(|(_, _, r, _)| *r == FallbackReason::NoTunedKernel));
+    assert!(got.fallbacks.iter().all(|f| f.reason == FallbackReason::NoTunedKernel));
     assert!(!mangrove::compile::nvrtc_loaded(), "offline provisioning must not load NVRTC");
 
     // The same bundle without one kernel: refused at start, the kernel named.
     let (partial, dropped) = common::bundle_without(&dir, root.path(), 0);
-    let label = format!("{} M={}", dropped.family.as_deref().unwrap(), dropped.m.unwrap());
+    let label = format!("{} M={}", dropped.family.unwrap(), dropped.m.unwrap());
     let source = KernelSource::Blessed { bundle: Bundle::open(&partial).unwrap(), catalog: Catalog::embedded(), offline: true };
     let err = provision(&planned, &source, &no_local).unwrap_err();
     assert!(matches!(err, ProvisionError::MissingFromBundle(ref l) if !l.is_empty()), "{err}");

@@ -55,7 +55,11 @@ fn every_shipped_tuning_record_renders() {
             for r in &t.records {
                 for timed in std::iter::once(&r.winner).chain(&r.runner_ups) {
                     let mut params = r.problem.clone();
-                    params.insert("M".into(), r.m);
+                    // Records of templates with an M parameter are per M bucket; the decode ops
+                    // (one row per launch, any number of rows) take none.
+                    if template.schema.params.iter().any(|p| p.name == "M") {
+                        params.insert("M".into(), r.m);
+                    }
                     params.extend(timed.params.clone());
                     template.render(&params).unwrap_or_else(|e| {
                         panic!("{}: {name} M={} [{}]: {e}", path.display(), r.m, format_params(&timed.params))

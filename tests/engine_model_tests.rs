@@ -10,7 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mangrove::engine::batcher::{self, GenEvent, GenRequest};
-use mangrove::engine::cpu::{self, KvCache, SeqInput};
+use mangrove::engine::backend::{KvCache, SeqInput};
+use mangrove::engine::cpu;
 use mangrove::engine::genmodel::{generate, Preset};
 use mangrove::engine::metrics::Metrics;
 use mangrove::engine::model::{LoadError, Model};

@@ -10,12 +10,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use mangrove::check::Deltas;
-use mangrove::engine::cpu::{ForwardError, KvCache, SeqInput};
+use mangrove::engine::backend::{ForwardError, KvCache, SeqInput};
 use mangrove::engine::cuda::CudaBackend;
 use mangrove::engine::genmodel::{generate, Preset};
 use mangrove::engine::model::Model;
-use mangrove::engine::{Backend, CpuBackend};
-use mangrove::plan::{plan, ShapeConfig};
+use mangrove::engine::cpu::CpuBackend;
+use mangrove::engine::Backend;
+use mangrove::model_config::ModelConfig;
+use mangrove::plan::plan;
+use mangrove::template::Catalog;
 use mangrove::provision::{provision, KernelSource};
 use mangrove::tuning_db::TuningDb;
 
@@ -37,18 +40,18 @@ fn cuda_backend_with(
     max_seqs: usize,
     overrides: &[(&str, &str, i64)],
 ) -> CudaBackend {
-    let shapes = ShapeConfig::from_model_dir(dir).unwrap();
-    let mut planned = plan(&shapes, &shipped_db(), gpu.info().arch, max_seqs as i64);
+    let shapes = ModelConfig::from_model_dir(dir).unwrap();
+    let mut planned = plan(&Catalog::embedded(), &shapes, &shipped_db(), gpu.info().arch, max_seqs as i64);
     for p in &mut planned {
         for (family, param, v) in overrides {
-            if p.family == *family {
+            if p.family.as_str() == *family {
                 p.request.params.insert(param.to_string(), *v);
             }
         }
     }
     let jit = common::jit_in(jit_dir);
     let got = provision(&planned, &KernelSource::Jit(jit), &|| unreachable!("the local JIT serves every kernel")).unwrap();
-    let context = shapes.context() as usize;
+    let context = mangrove::step::cuda_context(&shapes);
     CudaBackend::new(gpu, model, &got.entries, max_seqs, context).unwrap()
 }
 
@@ -152,7 +155,7 @@ fn cuda_moe_logits_match_cpu_reference() {
     assert_eq!(d.non_finite, 0);
     assert!(d.max_rel < 2e-2, "CUDA MoE logits differ from the CPU reference: {d}");
     let report = cuda.forward(&mut [SeqInput { tokens: &[1, 2], cache: &mut KvCache::new(cuda.config()) }]).unwrap().1;
-    assert!(report.paths.contains(&("moe_gate_up", "cuda_w2a8")), "{:?}", report.paths);
+    assert!(report.paths.contains(&(mangrove::step::Family::MoeGateUp, "cuda_w2a8")), "{:?}", report.paths);
 }
 
 #[test]

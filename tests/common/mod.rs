@@ -5,9 +5,7 @@ use std::path::Path;
 
 use mangrove::arch::Arch;
 use mangrove::check::Gate;
-use mangrove::gpu::{Gpu, GpuError};
-use mangrove::cache::Cache;
-use mangrove::compile::Compiler;
+use mangrove::gpu::Gpu;
 use mangrove::jit::{Jit, KernelRequest};
 use mangrove::template::{format_params, parse_params, Catalog};
 use mangrove::validate::check_entry;
@@ -19,8 +17,7 @@ pub fn jit_in(dir: &Path) -> Jit {
 }
 
 pub fn jit_with(catalog: Catalog, dir: &Path) -> Jit {
-    let compiler = Compiler::open().unwrap_or_else(|e| panic!("{e}"));
-    Jit { catalog, cache: Cache::open(dir).unwrap(), compiler, keep_ptx: false }
+    Jit::open(catalog, dir, false).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A ternary_gemv request with `NAME=VALUE` overrides.
@@ -55,20 +52,19 @@ pub fn failed_checks(gpu: &Gpu, reqs: &[KernelRequest], seed0: u64, max_rel: f64
 }
 
 /// The gate GPU tests hold kernels to: bf16 output rounding (2^-8) with margin.
-pub const GPU_GATE: Gate = Gate { max_abs: f64::INFINITY, max_rel: 1e-2, rel_floor: 1e-3 };
+pub const GPU_GATE: Gate = mangrove::check::DEPLOY_GATE;
 
 /// The GPU, or None with "skipped: no GPU" (a failure when MANGROVE_REQUIRE_GPU=1).
 pub fn gpu_or_skip() -> Option<Gpu> {
-    match Gpu::open(0) {
+    match Gpu::open_optional(0).unwrap_or_else(|e| panic!("{e}")) {
         Ok(g) => Some(g),
-        Err(e @ (GpuError::NoDriver | GpuError::NoDevice(_))) => {
+        Err(absent) => {
             if std::env::var("MANGROVE_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("MANGROVE_REQUIRE_GPU=1 but {e}");
+                panic!("MANGROVE_REQUIRE_GPU=1 but {absent}");
             }
-            eprintln!("skipped: no GPU ({e})");
+            eprintln!("skipped: no GPU ({absent})");
             None
         }
-        Err(e) => panic!("{e}"),
     }
 }
 

@@ -1,0 +1,439 @@
+//! Stage 7 — the tuning DB. Takes tuner results and gives the engine its kernel configs:
+//! `tuning_db/<gpu>/<template>.json`, human-readable, deterministic order, schema-versioned;
+//! one record per (template, problem shape, M bucket) with the winner, its timings, the
+//! runner-ups, rejection counts and reproducibility metadata. Also merge and lookup.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::check::{Deltas, Gate};
+use crate::template::Params;
+
+/// Bump when the record format changes meaning.
+pub const DB_SCHEMA_VERSION: u32 = 1;
+
+/// M buckets the tuners use by default.
+pub const M_BUCKETS: &[i64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+/// Errors reading or writing a tuning DB, naming the file.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("tuning DB {path}: {reason}")]
+    Io { path: String, reason: String },
+    #[error("tuning DB {path} is not valid: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("tuning DB {path} has schema version {found}, this mangrove reads {DB_SCHEMA_VERSION}")]
+    Version { path: String, found: u32 },
+}
+
+/// Where a number came from: enough to reproduce or distrust it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Provenance {
+    pub gpu_name: String,
+    pub sm_count: i32,
+    pub driver_version: i32,
+    pub nvrtc_version: (i32, i32),
+    pub mangrove_version: String,
+    pub git_sha: String,
+    pub sm_clock_mhz: i32,
+    pub mem_clock_mhz: i32,
+    pub date: String,
+    pub command: String,
+    /// How kernels were timed, e.g. "cuda-graph replays, programmatic dependent launch"
+    /// (empty: not recorded, in records made before mangrove wrote this field).
+    #[serde(default)]
+    pub timing: String,
+}
+
+/// A timed config.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Timed {
+    pub params: Params,
+    pub median_us: f64,
+    pub p95_us: f64,
+    pub mean_us: f64,
+    pub gb_s: f64,
+    /// Achieved bytes/s over the device's measured copy bandwidth.
+    pub frac_copy_bw: f64,
+    pub deltas: Deltas,
+}
+
+/// One tuned (template, problem, M bucket).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    /// Problem parameters other than M (e.g. N, K).
+    pub problem: Params,
+    pub m: i64,
+    pub winner: Timed,
+    /// Next best configs, fastest first.
+    pub runner_ups: Vec<Timed>,
+    pub candidates: usize,
+    pub pruned: usize,
+    pub rejected: usize,
+    pub timed: usize,
+    pub strategy: String,
+    pub gate: Gate,
+    pub copy_bw_gbs: f64,
+    /// The template's default config timed on the same workload (the "untuned" baseline).
+    pub default_us: Option<f64>,
+    pub provenance: Provenance,
+}
+
+/// Outcome of the M>1 linear probe for one (M, N, K).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GateRecord {
+    pub m: i64,
+    pub n: i64,
+    pub k: i64,
+    pub passed: bool,
+    pub status: String,
+    pub reference: String,
+    pub deltas: Option<Deltas>,
+    pub params: Params,
+    pub avg_us: f64,
+    pub p50_us: f64,
+    pub p95_us: f64,
+    pub provenance: Provenance,
+}
+
+/// One template's file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TemplateDb {
+    pub schema_version: u32,
+    pub template: String,
+    pub records: Vec<Record>,
+}
+
+/// The probe-mgt1 file.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GateDb {
+    pub schema_version: u32,
+    pub records: Vec<GateRecord>,
+}
+
+/// How a lookup found its config.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum LookupRule {
+    /// A record for exactly this M.
+    Exact,
+    /// The smallest tuned M above, else the largest below.
+    NearestBucket { tuned_m: i64 },
+    /// Nothing tuned for this problem: the template's defaults.
+    Default,
+    /// An op no tuner run covers (norms, RoPE, attention, LM head): its template defaults by
+    /// design, not a fallback.
+    Fixed,
+}
+
+/// A config chosen for a problem.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Choice {
+    /// Tunable params of the chosen record (empty for Default).
+    pub params: Params,
+    pub rule: LookupRule,
+}
+
+/// A merge conflict: two sources tuned the same key to different winners.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Conflict {
+    pub template: String,
+    pub problem: Params,
+    pub m: i64,
+    pub kept_us: f64,
+    pub dropped_us: f64,
+}
+
+/// All files of one GPU's DB folder.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TuningDb {
+    pub templates: BTreeMap<String, TemplateDb>,
+    pub gates: Vec<GateRecord>,
+}
+
+const GATE_FILE: &str = "probe_mgt1.json";
+
+impl TuningDb {
+    /// Reads every `<template>.json` and `probe_mgt1.json` in `dir`; a missing folder is empty.
+    pub fn load(dir: &Path) -> Result<Self, DbError> {
+        let mut db = TuningDb::default();
+        if !dir.exists() {
+            return Ok(db);
+        }
+        let io = |p: &Path, e: std::io::Error| DbError::Io { path: p.display().to_string(), reason: e.to_string() };
+        let mut files: Vec<PathBuf> =
+            std::fs::read_dir(dir).map_err(|e| io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        files.sort();
+        for path in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+            let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
+            let parse = |e: serde_json::Error| DbError::Parse { path: path.display().to_string(), reason: e.to_string() };
+            let version: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
+            let found = version.get("schema_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
+            if found != DB_SCHEMA_VERSION {
+                return Err(DbError::Version { path: path.display().to_string(), found });
+            }
+            if path.file_name().is_some_and(|n| n == GATE_FILE) {
+                let g: GateDb = serde_json::from_str(&text).map_err(parse)?;
+                db.gates = g.records;
+            } else {
+                let t: TemplateDb = serde_json::from_str(&text).map_err(parse)?;
+                db.templates.insert(t.template.clone(), t);
+            }
+        }
+        db.normalize();
+        Ok(db)
+    }
+
+    /// Writes every file atomically (temp file + rename), in deterministic order.
+    pub fn save(&self, dir: &Path) -> Result<(), DbError> {
+        let io = |p: &Path, e: std::io::Error| DbError::Io { path: p.display().to_string(), reason: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let mut db = self.clone();
+        db.normalize();
+        for (name, t) in &db.templates {
+            write_json(&dir.join(format!("{name}.json")), t).map_err(|e| io(dir, e))?;
+        }
+        if !db.gates.is_empty() {
+            let g = GateDb { schema_version: DB_SCHEMA_VERSION, records: db.gates.clone() };
+            write_json(&dir.join(GATE_FILE), &g).map_err(|e| io(dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Sorts records by (problem, m) and gates by (m, n, k): the serialized order.
+    pub fn normalize(&mut self) {
+        for t in self.templates.values_mut() {
+            t.records.sort_by(|a, b| (&a.problem, a.m).cmp(&(&b.problem, b.m)));
+        }
+        self.gates.sort_by_key(|g| (g.n, g.k, g.m));
+    }
+
+    /// Inserts a record; an existing one for the same key is kept if it is faster.
+    /// Returns the conflict when both exist with different winners.
+    pub fn upsert(&mut self, template: &str, rec: Record) -> Option<Conflict> {
+        let t = self.templates.entry(template.to_owned()).or_insert_with(|| TemplateDb {
+            schema_version: DB_SCHEMA_VERSION,
+            template: template.to_owned(),
+            records: Vec::new(),
+        });
+        let Some(old) = t.records.iter_mut().find(|r| r.problem == rec.problem && r.m == rec.m) else {
+            t.records.push(rec);
+            return None;
+        };
+        let conflict = (old.winner.params != rec.winner.params).then(|| {
+            let (kept, dropped) = if rec.winner.median_us < old.winner.median_us { (&rec, &*old) } else { (&*old, &rec) };
+            Conflict {
+                template: template.to_owned(),
+                problem: rec.problem.clone(),
+                m: rec.m,
+                kept_us: kept.winner.median_us,
+                dropped_us: dropped.winner.median_us,
+            }
+        });
+        let (mut best, other) = if rec.winner.median_us < old.winner.median_us { (rec, old.clone()) } else { (old.clone(), rec) };
+        // Runner-ups: the union of both lists plus the losing winner, fastest first, no duplicates.
+        let mut pool = best.runner_ups.clone();
+        pool.extend(other.runner_ups.iter().cloned());
+        pool.push(other.winner.clone());
+        pool.retain(|t| t.params != best.winner.params);
+        pool.sort_by(|a, b| a.median_us.total_cmp(&b.median_us));
+        pool.dedup_by(|a, b| a.params == b.params);
+        pool.truncate(best.runner_ups.len().max(other.runner_ups.len()).max(1));
+        best.runner_ups = pool;
+        best.candidates = best.candidates.max(other.candidates);
+        best.pruned += other.pruned;
+        best.rejected += other.rejected;
+        best.timed += other.timed;
+        *old = best;
+        conflict
+    }
+
+    /// Merges `other` into `self`: best wins per key; conflicts are returned.
+    pub fn merge(&mut self, other: TuningDb) -> Vec<Conflict> {
+        let mut conflicts = Vec::new();
+        for (name, t) in other.templates {
+            for r in t.records {
+                conflicts.extend(self.upsert(&name, r));
+            }
+        }
+        for g in other.gates {
+            self.record_gate(g);
+        }
+        self.normalize();
+        conflicts
+    }
+
+    /// Records a probe result, replacing an older one for the same (m, n, k).
+    pub fn record_gate(&mut self, g: GateRecord) {
+        self.gates.retain(|o| (o.m, o.n, o.k) != (g.m, g.n, g.k));
+        self.gates.push(g);
+    }
+
+    /// True when the M>1 probe passed for this (m, n, k); M=1 needs no gate.
+    pub fn mgt1_allowed(&self, m: i64, n: i64, k: i64) -> bool {
+        m <= 1 || self.gates.iter().any(|g| g.m == m && g.n == n && g.k == k && g.passed)
+    }
+
+    /// The config for `template` on `problem` (without M) at `m`: exact, nearest bucket, or default.
+    pub fn lookup(&self, template: &str, problem: &Params, m: i64) -> Choice {
+        let Some(t) = self.templates.get(template) else {
+            return Choice { params: Params::new(), rule: LookupRule::Default };
+        };
+        let recs: Vec<&Record> = t.records.iter().filter(|r| &r.problem == problem).collect();
+        if let Some(r) = recs.iter().find(|r| r.m == m) {
+            return Choice { params: r.winner.params.clone(), rule: LookupRule::Exact };
+        }
+        let above = recs.iter().filter(|r| r.m > m).min_by_key(|r| r.m);
+        let below = recs.iter().filter(|r| r.m < m).max_by_key(|r| r.m);
+        match above.or(below) {
+            Some(r) => Choice { params: r.winner.params.clone(), rule: LookupRule::NearestBucket { tuned_m: r.m } },
+            None => Choice { params: Params::new(), rule: LookupRule::Default },
+        }
+    }
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    text.push('\n');
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The timing method records carry: graph replays (`Gpu::time_launches`), with or without PDL.
+fn timing_method(gpu: &crate::gpu::Gpu) -> String {
+    let pdl = if gpu.pdl() { ", programmatic dependent launch" } else { "" };
+    format!("cuda-graph replays{pdl}")
+}
+
+impl Provenance {
+    /// Reproducibility metadata for records made now on `gpu` (none: compile-only).
+    pub fn collect(gpu: Option<&crate::gpu::Gpu>, nvrtc_version: (i32, i32), command: String) -> Provenance {
+        let info = gpu.map(|g| g.info().clone());
+        Provenance {
+            gpu_name: info.as_ref().map(|i| i.name.clone()).unwrap_or_else(|| "none".into()),
+            sm_count: info.as_ref().map(|i| i.sm_count).unwrap_or(0),
+            driver_version: info.as_ref().map(|i| i.driver_version).unwrap_or(0),
+            nvrtc_version,
+            mangrove_version: env!("CARGO_PKG_VERSION").into(),
+            git_sha: env!("MANGROVE_GIT_SHA").into(),
+            sm_clock_mhz: info.as_ref().map(|i| i.sm_clock_mhz).unwrap_or(0),
+            mem_clock_mhz: info.as_ref().map(|i| i.mem_clock_mhz).unwrap_or(0),
+            date: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+            command,
+            timing: gpu.map(timing_method).unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn timed(threads: i64, us: f64) -> Timed {
+        Timed {
+            params: [("THREADS".to_string(), threads)].into(),
+            median_us: us,
+            p95_us: us * 1.1,
+            mean_us: us,
+            gb_s: 1.0,
+            frac_copy_bw: 0.5,
+            deltas: Deltas::default(),
+        }
+    }
+
+    fn rec(n: i64, m: i64, threads: i64, us: f64) -> Record {
+        Record {
+            problem: [("N".to_string(), n), ("K".to_string(), 256)].into(),
+            m,
+            winner: timed(threads, us),
+            runner_ups: vec![timed(threads * 2, us * 2.0)],
+            candidates: 10,
+            pruned: 1,
+            rejected: 0,
+            timed: 9,
+            strategy: "exhaustive".into(),
+            gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
+            copy_bw_gbs: 3000.0,
+            default_us: Some(us * 1.5),
+            provenance: Provenance::default(),
+        }
+    }
+
+    #[test]
+    fn round_trip_is_deterministic() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = TuningDb::default();
+        db.upsert("t", rec(512, 4, 128, 3.0));
+        db.upsert("t", rec(256, 1, 64, 2.0));
+        db.upsert("t", rec(256, 8, 256, 5.0));
+        db.save(dir.path()).unwrap();
+        let first = std::fs::read(dir.path().join("t.json")).unwrap();
+        let back = TuningDb::load(dir.path()).unwrap();
+        assert_eq!(back, { let mut d = db.clone(); d.normalize(); d });
+        back.save(dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("t.json")).unwrap(), first, "byte-identical re-save");
+        let ms: Vec<i64> = back.templates["t"].records.iter().map(|r| r.m).collect();
+        assert_eq!(ms, vec![1, 8, 4], "sorted by problem (K, N) then m");
+    }
+
+    #[test]
+    fn nearest_bucket_lookup() {
+        let mut db = TuningDb::default();
+        for (m, th) in [(1, 64), (4, 128), (16, 256)] {
+            db.upsert("t", rec(256, m, th, 1.0));
+        }
+        let p: Params = [("N".to_string(), 256), ("K".to_string(), 256)].into();
+        assert_eq!(db.lookup("t", &p, 4).rule, LookupRule::Exact);
+        let c = db.lookup("t", &p, 3);
+        assert_eq!((c.rule, c.params["THREADS"]), (LookupRule::NearestBucket { tuned_m: 4 }, 128));
+        assert_eq!(db.lookup("t", &p, 5).rule, LookupRule::NearestBucket { tuned_m: 16 });
+        assert_eq!(db.lookup("t", &p, 64).rule, LookupRule::NearestBucket { tuned_m: 16 });
+        let other: Params = [("N".to_string(), 8), ("K".to_string(), 8)].into();
+        assert_eq!(db.lookup("t", &other, 1).rule, LookupRule::Default);
+        assert_eq!(db.lookup("nope", &p, 1).rule, LookupRule::Default);
+    }
+
+    #[test]
+    fn merge_keeps_best_and_reports_conflicts() {
+        let mut a = TuningDb::default();
+        a.upsert("t", rec(256, 1, 64, 3.0));
+        a.upsert("t", rec(256, 2, 64, 3.0));
+        let mut b = TuningDb::default();
+        b.upsert("t", rec(256, 1, 128, 2.0)); // faster, different winner → conflict, b wins
+        b.upsert("t", rec(256, 2, 64, 4.0)); // same winner, slower → no conflict, a's timing kept
+        b.upsert("t", rec(512, 1, 64, 1.0)); // new key
+        let conflicts = a.merge(b);
+        assert_eq!(conflicts.len(), 1);
+        assert_eq!((conflicts[0].kept_us, conflicts[0].dropped_us), (2.0, 3.0));
+        let recs = &a.templates["t"].records;
+        assert_eq!(recs.len(), 3);
+        let r1 = recs.iter().find(|r| r.m == 1 && r.problem["N"] == 256).unwrap();
+        assert_eq!(r1.winner.params["THREADS"], 128);
+        assert_eq!(r1.runner_ups[0].params["THREADS"], 64, "the dropped winner becomes a runner-up");
+        assert_eq!(r1.timed, 18);
+        let r2 = recs.iter().find(|r| r.m == 2).unwrap();
+        assert_eq!(r2.winner.median_us, 3.0);
+    }
+
+    #[test]
+    fn gates_and_bad_files() {
+        let mut db = TuningDb::default();
+        assert!(db.mgt1_allowed(1, 256, 256));
+        assert!(!db.mgt1_allowed(4, 256, 256));
+        let g = GateRecord {
+            m: 4, n: 256, k: 256, passed: true, status: "pass".into(), reference: "dense".into(), deltas: None,
+            params: Params::new(), avg_us: 1.0, p50_us: 1.0, p95_us: 1.0, provenance: Provenance::default(),
+        };
+        db.record_gate(g.clone());
+        db.record_gate(GateRecord { passed: false, ..g });
+        assert_eq!(db.gates.len(), 1);
+        assert!(!db.mgt1_allowed(4, 256, 256), "the newer failing probe replaces the pass");
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("x.json"), "{ not json").unwrap();
+        assert!(matches!(TuningDb::load(dir.path()), Err(DbError::Parse { .. })));
+        std::fs::write(dir.path().join("x.json"), r#"{"schema_version": 99}"#).unwrap();
+        let e = TuningDb::load(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("schema version 99"), "{e}");
+    }
+}

@@ -1,0 +1,131 @@
+//! The kernel plan of a model: every kernel the CUDA engine launches for a checkpoint, a tuning
+//! DB and an arch — each fused ternary linear (W2A8) at every M the batcher can produce, with
+//! the DB rule that chose its config, plus the decode ops (norms, RoPE + KV append, attention,
+//! LM head). `serve` provisions exactly this list and `cache bless` freezes it.
+
+use mangrove_core::arch::Arch;
+use mangrove_core::gpu::ActMode;
+use mangrove_core::jit::KernelRequest;
+use mangrove_core::model_config::ModelConfig;
+use mangrove_core::step::{gemv_request, linear_shapes, op_kernels, op_request, Family, MAX_GEMV_M};
+use mangrove_core::template::{Catalog, Params};
+use mangrove_core::tuning_db::{LookupRule, TuningDb};
+
+/// One kernel of the plan.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedKernel {
+    pub family: Family,
+    pub m: i64,
+    pub request: KernelRequest,
+    pub rule: LookupRule,
+    /// Why no kernel exists for this shape (a template constraint it violates): the engine runs
+    /// its reference path for it, a counted fallback. Such kernels are neither compiled nor blessed.
+    pub unavailable: Option<String>,
+}
+
+impl PlannedKernel {
+    fn new(catalog: &Catalog, family: Family, m: i64, request: KernelRequest, rule: LookupRule) -> Self {
+        let unavailable = catalog.get(&request.template).and_then(|t| t.resolve(&request.params)).err().map(|e| e.to_string());
+        Self { family, m, request, rule, unavailable }
+    }
+
+    /// `family M=m (template params)`, for logs and errors.
+    pub fn label(&self) -> String {
+        format!("{} M={} ({} {})", self.family, self.m, self.request.template, mangrove_core::template::format_params(&self.request.params))
+    }
+}
+
+/// Every kernel serving `config` needs on `arch` with `db`, for batches of up to `max_batch`;
+/// `catalog` decides which shapes a template can take. GEMV runs M > 1 in chunks of at most
+/// [`MAX_GEMV_M`] rows, so M = 1..=min(max_batch, MAX_GEMV_M) are all hit, except where
+/// probe-mgt1 did not pass a shape (then rows run one by one at M = 1). The LM head and the MoE
+/// router take as many rows per launch, so they are planned at the same M.
+pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> Vec<PlannedKernel> {
+    let mut out = Vec::new();
+    let chunk_ms = 1..=max_batch.min(MAX_GEMV_M as i64);
+    let h = config.hidden as i64;
+    let w2a8 = |out: &mut Vec<PlannedKernel>, family: Family, m: i64, n: i64, k: i64| {
+        let (mut request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
+        // The engine keeps linear outputs in f32 (its residual stream's precision).
+        request.params.insert("OUT_F32".into(), 1);
+        out.push(PlannedKernel::new(catalog, family, m, request, rule));
+    };
+    // A dense bf16 GEMV over gathered rows (`lm_head` template) at every chunk size.
+    let gathered = |out: &mut Vec<PlannedKernel>, family: Family, n: i64| {
+        for m in chunk_ms.clone() {
+            let problem: Params = [("M", m), ("N", n), ("K", h)].into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+            let (request, rule) = op_request(db, "lm_head", &problem, m, arch);
+            out.push(PlannedKernel::new(catalog, family, m, request, rule));
+        }
+    };
+    for (family, n, k) in linear_shapes(config) {
+        for m in chunk_ms.clone().filter(|&m| db.mgt1_allowed(m, n, k)) {
+            w2a8(&mut out, family, m, n, k);
+        }
+    }
+    if let Some(moe) = config.moe {
+        // Each (token, expert) pair runs its expert's gate|up and down as an M=1 GEMV.
+        let i = moe.inter as i64;
+        w2a8(&mut out, Family::MoeGateUp, 1, 2 * i, h);
+        w2a8(&mut out, Family::MoeDown, 1, h, i);
+        gathered(&mut out, Family::MoeRouter, moe.experts as i64);
+    }
+    for (family, template, problem) in op_kernels(config) {
+        let (request, rule) = op_request(db, template, &problem, 1, arch);
+        out.push(PlannedKernel::new(catalog, family, 1, request, rule));
+    }
+    gathered(&mut out, Family::LmHead, config.vocab as i64);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bitnet_2b() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"hidden_size": 2560, "intermediate_size": 6912, "num_attention_heads": 20, "num_key_value_heads": 5,
+                "vocab_size": 128256, "max_position_embeddings": 4096, "hidden_act": "relu2",
+                "num_hidden_layers": 30, "rms_norm_eps": 1e-5}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn bitnet_shapes_and_plan_size() {
+        let c = bitnet_2b();
+        let shapes: Vec<(i64, i64)> = linear_shapes(&c).iter().map(|(_, n, k)| (*n, *k)).collect();
+        assert_eq!(shapes, vec![(3840, 2560), (2560, 2560), (13824, 2560), (2560, 6912)]);
+        let db = TuningDb::default();
+        // Without probe results only M = 1 may run: one kernel per linear, W2A8.
+        let p = plan(&Catalog::embedded(), &c, &db, Arch::SM90, 16);
+        let linear: Vec<_> = p.iter().filter(|k| k.request.template == "ternary_gemv_w2a8").collect();
+        assert_eq!(linear.len(), 4);
+        assert!(linear.iter().all(|k| k.m == 1 && k.rule == LookupRule::Default));
+        // Five decode ops at template defaults (not fallbacks), and the LM head for M = 1..8.
+        let ops: Vec<_> = p.iter().filter(|k| k.rule == LookupRule::Fixed).map(|k| k.family.as_str()).collect();
+        assert_eq!(&ops[..5], ["rmsnorm", "attn_sub_norm", "rope", "attention", "mlp_sub_norm"]);
+        assert_eq!(ops.iter().filter(|f| **f == "lm_head").count(), 8);
+        assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
+        let rope = p.iter().find(|k| k.family == Family::Rope).unwrap();
+        assert_eq!((rope.request.params["MAX_POS"], rope.request.params["HD"]), (4096, 128));
+    }
+
+    #[test]
+    fn moe_plan_has_expert_router_and_combine_kernels() {
+        let c = ModelConfig::from_json(
+            r#"{"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_experts": 64,
+                "num_experts_per_tok": 8, "moe_intermediate_size": 1408, "vocab_size": 1000,
+                "num_hidden_layers": 2, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5}"#,
+        )
+        .unwrap();
+        let p = plan(&Catalog::embedded(), &c, &TuningDb::default(), Arch::SM90, 4);
+        let fam = |f: &str| p.iter().filter(|k| k.family.as_str() == f).map(|k| k.m).collect::<Vec<_>>();
+        assert_eq!(fam("moe_router"), vec![1, 2, 3, 4]);
+        assert_eq!((fam("moe_gate_up"), fam("moe_down"), fam("moe_glu"), fam("moe_combine")), (vec![1], vec![1], vec![1], vec![1]));
+        let gu = p.iter().find(|k| k.family == Family::MoeGateUp).unwrap();
+        assert_eq!((gu.request.params["N"], gu.request.params["K"], gu.request.params["OUT_F32"]), (2816, 2048, 1));
+        assert!(p.iter().all(|k| k.family != Family::MlpGateUp && k.family != Family::MlpSubNorm), "MoE layers have no dense MLP");
+        assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
+    }
+}

@@ -1,0 +1,191 @@
+//! The JIT compile service (`mangrove jitd`): the one process that owns the sled cache serves
+//! kernels over HTTP to every engine process on the node. Concurrent requests for the same key
+//! compile once (single flight). NVRTC and sled run on the blocking pool, never on the runtime.
+//!
+//! Routes: `POST /v1/kernels` (body: a JSON [`KernelRequest`]) and `GET /v1/kernels/{key}`
+//! answer a bincode [`CacheEntry`] (`application/octet-stream`; headers `x-mangrove-key`,
+//! `x-mangrove-outcome`); `GET /v1/tuning/{template}?m=..&N=..&K=..` answers the DB's choice;
+//! `GET /health` and `GET /metrics`.
+
+pub mod client;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio::sync::OnceCell;
+
+use mangrove_core::cache::{CacheEntry, Lookup};
+use mangrove_core::jit::{Jit, JitError, KernelRequest, Outcome};
+use mangrove_core::key::KernelKey;
+use mangrove_core::template::Params;
+use mangrove_core::tuning_db::TuningDb;
+
+use crate::http::ApiError;
+
+/// One in-flight compile that every request for the same key awaits.
+type Flight = Arc<OnceCell<Result<Arc<Served>, String>>>;
+
+/// Shared state of the service.
+pub struct ServiceState {
+    pub jit: Jit,
+    pub db: TuningDb,
+    inflight: Mutex<HashMap<KernelKey, Flight>>,
+    /// Kernels compiled (misses) since start.
+    pub compiles: AtomicU64,
+    pub requests: AtomicU64,
+}
+
+/// One served kernel, encoded once for every waiter.
+pub struct Served {
+    pub key: KernelKey,
+    pub outcome: Outcome,
+    pub body: Vec<u8>,
+}
+
+impl ServiceState {
+    pub fn new(jit: Jit, db: TuningDb) -> Arc<Self> {
+        Arc::new(Self { jit, db, inflight: Mutex::new(HashMap::new()), compiles: AtomicU64::new(0), requests: AtomicU64::new(0) })
+    }
+}
+
+impl From<JitError> for ApiError {
+    fn from(e: JitError) -> Self {
+        match e {
+            JitError::Template(t) => ApiError::new(StatusCode::BAD_REQUEST, t.to_string()),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+/// Encodes an entry for the wire (the client re-checks the cubin hash after decoding).
+pub fn encode_entry(e: &CacheEntry) -> Vec<u8> {
+    bincode::serde::encode_to_vec(e, bincode::config::standard()).expect("cache entries encode")
+}
+
+/// Decodes a wire entry.
+pub fn decode_entry(bytes: &[u8]) -> Result<CacheEntry, String> {
+    bincode::serde::decode_from_slice::<CacheEntry, _>(bytes, bincode::config::standard()).map(|(e, _)| e).map_err(|e| e.to_string())
+}
+
+/// The service's routes.
+pub fn app(state: Arc<ServiceState>) -> Router {
+    Router::new()
+        .route("/v1/kernels", post(compile))
+        .route("/v1/kernels/{key}", get(by_key))
+        .route("/v1/tuning/{template}", get(tuning))
+        .route("/health", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn kernel_response(s: &Served) -> Response {
+    let outcome = match &s.outcome {
+        Outcome::Hit => "hit".to_string(),
+        Outcome::Compiled(r) => format!("compiled ({r})"),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::HeaderName::from_static("x-mangrove-key"), s.key.to_hex()),
+            (header::HeaderName::from_static("x-mangrove-outcome"), outcome),
+        ],
+        s.body.clone(),
+    )
+        .into_response()
+}
+
+async fn compile(State(st): State<Arc<ServiceState>>, body: axum::body::Bytes) -> Result<Response, ApiError> {
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    let req: KernelRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("bad request body: {e}")))?;
+    let key = {
+        let st = st.clone();
+        let r = req.clone();
+        tokio::task::spawn_blocking(move || st.jit.key_of(&r).map(|(_, i)| i.key()))
+            .await
+            .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
+    };
+    let cell = st.inflight.lock().expect("inflight lock").entry(key).or_default().clone();
+    let served = cell
+        .get_or_init(|| {
+            let st = st.clone();
+            async move {
+                let r = tokio::task::spawn_blocking(move || {
+                    let f = st.jit.get(&req).map_err(|e| e.to_string())?;
+                    if matches!(f.outcome, Outcome::Compiled(_)) {
+                        st.compiles.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Arc::new(Served { key: f.key, outcome: f.outcome, body: encode_entry(&f.entry) }))
+                })
+                .await;
+                r.unwrap_or_else(|e| Err(e.to_string()))
+            }
+        })
+        .await
+        .clone();
+    st.inflight.lock().expect("inflight lock").remove(&key);
+    match served {
+        Ok(s) => Ok(kernel_response(&s)),
+        Err(msg) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, msg)),
+    }
+}
+
+async fn by_key(State(st): State<Arc<ServiceState>>, Path(key): Path<String>) -> Result<Response, ApiError> {
+    st.requests.fetch_add(1, Ordering::Relaxed);
+    let key = KernelKey::from_hex(&key).ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("'{key}' is not a 64-digit hex key")))?;
+    let st2 = st.clone();
+    let found = tokio::task::spawn_blocking(move || st2.jit.cache.get(&key))
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    match found {
+        Lookup::Hit(e) => Ok(kernel_response(&Served { key, outcome: Outcome::Hit, body: encode_entry(&e) })),
+        Lookup::Miss(r) => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no kernel {key} in the cache ({r})"))),
+    }
+}
+
+async fn tuning(
+    State(st): State<Arc<ServiceState>>,
+    Path(template): Path<String>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Result<Response, ApiError> {
+    let mut problem = Params::new();
+    let mut m = 1;
+    for (k, v) in q {
+        let v: i64 = v.parse().map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("{k}={v} is not an integer")))?;
+        if k == "m" || k == "M" {
+            m = v;
+        } else {
+            problem.insert(k, v);
+        }
+    }
+    Ok(Json(st.db.lookup(&template, &problem, m)).into_response())
+}
+
+async fn metrics(State(st): State<Arc<ServiceState>>) -> String {
+    format!(
+        "# TYPE mangrove_jitd_requests_total counter\nmangrove_jitd_requests_total {}\n\
+         # TYPE mangrove_jitd_compiles_total counter\nmangrove_jitd_compiles_total {}\n",
+        st.requests.load(Ordering::Relaxed),
+        st.compiles.load(Ordering::Relaxed)
+    )
+}
+
+/// Serves `state` on `listen` until SIGINT or SIGTERM (`mangrove jitd`).
+pub fn run(listen: &str, state: Arc<ServiceState>, cache_dir: &std::path::Path) -> std::io::Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let shutdown = crate::http::shutdown_signal()?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| std::io::Error::new(e.kind(), format!("binding {listen}: {e}")))?;
+        eprintln!("jitd listening on http://{} (cache {})", listener.local_addr()?, cache_dir.display());
+        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    })
+}

@@ -1,0 +1,165 @@
+//! The kernels of one decode step, loaded from the provisioned plan entries (family, M):
+//! fused ternary linears per row-chunk size, the row-wise ops, and the LM head per sequence
+//! count. A linear over R rows runs as launches of the largest provisioned M that fits, so an
+//! M the plan left out (probe-mgt1 did not pass it) is never launched.
+
+use mangrove_core::cache::CacheEntry;
+use mangrove_core::step::{Family, MAX_GEMV_M};
+use mangrove_deploy::provision::KernelEntries;
+use mangrove_core::gpu::{Attention, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
+
+/// Errors of assembling the step's kernels.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelSetError {
+    #[error("the kernel plan has no {family} kernel at M=1; provision the plan of this model first")]
+    Missing { family: Family },
+    #[error("loading {family} M={m}: {source}")]
+    Load { family: Family, m: i64, source: GpuError },
+}
+
+/// One loaded kernel per provisioned M (index M-1); M=1 is always there.
+pub struct ByM<T> {
+    by_m: Vec<Option<T>>,
+}
+
+impl<T> ByM<T> {
+    /// The kernel of the largest provisioned M that is at most `left`.
+    fn fit(&mut self, left: usize) -> &mut T {
+        self.by_m.iter_mut().take(left).rev().find_map(|g| g.as_mut()).expect("M=1 is always loaded (checked in StepKernels::load)")
+    }
+}
+
+/// A linear family: W2A8 GEMVs by M.
+pub type Linear = ByM<TernaryGemv>;
+
+/// A dense GEMV over gathered rows (`lm_head` template) by M.
+pub type Gathered = ByM<LmHead>;
+
+impl Linear {
+    /// Launches W2A8 on rows `0..rows` of `q` / `x_scale` into `y`, in launches of the largest
+    /// provisioned M that fits.
+    pub fn launch(
+        &mut self,
+        gpu: &Gpu,
+        w: &DeviceBuffer<u8>,
+        rows: usize,
+        q: &DeviceBuffer<i8>,
+        x_scale: &DeviceBuffer<f32>,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<(), GpuError> {
+        let mut row0 = 0;
+        while row0 < rows {
+            let g = self.fit(rows - row0);
+            g.launch_w2a8_rows(gpu, w, q, x_scale, (row0, row0), y, 1.0)?;
+            row0 += g.m;
+        }
+        Ok(())
+    }
+}
+
+impl Gathered {
+    /// `y[i] = W x[rows[i]]` for the first `count` indices of `rows`, in launches of the largest
+    /// provisioned M that fits; y is [count, N].
+    pub fn launch(
+        &mut self,
+        gpu: &Gpu,
+        w: &DeviceBuffer<u16>,
+        x: &DeviceBuffer<f32>,
+        rows: &DeviceBuffer<i32>,
+        count: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<(), GpuError> {
+        let mut b0 = 0;
+        while b0 < count {
+            let g = self.fit(count - b0);
+            let (m, n) = (g.m, g.n);
+            g.launch(gpu, w, x, rows.slice(b0..b0 + m), y.slice_mut(b0 * n..(b0 + m) * n))?;
+            b0 += m;
+        }
+        Ok(())
+    }
+}
+
+/// The dense MLP's kernels.
+pub struct DenseMlp {
+    pub gate_up: Linear,
+    pub down: Linear,
+    pub sub_norm: RmsNormQuant,
+}
+
+/// The MoE block's kernels: router, each pair's expert GEMVs (M=1), GLU quantization, combine.
+pub struct MoeKernels {
+    pub router: Gathered,
+    pub gate_up: TernaryGemv,
+    pub down: TernaryGemv,
+    pub glu: RmsNormQuant,
+    pub combine: MoeCombine,
+}
+
+/// Every kernel of a step.
+pub struct StepKernels {
+    pub qkv: Linear,
+    pub o: Linear,
+    pub norm: RmsNormQuant,
+    pub attn_sub_norm: RmsNormQuant,
+    pub rope: RopeKv,
+    pub attention: Attention,
+    /// Dense models.
+    pub mlp: Option<DenseMlp>,
+    /// MoE models.
+    pub moe: Option<MoeKernels>,
+    pub lm_head: Gathered,
+}
+
+impl StepKernels {
+    /// Loads the plan's entries onto `gpu`.
+    pub fn load(gpu: &Gpu, entries: &KernelEntries) -> Result<Self, KernelSetError> {
+        let one = |family: Family| -> Result<&CacheEntry, KernelSetError> {
+            entries.get(&(family, 1)).ok_or(KernelSetError::Missing { family })
+        };
+        let load_err = |family: Family, m: i64| move |source| KernelSetError::Load { family, m, source };
+        fn by_m<T>(entries: &KernelEntries, family: Family, load: impl Fn(&CacheEntry) -> Result<T, GpuError>) -> Result<ByM<T>, KernelSetError> {
+            if !entries.contains_key(&(family, 1)) {
+                return Err(KernelSetError::Missing { family });
+            }
+            let by_m = (1..=MAX_GEMV_M as i64)
+                .map(|m| entries.get(&(family, m)).map(|e| load(e).map_err(|source| KernelSetError::Load { family, m, source })).transpose())
+                .collect::<Result<_, _>>()?;
+            Ok(ByM { by_m })
+        }
+        let linear = |family| by_m(entries, family, |e| TernaryGemv::new(gpu, e));
+        let gathered = |family| by_m(entries, family, |e| LmHead::new(gpu, e));
+        let norm = |family| RmsNormQuant::new(gpu, one(family)?).map_err(load_err(family, 1));
+        let gemv = |family| TernaryGemv::new(gpu, one(family)?).map_err(load_err(family, 1));
+        let is_moe = entries.contains_key(&(Family::MoeGateUp, 1));
+        Ok(Self {
+            qkv: linear(Family::AttnQkv)?,
+            o: linear(Family::AttnO)?,
+            norm: norm(Family::Rmsnorm)?,
+            attn_sub_norm: norm(Family::AttnSubNorm)?,
+            rope: RopeKv::new(gpu, one(Family::Rope)?).map_err(load_err(Family::Rope, 1))?,
+            attention: Attention::new(gpu, one(Family::Attention)?).map_err(load_err(Family::Attention, 1))?,
+            mlp: (!is_moe)
+                .then(|| {
+                    Ok::<_, KernelSetError>(DenseMlp {
+                        gate_up: linear(Family::MlpGateUp)?,
+                        down: linear(Family::MlpDown)?,
+                        sub_norm: norm(Family::MlpSubNorm)?,
+                    })
+                })
+                .transpose()?,
+            moe: is_moe
+                .then(|| {
+                    Ok::<_, KernelSetError>(MoeKernels {
+                        router: gathered(Family::MoeRouter)?,
+                        gate_up: gemv(Family::MoeGateUp)?,
+                        down: gemv(Family::MoeDown)?,
+                        glu: norm(Family::MoeGlu)?,
+                        combine: MoeCombine::new(gpu, one(Family::MoeCombine)?).map_err(load_err(Family::MoeCombine, 1))?,
+                    })
+                })
+                .transpose()?,
+            lm_head: gathered(Family::LmHead)?,
+        })
+    }
+}

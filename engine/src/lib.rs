@@ -1,0 +1,119 @@
+//! mangrove-engine: the decode engine, the last stages of the pipeline. A Hugging Face BitNet
+//! checkpoint ([`model`], [`tokenizer`]; its `config.json` through
+//! [`mangrove_core::model_config`]) runs on a [`Backend`] ([`backend`] is the contract, [`cpu`]
+//! the reference and embedded default, [`cuda`] the tuned kernels of a provisioned plan);
+//! [`sampling`] picks tokens; [`batcher`] runs continuous batching on a background task;
+//! [`server`] exposes it over an OpenAI-compatible HTTP API; [`metrics`] counts requests, tokens
+//! and which kernel path each layer family ran; [`slots`] hands out KV-cache slots; [`start`]
+//! opens an engine with its kernels provisioned and runs the server; [`startup`] times how long
+//! `mangrove serve` takes to be ready.
+//! [`genmodel`] writes random checkpoints in the same format; [`bench`] times decode steps.
+//! The format is documented in `engine/README.md`.
+
+pub mod backend;
+pub mod batcher;
+pub mod bench;
+pub mod cpu;
+pub mod cuda;
+pub mod genmodel;
+pub mod metrics;
+pub mod model;
+pub mod sampling;
+pub mod server;
+pub mod slots;
+pub mod start;
+pub mod startup;
+pub mod tokenizer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use mangrove_core::model_config::ModelConfig;
+use mangrove_deploy::provision::KernelEntries;
+
+pub use backend::{Backend, StepReport};
+use cpu::CpuBackend;
+use model::{LoadError, Model};
+use tokenizer::{Tokenizer, TokenizerError};
+
+/// Errors of opening an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("backend '{0}' is not known (available: cpu, cuda)")]
+    UnknownBackend(String),
+    #[error("the cuda backend needs its kernels provisioned first (Engine::open_cuda; `mangrove serve --backend cuda` does it)")]
+    CudaNeedsKernels,
+    #[error("cuda backend")]
+    Cuda(#[from] cuda::CudaBackendError),
+}
+
+/// A model ready to serve: backend, tokenizer and identity.
+pub struct Engine {
+    /// Model name served in `/v1/models` and checked against requests' `model`.
+    pub name: String,
+    /// Where the forward runs.
+    pub backend: Arc<dyn Backend>,
+    /// The checkpoint's tokenizer.
+    pub tokenizer: Tokenizer,
+    /// Tokens that end a sequence: `config.json`'s `eos_token_id` plus the tokenizer's
+    /// end-of-text / end-of-turn tokens.
+    pub eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine").field("name", &self.name).field("backend", &self.backend.name()).field("eos", &self.eos).finish()
+    }
+}
+
+impl Engine {
+    /// Loads the checkpoint in `dir` onto the CPU backend (`backend` must be `"cpu"`; the CUDA
+    /// backend needs its kernels: [`Engine::open_cuda`]).
+    pub fn open(dir: &Path, backend: &str, name: Option<String>) -> Result<Self, EngineError> {
+        match backend {
+            "cpu" => Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model))))),
+            "cuda" => Err(EngineError::CudaNeedsKernels),
+            other => Err(EngineError::UnknownBackend(other.into())),
+        }
+    }
+
+    /// Loads the checkpoint in `dir` onto GPU 0 with the provisioned plan kernels `entries`
+    /// ((family, M) → cubin, see `mangrove_deploy::plan`) and KV-cache slots for `max_seqs` sequences.
+    pub fn open_cuda(
+        dir: &Path,
+        name: Option<String>,
+        entries: &KernelEntries,
+        max_seqs: usize,
+    ) -> Result<Self, EngineError> {
+        Self::load(dir, name, |model| {
+            let gpu = mangrove_core::gpu::Gpu::open(0).map_err(cuda::CudaBackendError::from)?;
+            let context = mangrove_core::step::cuda_context(&model.config);
+            Ok(Arc::new(cuda::CudaBackend::new(gpu, &model, entries, max_seqs, context)?))
+        })
+    }
+
+    fn load(
+        dir: &Path,
+        name: Option<String>,
+        backend: impl FnOnce(Model) -> Result<Arc<dyn Backend>, EngineError>,
+    ) -> Result<Self, EngineError> {
+        let model = Model::load(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let mut eos = model.config.eos_token_ids.clone();
+        eos.extend(tokenizer.end_ids().into_iter().filter(|t| !model.config.eos_token_ids.contains(t)));
+        let name = name.unwrap_or_else(|| {
+            let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+            canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+        });
+        Ok(Engine { name, backend: backend(model)?, tokenizer, eos })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+}

@@ -1,0 +1,88 @@
+//! The HTTP server (tokio + axum): an OpenAI-compatible API over the engine's batcher.
+//! [`app`] builds the router from an [`AppState`] (testable without a socket); the areas are
+//! [`completions`] (`/v1/completions`, `/v1/chat/completions`, SSE streaming) and [`ops`]
+//! (`/v1/models`, `/health`, `/metrics`); every failure is a `mangrove_deploy::http::ApiError`.
+
+pub mod completions;
+pub mod ops;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::Router;
+
+use crate::batcher::{self, BatcherConfig, BatcherHandle};
+use crate::metrics::Metrics;
+use crate::Engine;
+use mangrove_deploy::http::ApiError;
+use mangrove_deploy::provision::KernelReport;
+
+/// Shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    batcher: BatcherHandle,
+    metrics: Arc<Metrics>,
+    tuning_db: Option<PathBuf>,
+    /// The kernel provisioning report of this start (source, counts, fallbacks), for /health.
+    kernels: std::sync::OnceLock<KernelReport>,
+    next_id: AtomicU64,
+}
+
+impl AppState {
+    /// Starts the engine task for `engine` on the current runtime, default batcher settings.
+    pub fn new(engine: Engine, metrics: Arc<Metrics>, tuning_db: Option<PathBuf>) -> Self {
+        Self::with_config(engine, metrics, tuning_db, BatcherConfig::default())
+    }
+
+    /// Starts the engine task for `engine` on the current runtime.
+    pub fn with_config(engine: Engine, metrics: Arc<Metrics>, tuning_db: Option<PathBuf>, cfg: BatcherConfig) -> Self {
+        let engine = Arc::new(engine);
+        let (batcher, _task) = batcher::spawn_with(engine.clone(), metrics.clone(), cfg);
+        AppState {
+            inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, kernels: Default::default(), next_id: AtomicU64::new(0) }),
+        }
+    }
+
+    /// Records how this start obtained its kernels (shown in /health); set once.
+    pub fn set_kernels(&self, report: KernelReport) {
+        let _ = self.inner.kernels.set(report);
+    }
+
+    /// The served engine.
+    pub fn engine(&self) -> &Engine {
+        &self.inner.engine
+    }
+
+    /// The serving counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    fn next_id(&self, prefix: &str) -> String {
+        format!("{prefix}-{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The whole API.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .merge(completions::routes())
+        .merge(ops::routes())
+        .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
+        .with_state(state)
+}
+
+/// Serves `state` on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+}

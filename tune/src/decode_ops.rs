@@ -1,0 +1,47 @@
+//! `mangrove-tune decode-ops`: the decode step's row-wise ops of one model — its RMSNorms
+//! (residual add or gated activation, norm, int8 quantization) and attention — tuned at one
+//! token row on exactly the problems the kernel plan asks for, so `serve` picks the winners.
+//! RoPE + KV append, the LM head and the MoE combine keep their defaults (no standalone check).
+
+use std::collections::BTreeSet;
+
+use indicatif::ProgressBar;
+
+use super::context::TuneContext;
+use super::sweep::{SweepOutcome, TuneError};
+use super::workload::{AttentionWorkload, NormWorkload, Workload};
+use mangrove_core::model_config::ModelConfig;
+use mangrove_core::step::op_kernels;
+use mangrove_core::template::{format_params, Params};
+use mangrove_core::validate::decode_ops::{AttnShape, NormShape};
+
+/// Templates of the decode ops this command tunes.
+pub const TUNED_OPS: &[&str] = &["rmsnorm_quant", "attention_decode"];
+
+/// One tuned op: template, problem, outcome.
+pub type OpOutcome = (String, Params, SweepOutcome);
+
+/// Tunes every distinct (template, problem) of `config`'s decode ops in [`TUNED_OPS`].
+pub fn tune_decode_ops(ctx: &TuneContext, config: &ModelConfig, progress: &ProgressBar) -> Result<Vec<OpOutcome>, TuneError> {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for (family, template, problem) in op_kernels(config) {
+        if !TUNED_OPS.contains(&template) || !seen.insert((template, problem.clone())) {
+            continue;
+        }
+        ctx.jit.catalog.get(template)?.resolve(&problem)?; // a bad shape fails before any work
+        progress.set_message(format!("{family}: {template} {}", format_params(&problem)));
+        let bad = || TuneError::Input(format!("{template}: problem {} lacks a parameter", format_params(&problem)));
+        let mut work: Option<Box<dyn Workload>> = match &ctx.gpu {
+            Some(g) if ctx.timing() => Some(match template {
+                "rmsnorm_quant" => Box::new(NormWorkload::new(g, NormShape::from_params(&problem).ok_or_else(bad)?, 44)?),
+                "attention_decode" => Box::new(AttentionWorkload::new(g, AttnShape::from_params(&problem).ok_or_else(bad)?, 45)?),
+                other => return Err(TuneError::Input(format!("{other} is in TUNED_OPS but has no workload"))),
+            }),
+            _ => None,
+        };
+        let o = ctx.sweep(template, &problem, work.as_mut().map(|w| w.as_mut() as &mut dyn Workload), progress)?;
+        out.push((template.to_string(), problem, o));
+    }
+    Ok(out)
+}

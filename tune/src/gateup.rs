@@ -1,0 +1,61 @@
+//! `mangrove-tune gateup`: the MoE gate_up stage (ternary experts, SiLU(gate)·up fused) over
+//! token-count buckets, for one MoE shape.
+
+use indicatif::ProgressBar;
+
+use super::context::TuneContext;
+use super::sweep::{SweepOutcome, TuneError};
+use super::workload::{GateupWorkload, Workload};
+use mangrove_core::arch::Arch;
+use mangrove_core::jit::KernelRequest;
+use mangrove_core::reference::moe::MoeShape;
+use mangrove_core::template::Params;
+use mangrove_core::tuning_db::{LookupRule, TuningDb};
+
+/// The default ternary MoE shape (Qwen-MoE-like): experts, top-k, hidden, expert intermediate.
+pub const DEFAULT_MOE: (i64, i64, i64, i64) = (64, 8, 2048, 1408);
+
+/// M buckets the gate_up stage is tuned for by default.
+pub const GATEUP_BUCKETS: &[i64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+/// Tunes every M for one (E, TOPK, H, I); returns one outcome per M, in order.
+pub fn tune_gateup(
+    ctx: &TuneContext,
+    (e, topk, h, i): (i64, i64, i64, i64),
+    ms: &[i64],
+    progress: &ProgressBar,
+) -> Result<Vec<(Params, SweepOutcome)>, TuneError> {
+    if topk > e {
+        return Err(TuneError::Input(format!("--topk {topk} exceeds --experts {e}")));
+    }
+    let mut out = Vec::new();
+    for &m in ms {
+        let mut problem = gateup_problem((e, topk, h, i));
+        problem.insert("M".into(), m);
+        ctx.jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any work
+        progress.set_message(format!("gateup M={m}"));
+        let shape = MoeShape { tokens: m as usize, hidden: h as usize, inter: i as usize, experts: e as usize, topk: topk as usize };
+        let mut work = match &ctx.gpu {
+            Some(g) if ctx.timing() => Some(GateupWorkload::new(g, shape, 43)?),
+            _ => None,
+        };
+        let o = ctx.sweep("moe_gateup", &problem, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
+        out.push((problem, o));
+    }
+    Ok(out)
+}
+
+/// The `moe_gateup` problem parameters (without M) of one (E, TOPK, H, I).
+pub fn gateup_problem((e, topk, h, i): (i64, i64, i64, i64)) -> Params {
+    [("E", e), ("TOPK", topk), ("H", h), ("I", i)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+}
+
+/// Chooses the tuned `moe_gateup` config for `m` tokens of `problem` from the DB (nearest
+/// bucket), or the template default.
+pub fn gateup_request(db: &TuningDb, arch: Arch, m: i64, problem: &Params) -> (KernelRequest, LookupRule) {
+    let choice = db.lookup("moe_gateup", problem, m);
+    let mut params = choice.params;
+    params.extend(problem.clone());
+    params.insert("M".into(), m);
+    (KernelRequest { template: "moe_gateup".into(), params, arch }, choice.rule)
+}

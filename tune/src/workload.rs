@@ -1,0 +1,232 @@
+//! What the tuner runs a candidate on: a [`Workload`] checks an entry against the CPU
+//! reference and times it over rotating inputs that together exceed L2, so HBM is measured.
+
+use mangrove_core::cache::CacheEntry;
+use mangrove_core::check::Deltas;
+use mangrove_core::gpu::{Attention, DeviceBuffer, ExpertWeights, Gpu, GpuError, KvArena, RmsNormQuant, RowMeta, TernaryGemv, TimingPlan, TimingStats};
+use mangrove_core::gpu::MoeGateUp;
+use mangrove_core::reference::moe::MoeShape;
+use mangrove_core::validate::decode_ops::{AttentionCase, AttnShape, NormCase, NormShape};
+use mangrove_core::validate::{MoeCase, TernaryCase};
+
+/// A problem instance the tuner can check and time kernels on.
+pub trait Workload {
+    /// Correctness of `entry` on the workload's random inputs (drawn fresh for each
+    /// workload, never zeros) against the f64 reference, output poisoned first.
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError>;
+    /// Per-launch timing of `entry`, inputs rotated across launches.
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError>;
+    /// Fewest bytes one launch must move through HBM (for GB/s).
+    fn min_bytes(&self) -> usize;
+}
+
+/// How many copies of a `bytes`-sized input make a rotation that exceeds twice the L2.
+pub fn rotation_count(bytes: usize, l2_bytes: usize) -> usize {
+    (2 * l2_bytes).div_ceil(bytes.max(1)).clamp(1, 4096)
+}
+
+/// The decode GEMV: one (M, N, K) with its checked case and a ring of weight copies.
+pub struct GemvWorkload {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    case: TernaryCase,
+    weights: Vec<DeviceBuffer<u8>>,
+    y: DeviceBuffer<u16>,
+}
+
+impl GemvWorkload {
+    /// Allocates the rotation ring (random ternary weights, never zeros) for (m, n, k).
+    pub fn new(gpu: &Gpu, m: usize, n: usize, k: usize, seed: u64) -> Result<Self, GpuError> {
+        let case = TernaryCase::new(gpu, m, n, k, seed)?;
+        let packed = &case.problem.packed;
+        let copies = rotation_count(packed.len(), gpu.info().l2_bytes as usize);
+        let weights = (0..copies).map(|_| gpu.upload(packed)).collect::<Result<_, _>>()?;
+        Ok(Self { m, n, k, weights, y: gpu.zeros(m * n)?, case })
+    }
+
+    /// Number of weight copies in the ring.
+    pub fn copies(&self) -> usize {
+        self.weights.len()
+    }
+}
+
+impl Workload for GemvWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &mut TernaryGemv::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let mut op = TernaryGemv::new(gpu, entry)?;
+        let (weights, y, scale) = (&self.weights, &mut self.y, self.case.problem.scale);
+        let case = &self.case;
+        let copies = weights.len();
+        gpu.time_launches(plan, |i| op.launch(gpu, &weights[i % copies], case.activations(op.mode), y, scale))
+    }
+
+    fn min_bytes(&self) -> usize {
+        // bf16 activations; a W2A8 kernel moves slightly less, so its GB/s is a lower bound.
+        self.n / 4 * self.k + 2 * self.m * self.k + 2 * self.m * self.n
+    }
+}
+
+/// The MoE gate_up stage: one (M, E, TOPK, H, I) with its checked case and a ring of expert
+/// weight copies (the routing is fixed per workload, as in one decode step).
+pub struct GateupWorkload {
+    case: MoeCase,
+    ring: Vec<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
+    act: DeviceBuffer<u16>,
+    bytes: usize,
+}
+
+impl GateupWorkload {
+    pub fn new(gpu: &Gpu, shape: MoeShape, seed: u64) -> Result<Self, GpuError> {
+        let case = MoeCase::new(gpu, shape, seed)?;
+        let p = &case.problem;
+        let copies = rotation_count(p.w_gate.len() + p.w_up.len(), gpu.info().l2_bytes as usize);
+        let ring = (0..copies.saturating_sub(1))
+            .map(|_| Ok((gpu.upload(&p.w_gate)?, gpu.upload(&p.w_up)?)))
+            .collect::<Result<_, GpuError>>()?;
+        let used = case.experts_used();
+        let bytes = 2 * used * shape.inter / 4 * shape.hidden + 2 * shape.tokens * shape.hidden + 2 * shape.pairs() * shape.inter;
+        Ok(Self { act: gpu.zeros(shape.pairs() * shape.inter)?, case, ring, bytes })
+    }
+}
+
+impl Workload for GateupWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &mut MoeGateUp::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let mut op = MoeGateUp::new(gpu, entry)?;
+        self.case.routing(gpu, op.block_m)?;
+        let case = &self.case;
+        let routing = case.routing_for(op.block_m).expect("built just above");
+        let (ring, act) = (&self.ring, &mut self.act);
+        let n = ring.len() + 1;
+        gpu.time_launches(plan, |i| {
+            let (wg, wu) = match i % n {
+                0 => (&case.w_gate, &case.w_up),
+                j => (&ring[j - 1].0, &ring[j - 1].1),
+            };
+            let w = ExpertWeights { w_gate: wg, w_up: wu, s_gate: &case.s_gate, s_up: &case.s_up };
+            op.launch(gpu, &case.x, w, routing, act)
+        })
+    }
+
+    fn min_bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// A decode-step `rmsnorm_quant`: checked on 3 random rows, timed on one row (batch-1
+/// decode) with its inputs hot in L2, as the previous kernel of the step leaves them.
+pub struct NormWorkload {
+    case: NormCase,
+}
+
+impl NormWorkload {
+    pub fn new(gpu: &Gpu, shape: NormShape, seed: u64) -> Result<Self, GpuError> {
+        Ok(Self { case: NormCase::new(gpu, shape, 3, seed)? })
+    }
+}
+
+impl Workload for NormWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &RmsNormQuant::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let op = RmsNormQuant::new(gpu, entry)?;
+        let case = &mut self.case;
+        gpu.time_launches(plan, |_| case.launch_quant(gpu, &op, 1))
+    }
+
+    fn min_bytes(&self) -> usize {
+        // f32 row(s) in (x and delta, or gate and up), x back (residual add), int8 row out.
+        let h = self.case.shape.h;
+        if self.case.shape.glu { 8 * h + h } else { 12 * h + h }
+    }
+}
+
+/// Contexts (positions attended) of the attention workload's timing mix, at most MAX_POS.
+pub const ATTENTION_CONTEXTS: &[usize] = &[64, 256, 1024, 3072];
+
+/// Layers of the attention workload's KV arena: launches rotate over layers × contexts, so the
+/// keys and values read exceed the L2 as a whole decode step's do.
+const ATTENTION_LAYERS: usize = 8;
+
+/// A decode-step `attention_decode`: checked on [`AttentionCase`]'s three sequences, timed on
+/// one query row per launch over a mix of contexts ([`ATTENTION_CONTEXTS`]: the mean time of
+/// the mix) with the KV cache rotated over layers.
+pub struct AttentionWorkload {
+    case: AttentionCase,
+    shape: AttnShape,
+    arena: KvArena,
+    /// Per context: the row's position and slot.
+    metas: Vec<(DeviceBuffer<i32>, DeviceBuffer<i32>)>,
+    out: DeviceBuffer<f32>,
+}
+
+impl AttentionWorkload {
+    pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
+        let contexts = Self::contexts(shape);
+        let mut arena = KvArena::new(gpu, contexts.len(), ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
+        // Any finite values time the same; a cheap pattern in [-1, 1) fills the arena.
+        let fill: Vec<f32> = (0..arena.data.len()).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 2048) as f32 / 1024.0 - 1.0).collect();
+        gpu.write(&fill, &mut arena.data)?;
+        let metas = contexts
+            .iter()
+            .enumerate()
+            .map(|(slot, &n)| Ok((gpu.upload(&[n as i32 - 1])?, gpu.upload(&[slot as i32])?)))
+            .collect::<Result<_, GpuError>>()?;
+        Ok(Self { case: AttentionCase::new(gpu, shape, seed)?, shape, arena, metas, out: gpu.zeros(shape.q_dim())? })
+    }
+
+    fn contexts(shape: AttnShape) -> Vec<usize> {
+        let mut c: Vec<usize> = ATTENTION_CONTEXTS.iter().map(|&n| n.min(shape.max_pos)).collect();
+        c.dedup();
+        c
+    }
+}
+
+impl Workload for AttentionWorkload {
+    fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
+        Ok(self.case.run(gpu, &Attention::new(gpu, entry)?, rel_floor)?.deltas)
+    }
+
+    fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
+        let op = Attention::new(gpu, entry)?;
+        let mut scratch = op.scratch(gpu, 1)?;
+        let (arena, metas, out) = (&self.arena, &self.metas, &mut self.out);
+        gpu.time_launches(plan, |i| {
+            let (pos, slot) = &metas[i % metas.len()];
+            let layer = (i / metas.len()) % arena.layers;
+            op.launch(gpu, 1, &self.case.q, &RowMeta { pos, slot }, arena, layer, out, &mut scratch)
+        })
+    }
+
+    fn min_bytes(&self) -> usize {
+        // Mean over the mix: keys and values of every attended position, plus q in and out.
+        let contexts = Self::contexts(self.shape);
+        let kv: usize = contexts.iter().map(|&n| 2 * n * self.shape.kv_dim() * 4).sum();
+        kv / contexts.len() + 8 * self.shape.q_dim()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_exceeds_twice_l2() {
+        let l2 = 50 << 20;
+        assert_eq!(rotation_count(1 << 10, l2), 4096, "tiny inputs are capped");
+        for bytes in [1 << 16, 1_638_400, 4_423_680, 82 << 20] {
+            let n = rotation_count(bytes, l2);
+            assert!(n * bytes >= 2 * l2, "{bytes}: {n}");
+            assert!((n - 1) * bytes < 2 * l2 || n == 1);
+        }
+    }
+}
