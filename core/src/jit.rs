@@ -114,6 +114,37 @@ impl Jit {
     }
 }
 
+/// The `mangrove compile` report of a served kernel.
+impl serde::Serialize for Fetched {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = &self.entry;
+        serde_json::json!({
+            "key": self.key.to_hex(), "outcome": self.outcome, "template": e.inputs.template,
+            "params": e.inputs.params, "arch": e.inputs.arch.to_string(), "cubin_bytes": e.cubin.len(),
+            "ptx_bytes": e.ptx.as_ref().map(|p| p.len()), "resources": e.resources,
+            "compile_ms": e.compile_ms, "request_ms": self.ms, "launch": e.launch,
+            "nvrtc": e.toolchain.nvrtc_version,
+        })
+        .serialize(s)
+    }
+}
+
+impl std::fmt::Display for Fetched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (e, r) = (&self.entry, &self.entry.resources);
+        let outcome = match &self.outcome {
+            Outcome::Hit => "hit".to_string(),
+            Outcome::Compiled(reason) => format!("miss ({reason}), compiled"),
+        };
+        writeln!(f, "key          {}", self.key)?;
+        writeln!(f, "outcome      {outcome}")?;
+        writeln!(f, "kernel       {} [{}] for {}", e.inputs.template, crate::template::format_params(&e.inputs.params), e.inputs.arch)?;
+        writeln!(f, "cubin        {} bytes", e.cubin.len())?;
+        writeln!(f, "registers    {}  spills {}/{} B  stack {} B  smem {} B", r.registers, r.spill_stores, r.spill_loads, r.stack_frame, r.shared_bytes)?;
+        writeln!(f, "compile ms   {:.1} (this request {:.1} ms)", e.compile_ms, self.ms)
+    }
+}
+
 fn ms_since(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1e3
 }

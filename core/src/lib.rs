@@ -30,3 +30,16 @@ pub mod template;
 pub mod tuning_db;
 pub mod validate;
 pub mod warm;
+
+/// An error and its causes in one line (`outer: cause: root cause`), for the places an error
+/// becomes text: an HTTP body, a log line, a per-sequence failure.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}

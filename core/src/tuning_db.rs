@@ -18,10 +18,10 @@ pub const M_BUCKETS: &[i64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
 /// Errors reading or writing a tuning DB, naming the file.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("tuning DB {path}: {reason}")]
-    Io { path: String, reason: String },
-    #[error("tuning DB {path} is not valid: {reason}")]
-    Parse { path: String, reason: String },
+    #[error("tuning DB {path}")]
+    Io { path: String, source: std::io::Error },
+    #[error("tuning DB {path} is not valid")]
+    Parse { path: String, source: serde_json::Error },
     #[error("tuning DB {path} has schema version {found}, this mangrove reads {DB_SCHEMA_VERSION}")]
     Version { path: String, found: u32 },
 }
@@ -159,13 +159,13 @@ impl TuningDb {
         if !dir.exists() {
             return Ok(db);
         }
-        let io = |p: &Path, e: std::io::Error| DbError::Io { path: p.display().to_string(), reason: e.to_string() };
+        let io = |p: &Path, source: std::io::Error| DbError::Io { path: p.display().to_string(), source };
         let mut files: Vec<PathBuf> =
             std::fs::read_dir(dir).map_err(|e| io(dir, e))?.filter_map(|e| e.ok().map(|e| e.path())).collect();
         files.sort();
         for path in files.into_iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
             let text = std::fs::read_to_string(&path).map_err(|e| io(&path, e))?;
-            let parse = |e: serde_json::Error| DbError::Parse { path: path.display().to_string(), reason: e.to_string() };
+            let parse = |source: serde_json::Error| DbError::Parse { path: path.display().to_string(), source };
             let version: serde_json::Value = serde_json::from_str(&text).map_err(parse)?;
             let found = version.get("schema_version").and_then(|v| v.as_u64()).unwrap_or(0) as u32;
             if found != DB_SCHEMA_VERSION {
@@ -185,7 +185,7 @@ impl TuningDb {
 
     /// Writes every file atomically (temp file + rename), in deterministic order.
     pub fn save(&self, dir: &Path) -> Result<(), DbError> {
-        let io = |p: &Path, e: std::io::Error| DbError::Io { path: p.display().to_string(), reason: e.to_string() };
+        let io = |p: &Path, source: std::io::Error| DbError::Io { path: p.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
         let mut db = self.clone();
         db.normalize();

@@ -12,10 +12,10 @@ use mangrove::cache::{self, Cache};
 use mangrove::engine::batcher::BatcherConfig;
 use mangrove::engine::start::{self, KernelSetup};
 use mangrove::gpu::Gpu;
-use mangrove::jit::{Jit, KernelRequest, Outcome};
+use mangrove::jit::{Jit, KernelRequest};
 use mangrove::model_config::Preset;
 use mangrove::provision::KernelOptions;
-use mangrove::template::{format_params, parse_params, Catalog, ParamRole};
+use mangrove::template::{parse_params, Catalog, ParamRole};
 use mangrove::tuning_db::TuningDb;
 
 #[derive(Parser)]
@@ -287,37 +287,12 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(path) = &cubin {
                 std::fs::write(path, &f.entry.cubin).map_err(|e| anyhow::anyhow!(e).context(format!("writing {}", path.display())))?;
             }
-            let r = &f.entry.resources;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({
-                    "key": f.key.to_hex(), "outcome": f.outcome, "template": f.entry.inputs.template,
-                    "params": f.entry.inputs.params, "arch": arch.to_string(), "cubin_bytes": f.entry.cubin.len(),
-                    "ptx_bytes": f.entry.ptx.as_ref().map(|p| p.len()), "resources": r,
-                    "compile_ms": f.entry.compile_ms, "request_ms": f.ms, "launch": f.entry.launch,
-                    "nvrtc": f.entry.toolchain.nvrtc_version,
-                }))?);
-            } else {
-                let outcome = match &f.outcome {
-                    Outcome::Hit => "hit".to_string(),
-                    Outcome::Compiled(r) => format!("miss ({r}), compiled"),
-                };
-                println!("key          {}", f.key);
-                println!("outcome      {outcome}");
-                println!("kernel       {} [{}] for {arch}", f.entry.inputs.template, format_params(&f.entry.inputs.params));
-                println!("cubin        {} bytes", f.entry.cubin.len());
-                println!("registers    {}  spills {}/{} B  stack {} B  smem {} B", r.registers, r.spill_stores, r.spill_loads, r.stack_frame, r.shared_bytes);
-                println!("compile ms   {:.1} (this request {:.1} ms)", f.entry.compile_ms, f.ms);
-            }
-            Ok(())
+            print_report(&f, json)
         }
         Cmd::Cache { cmd } => cache_cmd(&catalog, &cache_dir, cmd),
         Cmd::Warm { arch, recompile, json } => {
             let report = mangrove::warm::warm(&Jit::open(catalog, &cache_dir, false)?, &arch, recompile)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{report}");
-            }
+            print_report(&report, json)?;
             if report.failed() > 0 {
                 bail!("{} kernels failed the correctness check", report.failed());
             }
@@ -338,12 +313,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Startup { model, tuning_db, arch, max_batch, json } } => {
             let r = mangrove::engine::startup::bench_startup(&std::env::current_exe()?, &catalog, &model, &tuning_db, arch, max_batch)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                print!("{r}");
-            }
-            Ok(())
+            print_report(&r, json)
         }
         Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
             mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
@@ -353,12 +323,7 @@ fn run(cli: Cli) -> Result<()> {
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let engine = start::open(&model, &backend, None, &setup)?.0;
             let report = mangrove::engine::bench::decode_report(engine.backend.as_ref(), &model.display().to_string(), &batch, prompt_tokens, steps, command())?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{report}");
-            }
-            Ok(())
+            print_report(&report, json)
         }
         Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk, kernels } => {
             if prefill_chunk == 0 {
@@ -379,6 +344,16 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Prints a report as pretty JSON or as its text.
+fn print_report(r: &(impl serde::Serialize + std::fmt::Display), json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print!("{r}");
+    }
+    Ok(())
 }
 
 fn templates(catalog: &Catalog, json: bool) -> Result<()> {
@@ -428,15 +403,11 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             println!("imported {n} kernels from {} into {}", bundle.display(), dir.display());
         }
         CacheCmd::Stats { json } => {
-            let cache = Cache::open(dir)?;
-            let list = cache.list()?;
-            let bytes: u64 = list.iter().map(|e| e.bytes).sum();
-            let c = cache.counters()?;
+            let stats = Cache::open(dir)?.stats(dir)?;
             if json {
-                println!("{}", serde_json::json!({"dir": dir, "entries": list.len(), "bytes": bytes, "counters": c}));
+                println!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!("cache {}: {} entries, {} bytes", dir.display(), list.len(), bytes);
-                println!("hits {}  misses {}  inserts {}  corrupt evicted {}", c.hits, c.misses, c.inserts, c.corrupt_evicted);
+                print!("{stats}");
             }
         }
         CacheCmd::Ls { json } => {
@@ -444,29 +415,17 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {
-                for e in list {
-                    println!("{}  {:<16} {:<6} {:>8} B  last used {}", e.key, e.template, e.arch, e.bytes, e.last_used_unix);
-                }
+                list.iter().for_each(|e| println!("{e}"));
             }
         }
         CacheCmd::Verify { bundle: None, json } => {
             let r = Cache::open(dir)?.verify()?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!("checked {}  intact {}  evicted {}", r.checked, r.intact, r.evicted.len());
-                for (k, why) in &r.evicted {
-                    println!("  evicted {k}: {why}");
-                }
-            }
+            print_report(&r, json)?;
             if !r.evicted.is_empty() {
                 bail!("{} corrupt entries were evicted", r.evicted.len());
             }
         }
-        CacheCmd::Gc { max_bytes } => {
-            let r = Cache::open(dir)?.gc(max_bytes)?;
-            println!("removed {} entries: {} → {} bytes", r.removed, r.before_bytes, r.after_bytes);
-        }
+        CacheCmd::Gc { max_bytes } => print!("{}", Cache::open(dir)?.gc(max_bytes)?),
     }
     Ok(())
 }

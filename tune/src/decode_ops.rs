@@ -13,7 +13,7 @@ use super::workload::{AttentionWorkload, NormWorkload, Workload};
 use mangrove_core::model_config::ModelConfig;
 use mangrove_core::step::op_kernels;
 use mangrove_core::template::{format_params, Params};
-use mangrove_core::validate::decode_ops::{AttnShape, NormShape};
+use mangrove_core::gpu::{AttnShape, NormShape};
 
 /// Templates of the decode ops this command tunes.
 pub const TUNED_OPS: &[&str] = &["rmsnorm_quant", "attention_decode"];
@@ -31,11 +31,10 @@ pub fn tune_decode_ops(ctx: &TuneContext, config: &ModelConfig, progress: &Progr
         }
         ctx.jit.catalog.get(template)?.resolve(&problem)?; // a bad shape fails before any work
         progress.set_message(format!("{family}: {template} {}", format_params(&problem)));
-        let bad = || TuneError::Input(format!("{template}: problem {} lacks a parameter", format_params(&problem)));
         let mut work: Option<Box<dyn Workload>> = match &ctx.gpu {
             Some(g) if ctx.timing() => Some(match template {
-                "rmsnorm_quant" => Box::new(NormWorkload::new(g, NormShape::from_params(&problem).ok_or_else(bad)?, 44)?),
-                "attention_decode" => Box::new(AttentionWorkload::new(g, AttnShape::from_params(&problem).ok_or_else(bad)?, 45)?),
+                "rmsnorm_quant" => Box::new(NormWorkload::new(g, NormShape::from_params(&problem)?, 44)?),
+                "attention_decode" => Box::new(AttentionWorkload::new(g, AttnShape::from_params(template, &problem)?, 45)?),
                 other => return Err(TuneError::Input(format!("{other} is in TUNED_OPS but has no workload"))),
             }),
             _ => None,

@@ -6,7 +6,8 @@ use mangrove_core::check::Deltas;
 use mangrove_core::gpu::{Attention, DeviceBuffer, ExpertWeights, Gpu, GpuError, KvArena, RmsNormQuant, RowMeta, TernaryGemv, TimingPlan, TimingStats};
 use mangrove_core::gpu::MoeGateUp;
 use mangrove_core::reference::moe::MoeShape;
-use mangrove_core::validate::decode_ops::{AttentionCase, AttnShape, NormCase, NormShape};
+use mangrove_core::gpu::{AttnShape, NormShape};
+use mangrove_core::validate::decode_ops::{AttentionCase, NormCase};
 use mangrove_core::validate::{MoeCase, TernaryCase};
 
 /// A problem instance the tuner can check and time kernels on.

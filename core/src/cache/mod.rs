@@ -21,9 +21,13 @@ pub enum CacheError {
     #[error("cache {path} is in use by pid {pid} (sled allows one process per cache; ask that process's service or use another --cache-dir)")]
     Locked { path: String, pid: String },
     #[error("cache {path}: {reason}")]
-    Sled { path: String, reason: String },
-    #[error("cache {path}: {reason}")]
-    Io { path: String, reason: String },
+    Open { path: String, reason: String },
+    #[error("cache {path}")]
+    Sled { path: String, source: sled::Error },
+    #[error("cache {path}: encoding an entry")]
+    Encode { path: String, source: bincode::error::EncodeError },
+    #[error("cache {path}")]
+    Io { path: String, source: std::io::Error },
 }
 
 /// The cache folder to use: the flag, else `MANGROVE_CACHE_DIR` (clap reads it), else `cache/`.
@@ -46,6 +50,45 @@ pub struct GcReport {
     pub before_bytes: u64,
     pub after_bytes: u64,
     pub removed: usize,
+}
+
+/// Result of `cache stats`: entries, bytes and the hit/miss counters of one cache folder.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStats {
+    pub dir: PathBuf,
+    pub entries: usize,
+    pub bytes: u64,
+    pub counters: Counters,
+}
+
+impl std::fmt::Display for CacheStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let c = &self.counters;
+        writeln!(f, "cache {}: {} entries, {} bytes", self.dir.display(), self.entries, self.bytes)?;
+        writeln!(f, "hits {}  misses {}  inserts {}  corrupt evicted {}", c.hits, c.misses, c.inserts, c.corrupt_evicted)
+    }
+}
+
+impl std::fmt::Display for VerifyReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "checked {}  intact {}  evicted {}", self.checked, self.intact, self.evicted.len())?;
+        for (k, why) in &self.evicted {
+            writeln!(f, "  evicted {k}: {why}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for GcReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "removed {} entries: {} → {} bytes", self.removed, self.before_bytes, self.after_bytes)
+    }
+}
+
+impl std::fmt::Display for EntrySummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}  {:<16} {:<6} {:>8} B  last used {}", self.key, self.template, self.arch, self.bytes, self.last_used_unix)
+    }
 }
 
 /// A kernel cache over some storage (sled in every real use).
@@ -84,6 +127,12 @@ impl<S: Storage> Cache<S> {
 
     pub fn counters(&self) -> Result<Counters, CacheError> {
         self.store.counters()
+    }
+
+    /// Entries, bytes and counters; `dir` is the folder reported.
+    pub fn stats(&self, dir: &Path) -> Result<CacheStats, CacheError> {
+        let list = self.store.list()?;
+        Ok(CacheStats { dir: dir.to_path_buf(), entries: list.len(), bytes: list.iter().map(|e| e.bytes).sum(), counters: self.store.counters()? })
     }
 
     /// Reads every entry back through the integrity check; corrupt ones are evicted.

@@ -81,18 +81,18 @@ pub struct SledStorage {
 impl SledStorage {
     /// Opens (or creates) the store in `dir`; a folder held by another process is a clear error.
     pub fn open(dir: &Path) -> Result<Self, CacheError> {
-        std::fs::create_dir_all(dir).map_err(|e| CacheError::Io { path: dir.display().to_string(), reason: e.to_string() })?;
+        std::fs::create_dir_all(dir).map_err(|source| CacheError::Io { path: dir.display().to_string(), source })?;
         let db = sled::Config::new().path(dir).open().map_err(|e| {
             let text = e.to_string();
             if text.contains("lock") || text.contains("Resource temporarily unavailable") {
                 let pid = std::fs::read_to_string(dir.join(PID_FILE)).ok().map(|s| s.trim().to_owned());
                 CacheError::Locked { path: dir.display().to_string(), pid: pid.unwrap_or_else(|| "unknown".into()) }
             } else {
-                CacheError::Sled { path: dir.display().to_string(), reason: text }
+                CacheError::Open { path: dir.display().to_string(), reason: text }
             }
         })?;
         let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
-        let sled_err = |e: sled::Error| CacheError::Sled { path: dir.display().to_string(), reason: e.to_string() };
+        let sled_err = |source| CacheError::Sled { path: dir.display().to_string(), source };
         Ok(Self {
             kernels: db.open_tree(KERNELS).map_err(sled_err)?,
             atime: db.open_tree(ATIME).map_err(sled_err)?,
@@ -102,8 +102,8 @@ impl SledStorage {
         })
     }
 
-    fn err(&self, e: impl std::fmt::Display) -> CacheError {
-        CacheError::Sled { path: self.dir.display().to_string(), reason: e.to_string() }
+    fn err(&self, source: sled::Error) -> CacheError {
+        CacheError::Sled { path: self.dir.display().to_string(), source }
     }
 
     fn bump(&self, counter: &str) -> Result<(), CacheError> {
@@ -174,7 +174,8 @@ impl Storage for SledStorage {
     }
 
     fn put(&self, key: &KernelKey, entry: &CacheEntry) -> Result<(), CacheError> {
-        let bytes = bincode::serde::encode_to_vec(entry, bincode_cfg()).map_err(|e| self.err(e))?;
+        let bytes = bincode::serde::encode_to_vec(entry, bincode_cfg())
+            .map_err(|source| CacheError::Encode { path: self.dir.display().to_string(), source })?;
         self.kernels.insert(key.0, bytes).map_err(|e| self.err(e))?;
         self.touch(key)?;
         self.bump("inserts")?;

@@ -100,7 +100,7 @@ impl Blas {
             // TN GEMM above reads and writes (lda = ldb = k, ldc = n, no padding), each checked
             // against its buffer's length; all three live on the handle's stream.
             unsafe { self.inner.gemm(cfg, &wv, &xv, &mut yv) }
-                .map_err(|e| GpuError::Driver { context: format!("cuBLAS GemmEx for group {g:?}"), reason: format!("{e:?}") })?;
+                .map_err(|e| GpuError::Cuda { context: format!("cuBLAS GemmEx for group {g:?}"), reason: format!("{e:?}") })?;
         }
         Ok(())
     }

@@ -33,7 +33,7 @@ impl Gpu {
         ran?;
         match ended? {
             Some(g) => Ok(Graph(g)),
-            None => Err(GpuError::Driver { context: "ending graph capture".into(), reason: "nothing was captured".into() }.into()),
+            None => Err(GpuError::Cuda { context: "ending graph capture".into(), reason: "nothing was captured".into() }.into()),
         }
     }
 }

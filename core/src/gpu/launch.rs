@@ -128,6 +128,6 @@ impl LoadedKernel {
         // which outlives the call; the function belongs to this GPU's context.
         unsafe { sys::cuLaunchKernelEx(&config, self.func.cu_function(), slots.as_mut_ptr(), std::ptr::null_mut()) }
             .result()
-            .map_err(|e| GpuError::Driver { context: format!("launching {}", self.name), reason: e.to_string() })
+            .map_err(|source| GpuError::Driver { context: format!("launching {}", self.name), source })
     }
 }

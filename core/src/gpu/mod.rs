@@ -9,6 +9,7 @@ mod graph;
 mod launch;
 mod moe;
 mod ops;
+mod shapes;
 mod ternary;
 mod timing;
 
@@ -23,6 +24,7 @@ pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
 pub(crate) use launch::{Args, Null};
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
+pub use shapes::{AttnShape, GemvShape, NormShape};
 pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
@@ -37,8 +39,10 @@ pub enum GpuError {
     NoDriver,
     #[error("no GPU device: {0}")]
     NoDevice(String),
-    #[error("CUDA driver error during {context}: {reason}")]
-    Driver { context: String, reason: String },
+    #[error("CUDA driver error during {context}")]
+    Driver { context: String, source: cu::DriverError },
+    #[error("{context}: {reason}")]
+    Cuda { context: String, reason: String },
     #[error("shape mismatch for {kernel}: {what}")]
     Shape { kernel: String, what: String },
     #[error("kernel '{kernel}' was compiled for {compiled} but this GPU is {device}")]
@@ -56,7 +60,7 @@ pub struct Absent(pub GpuError);
 
 pub(crate) fn driver_err(context: impl Into<String>) -> impl FnOnce(cu::DriverError) -> GpuError {
     let context = context.into();
-    move |e| GpuError::Driver { context, reason: format!("{e:?}") }
+    move |source| GpuError::Driver { context, source }
 }
 
 /// Facts about the device, for reports and tuning-DB metadata.
@@ -218,13 +222,6 @@ impl Gpu {
     }
 }
 
-/// The integer parameter `name` a cache entry was rendered with.
-pub(crate) fn entry_param(entry: &CacheEntry, name: &str) -> Result<usize, GpuError> {
-    entry.inputs.params.get(name).map(|&v| v as usize).ok_or_else(|| GpuError::Shape {
-        kernel: entry.inputs.template.clone(),
-        what: format!("entry has no parameter {name}"),
-    })
-}
 
 /// Dynamic shared memory a kernel may use without opting in (48 KB on every arch).
 const DEFAULT_DYNAMIC_SHARED: u32 = 48 * 1024;

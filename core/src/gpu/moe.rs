@@ -51,13 +51,7 @@ pub struct MoeGateUp {
 impl MoeGateUp {
     /// Loads a `moe_gateup` cache entry; its parameters give the shapes it accepts.
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
-        let p = &entry.inputs.params;
-        let get = |name: &str| -> Result<usize, GpuError> {
-            p.get(name).map(|&v| v as usize).ok_or_else(|| GpuError::Shape {
-                kernel: entry.inputs.template.clone(),
-                what: format!("entry has no parameter {name}; is it a moe_gateup kernel?"),
-            })
-        };
+        let get = |name: &str| super::shapes::entry_param(entry, name);
         let (tokens, experts, topk, hidden, inter) = (get("M")?, get("E")?, get("TOPK")?, get("H")?, get("I")?);
         let block_m = get("BLOCK_M")?;
         let kernel = gpu.load(entry)?;

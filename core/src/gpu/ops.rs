@@ -4,7 +4,8 @@
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
-use super::{check_at_least as need, entry_param, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel, Null};
+use super::shapes::{entry_param, AttnShape, NormShape};
+use super::{check_at_least as need, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel, Null};
 use crate::cache::CacheEntry;
 
 fn shape_err(kernel: &str, what: String) -> GpuError {
@@ -56,9 +57,8 @@ pub struct RmsNormQuant {
 impl RmsNormQuant {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "rmsnorm_quant")?;
-        let norm = entry.inputs.params.get("NORM").is_none_or(|&v| v == 1);
-        let silu = entry.inputs.params.get("ACT") == Some(&1);
-        Ok(Self { h: entry_param(entry, "H")?, glu: entry_param(entry, "GLU")? == 1, norm, silu, kernel })
+        let NormShape { h, glu, silu, norm } = NormShape::from_params(&entry.inputs.params)?;
+        Ok(Self { h, glu, norm, silu, kernel })
     }
 
     /// Normalizes `rows` rows of `source` with `weight` [H] (None for a kernel built without
@@ -189,13 +189,8 @@ pub struct RopeKv {
 impl RopeKv {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "rope_kv")?;
-        let hd = entry_param(entry, "HD")?;
-        Ok(Self {
-            q_dim: entry_param(entry, "QH")? * hd,
-            kv_dim: entry_param(entry, "KVH")? * hd,
-            max_pos: entry_param(entry, "MAX_POS")?,
-            kernel,
-        })
+        let s = AttnShape::from_params("rope_kv", &entry.inputs.params)?;
+        Ok(Self { q_dim: s.q_dim(), kv_dim: s.kv_dim(), max_pos: s.max_pos, kernel })
     }
 
     /// Scales and rotates `rows` rows of the fused `qkv` output into `q`; appends K, V to `kv`.
@@ -253,14 +248,14 @@ pub struct AttnScratch {
 impl Attention {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "attention_decode")?;
-        let hd = entry_param(entry, "HD")?;
-        let heads = entry_param(entry, "QH")?;
+        let p = &entry.inputs.params;
+        let s = AttnShape::from_params("attention_decode", p)?;
         Ok(Self {
-            q_dim: heads * hd,
-            kv_dim: entry_param(entry, "KVH")? * hd,
-            max_pos: entry_param(entry, "MAX_POS")?,
-            heads,
-            head_dim: hd,
+            q_dim: s.q_dim(),
+            kv_dim: s.kv_dim(),
+            max_pos: s.max_pos,
+            heads: s.heads,
+            head_dim: s.head_dim,
             splits: entry_param(entry, "SPLITS")?,
             kernel,
         })

@@ -2,6 +2,7 @@
 //! `ternary_gemv_w2a8`: int8 per-token activations): owns the split-K workspace and launches
 //! the kernel with its argument list. Shapes come from the entry's rendered parameters.
 
+use super::shapes::GemvShape;
 use super::{check_at_least, check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
 use crate::cache::CacheEntry;
 
@@ -56,15 +57,7 @@ impl TernaryGemv {
                 return Err(GpuError::Shape { kernel: other.into(), what: "not a ternary GEMV kernel".into() });
             }
         };
-        let p = &entry.inputs.params;
-        let get = |name: &str| -> Result<usize, GpuError> {
-            p.get(name).map(|&v| v as usize).ok_or_else(|| GpuError::Shape {
-                kernel: entry.inputs.template.clone(),
-                what: format!("entry has no parameter {name}"),
-            })
-        };
-        let (m, n, k, split) = (get("M")?, get("N")?, get("K")?, get("SPLIT_K")?);
-        let out_f32 = p.get("OUT_F32").copied().unwrap_or(0) == 1;
+        let GemvShape { m, n, k, split_k: split, out_f32 } = GemvShape::from_params(&entry.inputs.template, &entry.inputs.params)?;
         let kernel = gpu.load(entry)?;
         let tiles = kernel.launch.grid[0] as usize;
         let work = if split > 1 { split * m * n } else { 1 };

@@ -33,8 +33,8 @@ pub enum TemplateError {
     Schema { template: String, reason: String },
     #[error("template '{template}': render failed: {reason}")]
     Render { template: String, reason: String },
-    #[error("reading templates from {path}: {reason}")]
-    Io { path: String, reason: String },
+    #[error("reading templates from {path}")]
+    Io { path: String, source: std::io::Error },
 }
 
 /// One template: its schema, its Tera source and a content hash of both.
@@ -283,7 +283,7 @@ impl Catalog {
 
     /// Loads every `<name>.toml` + `<name>.cu.tera` pair from `dir`.
     pub fn from_dir(dir: &Path) -> Result<Self, TemplateError> {
-        let io = |e: std::io::Error| TemplateError::Io { path: dir.display().to_string(), reason: e.to_string() };
+        let io = |source: std::io::Error| TemplateError::Io { path: dir.display().to_string(), source };
         let mut templates = BTreeMap::new();
         let mut entries: Vec<_> = std::fs::read_dir(dir).map_err(io)?.collect::<Result<_, _>>().map_err(io)?;
         entries.sort_by_key(|e| e.path());
@@ -294,10 +294,7 @@ impl Catalog {
             }
             let src_path = path.with_extension("cu.tera");
             let schema = std::fs::read_to_string(&path).map_err(io)?;
-            let src = std::fs::read_to_string(&src_path).map_err(|e| TemplateError::Io {
-                path: src_path.display().to_string(),
-                reason: e.to_string(),
-            })?;
+            let src = std::fs::read_to_string(&src_path).map_err(|source| TemplateError::Io { path: src_path.display().to_string(), source })?;
             let t = Template::parse(&schema, &src)?;
             templates.insert(t.name().to_owned(), t);
         }

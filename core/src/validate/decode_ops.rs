@@ -7,10 +7,9 @@ use rand::{Rng, SeedableRng};
 
 use super::CheckedRun;
 use crate::check::{Deltas, POISON_F32};
-use crate::gpu::{Attention, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RmsNormQuant, RowMeta};
+use crate::gpu::{AttnShape, Attention, DeviceBuffer, NormShape, Gpu, GpuError, KvArena, NormOut, NormSource, RmsNormQuant, RowMeta};
 use crate::reference::decode_ops::{attend_head, relu2, rmsnorm};
 use crate::reference::moe::silu;
-use crate::template::Params;
 
 /// int8 poison of quantized outputs: a correct kernel clamps to ±127 (|q| ≤ 127 since the scale
 /// maps max|x| to 127), so -128 marks an element it never wrote.
@@ -24,26 +23,9 @@ fn uniform(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
 
-/// The problem of an `rmsnorm_quant` kernel.
-#[derive(Debug, Clone, Copy)]
-pub struct NormShape {
-    pub h: usize,
-    pub glu: bool,
-    pub silu: bool,
-    pub norm: bool,
-}
-
-impl NormShape {
-    /// The problem `op` was built for.
-    pub fn of(op: &RmsNormQuant) -> Self {
-        Self { h: op.h, glu: op.glu, silu: op.silu, norm: op.norm }
-    }
-
-    /// From template parameters (ACT and NORM at their defaults, 0 and 1, when absent).
-    pub fn from_params(p: &Params) -> Option<Self> {
-        let get = |k: &str, d: i64| p.get(k).copied().unwrap_or(d);
-        Some(Self { h: usize::try_from(*p.get("H")?).ok()?, glu: get("GLU", 0) == 1, silu: get("ACT", 0) == 1, norm: get("NORM", 1) == 1 })
-    }
+/// The problem `op` was built for.
+pub fn norm_shape(op: &RmsNormQuant) -> NormShape {
+    NormShape { h: op.h, glu: op.glu, silu: op.silu, norm: op.norm }
 }
 
 /// Random rows for one `rmsnorm_quant` kernel (its H, GLU, ACT, NORM), resident on the GPU, with
@@ -155,34 +137,9 @@ fn norm_source<'a>(glu: bool, x: &'a mut DeviceBuffer<f32>, input: &'a DeviceBuf
     }
 }
 
-/// The problem of an `attention_decode` kernel.
-#[derive(Debug, Clone, Copy)]
-pub struct AttnShape {
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub max_pos: usize,
-}
-
-impl AttnShape {
-    /// The problem `op` was built for.
-    pub fn of(op: &Attention) -> Self {
-        Self { heads: op.heads, kv_heads: op.kv_dim / op.head_dim, head_dim: op.head_dim, max_pos: op.max_pos }
-    }
-
-    /// From template parameters QH, KVH, HD, MAX_POS.
-    pub fn from_params(p: &Params) -> Option<Self> {
-        let get = |k: &str| p.get(k).and_then(|&v| usize::try_from(v).ok());
-        Some(Self { heads: get("QH")?, kv_heads: get("KVH")?, head_dim: get("HD")?, max_pos: get("MAX_POS")? })
-    }
-
-    pub fn q_dim(&self) -> usize {
-        self.heads * self.head_dim
-    }
-
-    pub fn kv_dim(&self) -> usize {
-        self.kv_heads * self.head_dim
-    }
+/// The problem `op` was built for.
+pub fn attn_shape(op: &Attention) -> AttnShape {
+    AttnShape { heads: op.heads, kv_heads: op.kv_dim / op.head_dim, head_dim: op.head_dim, max_pos: op.max_pos }
 }
 
 /// One attention problem resident on the GPU: a KV arena of random keys and values, query rows
@@ -256,11 +213,11 @@ impl AttentionCase {
 /// Checks an `rmsnorm_quant` entry over 3 random rows.
 pub fn check_rmsnorm_quant(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     let op = RmsNormQuant::new(gpu, entry)?;
-    NormCase::new(gpu, NormShape::of(&op), 3, seed)?.run(gpu, &op, rel_floor)
+    NormCase::new(gpu, norm_shape(&op), 3, seed)?.run(gpu, &op, rel_floor)
 }
 
 /// Checks an `attention_decode` entry on three sequences (full, long and short context).
 pub fn check_attention(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     let op = Attention::new(gpu, entry)?;
-    AttentionCase::new(gpu, AttnShape::of(&op), seed)?.run(gpu, &op, rel_floor)
+    AttentionCase::new(gpu, attn_shape(&op), seed)?.run(gpu, &op, rel_floor)
 }

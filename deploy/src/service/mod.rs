@@ -57,8 +57,8 @@ impl ServiceState {
 impl From<JitError> for ApiError {
     fn from(e: JitError) -> Self {
         match e {
-            JitError::Template(t) => ApiError::new(StatusCode::BAD_REQUEST, t.to_string()),
-            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+            JitError::Template(t) => ApiError::new(StatusCode::BAD_REQUEST, mangrove_core::error_chain(&t)),
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, mangrove_core::error_chain(&other)),
         }
     }
 }
@@ -117,7 +117,7 @@ async fn compile(State(st): State<Arc<ServiceState>>, body: axum::body::Bytes) -
             let st = st.clone();
             async move {
                 let r = tokio::task::spawn_blocking(move || {
-                    let f = st.jit.get(&req).map_err(|e| e.to_string())?;
+                    let f = st.jit.get(&req).map_err(|e| mangrove_core::error_chain(&e))?;
                     if matches!(f.outcome, Outcome::Compiled(_)) {
                         st.compiles.fetch_add(1, Ordering::Relaxed);
                     }
@@ -143,7 +143,7 @@ async fn by_key(State(st): State<Arc<ServiceState>>, Path(key): Path<String>) ->
     let found = tokio::task::spawn_blocking(move || st2.jit.cache.get(&key))
         .await
         .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, mangrove_core::error_chain(&e)))?;
     match found {
         Lookup::Hit(e) => Ok(kernel_response(&Served { key, outcome: Outcome::Hit, body: encode_entry(&e) })),
         Lookup::Miss(r) => Err(ApiError::new(StatusCode::NOT_FOUND, format!("no kernel {key} in the cache ({r})"))),

@@ -181,7 +181,7 @@ impl Backend for CudaBackend {
         }
         let logits = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(e.to_string()))?
+            inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(mangrove_core::error_chain(&e)))?
         };
         for seq in batch.iter_mut() {
             seq.cache.len += seq.tokens.len();

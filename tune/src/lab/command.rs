@@ -79,5 +79,5 @@ pub fn bench_kernels(args: &KernelsArgs, catalog: Catalog, cache_dir: &Path) -> 
 }
 
 fn write(path: &Path, text: &str) -> Result<(), LabError> {
-    std::fs::write(path, text).map_err(|e| LabError::Write { path: path.display().to_string(), reason: e.to_string() })
+    std::fs::write(path, text).map_err(|source| LabError::Write { path: path.display().to_string(), source })
 }

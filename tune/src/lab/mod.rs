@@ -58,8 +58,10 @@ pub enum LabError {
     Input(String),
     #[error("variants failed their correctness check (reported, not timed):\n{0}")]
     Failed(String),
-    #[error("writing {path}: {reason}")]
-    Write { path: String, reason: String },
+    #[error("writing {path}")]
+    Write { path: String, source: std::io::Error },
+    #[error("plotting {path}: {reason}")]
+    Plot { path: String, reason: String },
 }
 
 /// What a case computes.

@@ -53,7 +53,7 @@ pub fn variant_color(i: usize) -> RGBColor {
 
 /// Writes the bar plot to `path`.
 pub fn write_svg(report: &Report, path: &Path) -> Result<(), LabError> {
-    let err = |e: String| LabError::Write { path: path.display().to_string(), reason: e };
+    let err = |reason: String| LabError::Plot { path: path.display().to_string(), reason };
     let (groups, variants, bars) = bars(report);
     if groups.is_empty() {
         return Err(LabError::Input("no cases to plot".into()));

@@ -1,0 +1,87 @@
+//! The problems of the row-wise decode ops as types, read from a kernel's template parameters
+//! in one place: the loaders ([`super::RmsNormQuant`], [`super::RopeKv`], [`super::Attention`])
+//! size their launches and workspaces from them, and the validators and tuner workloads build
+//! their inputs from the same values.
+
+use crate::template::Params;
+
+use super::GpuError;
+
+/// Reads integer parameter `name` of `template`'s `params`; `default` when absent (None: required).
+fn param(template: &str, params: &Params, name: &str, default: Option<usize>) -> Result<usize, GpuError> {
+    match params.get(name) {
+        Some(&v) => usize::try_from(v).map_err(|_| GpuError::Shape { kernel: template.into(), what: format!("parameter {name}={v} is negative") }),
+        None => default.ok_or_else(|| GpuError::Shape { kernel: template.into(), what: format!("entry has no parameter {name}") }),
+    }
+}
+
+/// The problem of an `rmsnorm_quant` kernel: width, gated input, SiLU (else ReLU²), norm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NormShape {
+    pub h: usize,
+    pub glu: bool,
+    pub silu: bool,
+    pub norm: bool,
+}
+
+impl NormShape {
+    /// From template parameters H, GLU, and ACT and NORM (0 and 1 when absent).
+    pub fn from_params(p: &Params) -> Result<Self, GpuError> {
+        let get = |name, default| param("rmsnorm_quant", p, name, default);
+        Ok(Self { h: get("H", None)?, glu: get("GLU", None)? == 1, silu: get("ACT", Some(0))? == 1, norm: get("NORM", Some(1))? == 1 })
+    }
+}
+
+/// The problem of the attention-side ops (`rope_kv`, `attention_decode`): GQA heads, head size
+/// and the positions a KV-cache slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub max_pos: usize,
+}
+
+impl AttnShape {
+    /// From template parameters QH, KVH, HD, MAX_POS of `template`.
+    pub fn from_params(template: &str, p: &Params) -> Result<Self, GpuError> {
+        let get = |name| param(template, p, name, None);
+        Ok(Self { heads: get("QH")?, kv_heads: get("KVH")?, head_dim: get("HD")?, max_pos: get("MAX_POS")? })
+    }
+
+    /// Query row width: heads × head_dim.
+    pub fn q_dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Key (and value) row width: kv_heads × head_dim.
+    pub fn kv_dim(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// The problem and split of a ternary GEMV kernel (`ternary_gemv`, `ternary_gemv_w2a8`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvShape {
+    pub m: usize,
+    pub n: usize,
+    pub k: usize,
+    /// K-splits whose partials the workspace holds.
+    pub split_k: usize,
+    /// W2A8 only: f32 outputs instead of bf16.
+    pub out_f32: bool,
+}
+
+impl GemvShape {
+    /// From template parameters M, N, K, SPLIT_K and OUT_F32 (0 when absent).
+    pub fn from_params(template: &str, p: &Params) -> Result<Self, GpuError> {
+        let get = |name, default| param(template, p, name, default);
+        Ok(Self { m: get("M", None)?, n: get("N", None)?, k: get("K", None)?, split_k: get("SPLIT_K", None)?, out_f32: get("OUT_F32", Some(0))? == 1 })
+    }
+}
+
+/// Another parameter of a cache entry the host needs (attention's SPLITS sizes its workspace,
+/// the LM head's M/N/K its launches, the MoE kernels' sizes their routing buffers).
+pub(crate) fn entry_param(entry: &crate::cache::CacheEntry, name: &str) -> Result<usize, GpuError> {
+    param(&entry.inputs.template, &entry.inputs.params, name, None)
+}
