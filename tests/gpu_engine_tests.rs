@@ -185,3 +185,75 @@ fn kv_slots_are_reused_and_exhaustion_is_an_error() {
     assert!(matches!(err, ForwardError::ContextFull { .. }), "{err}");
     assert!(c.is_empty());
 }
+
+/// Greedy tokens of one sequence: a prompt of `len` tokens, then `steps` batch-1 decode steps;
+/// with each step's logits.
+fn greedy(b: &dyn Backend, prompt: &[u32], steps: usize) -> (Vec<u32>, Vec<Vec<f64>>) {
+    let mut cache = KvCache::new(b.config());
+    let mut feed = prompt.to_vec();
+    let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+    for _ in 0..=steps {
+        let l = b.forward(&mut [SeqInput { tokens: &feed, cache: &mut cache }]).unwrap().0.remove(0);
+        let t = mangrove::engine::sampling::argmax(&l);
+        tokens.push(t);
+        logits.push(l);
+        feed = vec![t];
+    }
+    (tokens, logits)
+}
+
+/// The gap between the largest and second-largest logit, relative to the largest magnitude.
+fn top2_margin(l: &[f64]) -> f64 {
+    let mut s: Vec<f64> = l.to_vec();
+    s.sort_by(|a, b| b.total_cmp(a));
+    (s[0] - s[1]) / s.iter().fold(0.0f64, |m, v| m.max(v.abs()))
+}
+
+#[test]
+fn fused_layer_matches_cpu_reference_unfused_step_and_direct_launches() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = model_dir(tmp.path());
+    let model = Model::load(&dir).unwrap();
+    let fused = cuda_backend(gpu, &dir, &model, &tmp.path().join("c1"), 1);
+    if !fused.fused_layer() {
+        eprintln!("skipped: the fused layer's grid does not fit on this GPU (the unfused step runs)");
+        return;
+    }
+    let report = fused.forward(&mut [SeqInput { tokens: &[3], cache: &mut KvCache::new(fused.config()) }]).unwrap().1;
+    assert!(report.paths.contains(&(mangrove::step::Family::DecodeLayer, "cuda_fused")), "{:?}", report.paths);
+    // Against the f64 reference: a prompt (an unfused prefill step), then batch-1 fused steps.
+    let cpu = CpuBackend::new(Arc::new(model.clone()));
+    let (d, graph_logits) = compare(&fused, &cpu, &[7], 8);
+    let mut shaken = model.clone();
+    shaken.embed.iter_mut().enumerate().for_each(|(i, v)| *v *= 1.0 + 1e-6 * ((i % 7) as f32 - 3.0));
+    let (sensitivity, _) = compare(&CpuBackend::new(Arc::new(shaken)), &cpu, &[7], 8);
+    println!("fused CUDA vs CPU logits ({}): {d}; CPU sensitivity {sensitivity}", dir.display());
+    assert_eq!(d.non_finite, 0);
+    let gate = 2e-2f64.max(3.0 * sensitivity.max_rel);
+    assert!(d.max_rel < gate, "fused CUDA logits differ from the CPU reference: {d} (gate {gate:.2e})");
+    // Graph replay of the fused step equals its direct launches bit for bit.
+    let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("c2"), 1).with_graphs(false);
+    assert_eq!(graph_logits, compare(&direct, &cpu, &[7], 8).1, "graph replay must equal direct launches bit for bit");
+    // Greedy tokens of the fused and the unfused step on 8 prompts × 32 tokens: identical, or
+    // where they part, the unfused step's top-2 margin there is within the gate.
+    let unfused = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("c3"), 1).without_fused_layer();
+    let vocab = model.config.vocab as u32;
+    let mut worst = Deltas::default();
+    for s in 0..8u32 {
+        let prompt: Vec<u32> = (0..(1 + 5 * s)).map(|i| (i * 37 + s * 101 + 5) % vocab).collect();
+        let (ft, fl) = greedy(&fused, &prompt, 32);
+        let (ut, ul) = greedy(&unfused, &prompt, 32);
+        let same = ft.iter().zip(&ut).take_while(|(a, b)| a == b).count();
+        for (f, u) in fl.iter().zip(&ul).take(same + 1) {
+            worst = worst.worst(Deltas::of_f64(f, u, 1e-1));
+        }
+        if same < ft.len() {
+            let margin = top2_margin(&ul[same]);
+            println!("prompt {s}: tokens part at step {same} (unfused top-2 margin {margin:.2e})");
+            assert!(margin < gate, "prompt {s}: fused and unfused greedy tokens part at step {same} with a top-2 margin of {margin:.2e}");
+        }
+    }
+    println!("fused vs unfused step logits (8 prompts × 33 steps, up to where tokens part): {worst}");
+    assert!(worst.max_rel < gate, "fused and unfused logits differ: {worst}");
+}

@@ -60,6 +60,8 @@ pub enum Family {
     MoeCombine,
     /// The bf16 LM head over each sequence's last row.
     LmHead,
+    /// A whole dense layer for one token row in one persistent kernel (batch-1 decode).
+    DecodeLayer,
 }
 
 impl Family {
@@ -82,6 +84,7 @@ impl Family {
             Family::MoeDown => "moe_down",
             Family::MoeCombine => "moe_combine",
             Family::LmHead => "lm_head",
+            Family::DecodeLayer => "decode_layer",
         }
     }
 }
@@ -129,6 +132,16 @@ pub fn op_kernels(c: &ModelConfig) -> Vec<(Family, &'static str, Params)> {
         }
     }
     v
+}
+
+/// The problem of the fused batch-1 layer (`decode_layer`) of a dense model; None for MoE models.
+pub fn decode_layer_problem(c: &ModelConfig) -> Option<Params> {
+    if c.moe.is_some() {
+        return None;
+    }
+    let act = i64::from(c.act == crate::model_config::Activation::Silu);
+    let (h, i, qh, kvh, hd) = (c.hidden as i64, c.inter as i64, c.heads as i64, c.kv_heads as i64, c.head_dim as i64);
+    Some(params(&[("H", h), ("I", i), ("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64), ("ACT", act)]))
 }
 
 /// The tuned ternary GEMV config of `mode` for (m, n, k) from the DB (nearest bucket), or the

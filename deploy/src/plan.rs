@@ -7,7 +7,7 @@ use mangrove_core::arch::Arch;
 use mangrove_core::gpu::ActMode;
 use mangrove_core::jit::KernelRequest;
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::step::{gemv_request, linear_shapes, op_kernels, op_request, Family, MAX_GEMV_M};
+use mangrove_core::step::{decode_layer_problem, gemv_request, linear_shapes, op_kernels, op_request, Family, MAX_GEMV_M};
 use mangrove_core::template::{Catalog, Params};
 use mangrove_core::tuning_db::{LookupRule, TuningDb};
 
@@ -73,6 +73,11 @@ pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, 
     for (family, template, problem) in op_kernels(config) {
         let (request, rule) = op_request(db, template, &problem, 1, arch);
         out.push(PlannedKernel::new(catalog, family, 1, request, rule));
+    }
+    // Batch-1 decode steps of dense models run each layer as one fused kernel.
+    if let Some(problem) = decode_layer_problem(config) {
+        let (request, rule) = op_request(db, "decode_layer", &problem, 1, arch);
+        out.push(PlannedKernel::new(catalog, Family::DecodeLayer, 1, request, rule));
     }
     gathered(&mut out, Family::LmHead, config.vocab as i64);
     out

@@ -7,6 +7,7 @@
 mod cublas;
 mod graph;
 mod launch;
+mod layer;
 mod moe;
 mod ops;
 mod shapes;
@@ -24,7 +25,8 @@ pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
 pub(crate) use launch::{Args, Null};
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
-pub use shapes::{AttnShape, GemvShape, NormShape};
+pub use layer::{DecodeLayer, LayerScratch, LayerWeights};
+pub use shapes::{AttnShape, GemvShape, LayerShape, NormShape};
 pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
@@ -47,6 +49,8 @@ pub enum GpuError {
     Shape { kernel: String, what: String },
     #[error("kernel '{kernel}' was compiled for {compiled} but this GPU is {device}")]
     ArchMismatch { kernel: String, compiled: Arch, device: Arch },
+    #[error("kernel '{kernel}' needs its {blocks} blocks resident at once; this GPU holds {fit}")]
+    NotCoResident { kernel: String, blocks: usize, fit: usize },
     #[error("cuBLAS unavailable: {0}")]
     NoBlas(String),
     #[error("kernel '{kernel}' needs {wanted} bytes of dynamic shared memory; this GPU allows {limit} per block")]

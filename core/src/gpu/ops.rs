@@ -12,7 +12,7 @@ fn shape_err(kernel: &str, what: String) -> GpuError {
     GpuError::Shape { kernel: kernel.into(), what }
 }
 
-fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedKernel, GpuError> {
+pub(crate) fn load_checked(gpu: &Gpu, entry: &CacheEntry, template: &str) -> Result<LoadedKernel, GpuError> {
     if entry.inputs.template != template {
         return Err(shape_err(&entry.inputs.template, format!("not a {template} kernel")));
     }
@@ -168,7 +168,7 @@ impl KvArena {
     }
 }
 
-fn check_arena(name: &str, kv: &KvArena, max_pos: usize, kv_dim: usize) -> Result<(), GpuError> {
+pub(crate) fn check_arena(name: &str, kv: &KvArena, max_pos: usize, kv_dim: usize) -> Result<(), GpuError> {
     if kv.max_pos != max_pos || kv.kv_dim != kv_dim {
         return Err(shape_err(
             name,

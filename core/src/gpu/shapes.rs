@@ -85,3 +85,21 @@ impl GemvShape {
 pub(crate) fn entry_param(entry: &crate::cache::CacheEntry, name: &str) -> Result<usize, GpuError> {
     param(&entry.inputs.template, &entry.inputs.params, name, None)
 }
+
+/// The problem of a `decode_layer` kernel: a dense decoder layer's widths and attention shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerShape {
+    pub hidden: usize,
+    pub inter: usize,
+    pub attn: AttnShape,
+    /// The MLP activation is SiLU (else ReLU²).
+    pub silu: bool,
+}
+
+impl LayerShape {
+    /// From template parameters H, I, QH, KVH, HD, MAX_POS, ACT.
+    pub fn from_params(p: &Params) -> Result<Self, GpuError> {
+        let get = |name| param("decode_layer", p, name, None);
+        Ok(Self { hidden: get("H")?, inter: get("I")?, attn: AttnShape::from_params("decode_layer", p)?, silu: get("ACT")? == 1 })
+    }
+}

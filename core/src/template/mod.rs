@@ -266,6 +266,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../kernel_templates/moe_combine.toml"),
         include_str!("../../../kernel_templates/moe_combine.cu.tera"),
     ),
+    (
+        include_str!("../../../kernel_templates/decode_layer.toml"),
+        include_str!("../../../kernel_templates/decode_layer.cu.tera"),
+    ),
 ];
 
 impl Catalog {

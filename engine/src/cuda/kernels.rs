@@ -6,7 +6,7 @@
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::step::{Family, MAX_GEMV_M};
 use mangrove_deploy::provision::KernelEntries;
-use mangrove_core::gpu::{Attention, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
+use mangrove_core::gpu::{Attention, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
 
 /// Errors of assembling the step's kernels.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +109,11 @@ pub struct StepKernels {
     /// MoE models.
     pub moe: Option<MoeKernels>,
     pub lm_head: Gathered,
+    /// Dense models: the fused layer of batch-1 decode steps, when the plan has it and this GPU
+    /// holds its persistent grid (else those steps run the unfused launches).
+    pub fused: Option<DecodeLayer>,
+    /// Why the plan's fused layer cannot run on this GPU, when it cannot (a counted fallback).
+    pub fused_unavailable: Option<String>,
 }
 
 impl StepKernels {
@@ -132,6 +137,16 @@ impl StepKernels {
         let norm = |family| RmsNormQuant::new(gpu, one(family)?).map_err(load_err(family, 1));
         let gemv = |family| TernaryGemv::new(gpu, one(family)?).map_err(load_err(family, 1));
         let is_moe = entries.contains_key(&(Family::MoeGateUp, 1));
+        let disabled = std::env::var_os("MANGROVE_UNFUSED").is_some();
+        let (fused, fused_unavailable) = match entries.get(&(Family::DecodeLayer, 1)) {
+            Some(_) if disabled => (None, None), // the A/B switch: not a fallback
+            Some(e) => match DecodeLayer::new(gpu, e) {
+                Ok(k) => (Some(k), None),
+                Err(e @ GpuError::NotCoResident { .. }) => (None, Some(e.to_string())),
+                Err(source) => return Err(KernelSetError::Load { family: Family::DecodeLayer, m: 1, source }),
+            },
+            None => (None, None),
+        };
         Ok(Self {
             qkv: linear(Family::AttnQkv)?,
             o: linear(Family::AttnO)?,
@@ -160,6 +175,8 @@ impl StepKernels {
                 })
                 .transpose()?,
             lm_head: gathered(Family::LmHead)?,
+            fused,
+            fused_unavailable,
         })
     }
 }

@@ -23,7 +23,7 @@ use crate::slots::SlotPool;
 use crate::backend::{check_batch, Backend, ForwardError, SeqInput, StepReport};
 use mangrove_core::gpu::{Gpu, GpuError, Graph, KvArena, SpanTotal};
 use mangrove_core::step::Family;
-use mangrove_deploy::provision::KernelEntries;
+use mangrove_deploy::provision::{FallbackReason, KernelEntries};
 use kernels::{KernelSetError, StepKernels};
 use step::{StepShape, Workspace};
 use weights::DeviceWeights;
@@ -75,6 +75,9 @@ impl CudaBackend {
         let mut config = model.config.clone();
         config.max_positions = config.max_positions.min(context);
         let kernels = StepKernels::load(&gpu, entries)?;
+        if let Some(why) = &kernels.fused_unavailable {
+            eprintln!("mangrove: the fused decode layer cannot run here ({why}); batch-1 steps run the unfused kernels");
+        }
         let weights = DeviceWeights::upload(&gpu, model)?;
         let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
         let work = Workspace::new(&gpu, &config, &kernels, max_seqs.max(1))?;
@@ -96,6 +99,22 @@ impl CudaBackend {
     pub fn with_graphs(mut self, on: bool) -> Self {
         self.graphs_enabled = on && self.config.moe.is_none();
         self
+    }
+
+    /// Turns the fused batch-1 layer off (it is on whenever the plan has it and this GPU holds
+    /// its grid; `MANGROVE_UNFUSED=1` also turns it off): the A/B switch to the unfused step.
+    pub fn without_fused_layer(self) -> Self {
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.kernels.fused = None;
+            inner.graphs.clear();
+        }
+        self
+    }
+
+    /// Whether batch-1 decode steps run the fused layer.
+    pub fn fused_layer(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).kernels.fused.is_some()
     }
 }
 
@@ -179,20 +198,29 @@ impl Backend for CudaBackend {
             }
             r.last.push(r.tokens.len() as i32 - 1);
         }
-        let logits = {
+        let batch1 = r.tokens.len() == 1;
+        let (logits, fused, unavailable) = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(mangrove_core::error_chain(&e)))?
+            let logits = inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(mangrove_core::error_chain(&e)))?;
+            (logits, batch1 && inner.kernels.fused.is_some(), batch1 && inner.kernels.fused_unavailable.is_some())
         };
         for seq in batch.iter_mut() {
             seq.cache.len += seq.tokens.len();
         }
         // Widening 16 × 128k logits to f64 costs milliseconds on one core: one row per thread.
         let out = logits.par_chunks_exact(c.vocab).map(|l| l.iter().map(|&v| v as f64).collect()).collect();
-        Ok((out, StepReport { paths: paths(c), fallbacks: Vec::new() }))
+        let paths = if fused { fused_paths() } else { paths(c) };
+        let fallbacks = if unavailable { vec![(Family::DecodeLayer, FallbackReason::KernelUnavailable)] } else { Vec::new() };
+        Ok((out, StepReport { paths, fallbacks }))
     }
 }
 
-/// The (layer family, kernel variant) pairs one forward of this backend runs.
+/// The (layer family, kernel variant) pairs of a batch-1 decode step with the fused layer.
+pub fn fused_paths() -> Vec<(Family, &'static str)> {
+    vec![(Family::Embedding, "cuda_op"), (Family::DecodeLayer, "cuda_fused"), (Family::LmHead, "cuda_op")]
+}
+
+/// The (layer family, kernel variant) pairs one forward of this backend runs (unfused).
 pub fn paths(c: &ModelConfig) -> Vec<(Family, &'static str)> {
     use Family::*;
     let mut linear = vec![AttnQkv, AttnO];

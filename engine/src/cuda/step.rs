@@ -5,7 +5,7 @@
 
 use mangrove_core::step::Family;
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::gpu::{AttnScratch, DeviceBuffer, Gpu, GpuError, KvArena, NormOut, NormSource, RowMeta, Spans};
+use mangrove_core::gpu::{AttnScratch, DeviceBuffer, Gpu, GpuError, KvArena, LayerScratch, LayerWeights, NormOut, NormSource, RowMeta, Spans};
 
 use super::kernels::StepKernels;
 use super::moe::{moe_ffn, MoeWork};
@@ -40,6 +40,8 @@ pub struct Workspace {
     pub logits: DeviceBuffer<f32>,
     /// MoE models: the per-pair buffers.
     moe: Option<MoeWork>,
+    /// The fused layer's cross-block buffers, when it is loaded.
+    layer: Option<LayerScratch>,
 }
 
 impl Workspace {
@@ -64,6 +66,7 @@ impl Workspace {
             last: gpu.zeros(rows)?,
             logits: gpu.zeros(rows * c.vocab)?,
             moe: c.moe.map(|m| MoeWork::new(gpu, c, &m, rows)).transpose()?,
+            layer: k.fused.as_ref().map(|f| f.scratch(gpu)).transpose()?,
         })
     }
 }
@@ -103,6 +106,32 @@ pub fn enqueue(
     let first = w.layers.first().map_or(&w.norm, |l| &l.input_norm);
     k.norm.launch(gpu, rows, NormSource::Embed { x: &mut ws.x, tokens: &ws.tokens, table: &w.embed }, Some(first), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
     mark("embedding+rmsnorm")?;
+    if let (Some(fused), Some(scratch), StepShape { rows: 1, seqs: 1 }) = (&k.fused, ws.layer.as_mut(), StepShape { rows, seqs }) {
+        // Batch-1 decode: each layer is one persistent kernel; the residual row stays in ws.x.
+        for (li, l) in w.layers.iter().enumerate() {
+            let DeviceFfn::Dense { mlp: DeviceMlp { gate_up, gate_up_factors: [fg, fu], down, down_factor }, sub_norm } = &l.ffn else {
+                return Err(GpuError::Shape { kernel: "decode_layer".into(), what: "an MoE layer has no fused kernel".into() });
+            };
+            let [fq, fk, fv] = l.qkv_factors;
+            let lw = LayerWeights {
+                qkv: &l.qkv,
+                o: &l.o,
+                gate_up,
+                down,
+                input_norm: &l.input_norm,
+                attn_sub_norm: &l.attn_sub_norm,
+                post_attn_norm: &l.post_attn_norm,
+                ffn_sub_norm: sub_norm,
+                factors: [fq, fk, fv, l.o_factor, *fg, *fu, *down_factor],
+            };
+            fused.launch(gpu, &mut ws.x, &lw, (eps, theta), &RowMeta { pos: &ws.pos, slot: &ws.slot }, kv, li, scratch)?;
+            mark(Family::DecodeLayer.as_str())?;
+        }
+        k.norm.launch(gpu, 1, NormSource::Rows { x: &ws.x }, Some(&w.norm), eps, NormOut::F32(&mut ws.xn))?;
+        mark("final rmsnorm")?;
+        k.lm_head.launch(gpu, w.head(), &ws.xn, &ws.last, 1, &mut ws.logits)?;
+        return mark(Family::LmHead.as_str());
+    }
     for (li, l) in w.layers.iter().enumerate() {
         let meta = RowMeta { pos: &ws.pos, slot: &ws.slot };
         k.qkv.launch(gpu, &l.qkv, rows, &ws.q, &ws.x_scale, &mut ws.qkv)?;
