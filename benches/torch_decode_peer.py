@@ -161,6 +161,8 @@ def run_torch(args, cfg):
     import torch
     import torch.nn.functional as F
 
+    import peer_common
+
     if not torch.cuda.is_available():
         sys.exit("error: no CUDA device visible to torch")
     dev = torch.device("cuda")
@@ -174,22 +176,7 @@ def run_torch(args, cfg):
     naive = args.ops == "naive"
 
     def copy_bandwidth_gbs():
-        nbytes = 1 << 30
-        src = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, device=dev)
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ms = []
-        for _ in range(10):
-            start.record()
-            dst.copy_(src)
-            stop.record()
-            stop.synchronize()
-            ms.append(start.elapsed_time(stop))
-        del src, dst
-        return 2 * nbytes / (statistics.median(ms) * 1e-3) / 1e9
+        return peer_common.copy_bandwidth_gbs(dev)
 
     def lin(n, k):
         # Uniform(-a, a) with a = sqrt(3/k): unit-variance outputs for unit-variance inputs.

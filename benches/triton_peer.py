@@ -84,6 +84,8 @@ def main(argv=None):
     cases = cases_from(report)
 
     import torch  # kept inside main (with triton) so --help works without them
+
+    import peer_common
     import triton
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -171,22 +173,7 @@ def main(argv=None):
         return torch.cat([((packed >> (2 * s)) & 3).to(torch.int8) - 1 for s in range(4)], dim=0)
 
     def copy_bandwidth_gbs():
-        nbytes = 1 << 30
-        src = torch.empty(nbytes, dtype=torch.uint8, device=dev)
-        dst = torch.empty_like(src)
-        for _ in range(3):
-            dst.copy_(src)
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        ms = []
-        for _ in range(10):
-            start.record()
-            dst.copy_(src)
-            stop.record()
-            stop.synchronize()
-            ms.append(start.elapsed_time(stop))
-        del src, dst
-        return 2 * nbytes / (statistics.median(ms) * 1e-3) / 1e9
+        return peer_common.copy_bandwidth_gbs(dev)
 
     # ----------------------------------------------------------------------------- cases
 

@@ -17,7 +17,7 @@ use crate::validate::{check_entry, has_validator};
 #[derive(Debug, thiserror::Error)]
 pub enum WarmError {
     #[error("{kernel}")]
-    Kernel { kernel: String, source: JitError },
+    Kernel { kernel: String, source: Box<JitError> },
     #[error(transparent)]
     Jit(#[from] JitError),
     #[error(transparent)]
@@ -83,7 +83,7 @@ pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool) -> Result<WarmReport, Wa
     let first_wall = t0.elapsed().as_secs_f64() * 1e3;
     let (mut compiled, mut compiled_ms) = (0, 0.0);
     for (r, f) in reqs.iter().zip(first) {
-        let f = f.map_err(|source| WarmError::Kernel { kernel: format!("{} {} for {}", r.template, format_params(&r.params), r.arch), source })?;
+        let f = f.map_err(|source| WarmError::Kernel { kernel: format!("{} {} for {}", r.template, format_params(&r.params), r.arch), source: Box::new(source) })?;
         if let Outcome::Compiled(_) = f.outcome {
             compiled += 1;
             compiled_ms += f.entry.compile_ms;

@@ -32,7 +32,7 @@ pub enum BlessError {
     #[error("--verify-on-gpu")]
     Gpu(#[from] GpuError),
     #[error("{kernel}")]
-    Kernel { kernel: String, source: JitError },
+    Kernel { kernel: String, source: Box<JitError> },
     #[error("checking {kernel} on the GPU")]
     Check { kernel: String, source: GpuError },
     #[error("refusing to bless: {} kernels failed the GPU check:\n{}", .0.len(), .0.join("\n"))]
@@ -105,7 +105,7 @@ pub fn bless(catalog: &Catalog, cache_dir: &Path, r: &BlessRequest) -> Result<Bl
     let mut failed = Vec::new();
     for (p, f) in planned.iter().zip(jit.get_many(&reqs)) {
         let kernel = || format!("{} M={}", p.family, p.m);
-        let f = f.map_err(|source| BlessError::Kernel { kernel: kernel(), source })?;
+        let f = f.map_err(|source| BlessError::Kernel { kernel: kernel(), source: Box::new(source) })?;
         let gpu_check = match &gpu {
             Some(g) if has_validator(&p.request.template) => {
                 let d = check_entry(g, &f.entry, 0xB1E55 ^ p.m as u64, DEPLOY_GATE.rel_floor)

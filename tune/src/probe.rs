@@ -6,16 +6,14 @@
 use mangrove_core::arch::Arch;
 use mangrove_core::check::{Deltas, Gate, POISON_BF16};
 use mangrove_core::gpu::{ActMode, Activations, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
-use mangrove_core::jit::{Jit, KernelRequest};
+use mangrove_core::jit::Jit;
+use mangrove_core::step::{gemv_request, MAX_GEMV_M};
 use mangrove_core::template::Params;
 use mangrove_core::tuning_db::{GateRecord, LookupRule, Provenance, TuningDb};
 use mangrove_core::validate::TernaryProblem;
 
 use super::sweep::TuneError;
 use super::workload::rotation_count;
-
-/// Largest M one GEMV launch handles.
-pub const MAX_GEMV_M: usize = 8;
 
 /// What the M>1 path is compared with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -32,17 +30,6 @@ pub struct ProbeCase {
     pub record: GateRecord,
     /// How the GEMV config was chosen for each chunk size.
     pub rule: LookupRule,
-}
-
-/// Chooses the tuned ternary GEMV config of `mode` for (m, n, k) from the DB (nearest bucket),
-/// or the default.
-pub fn gemv_request(db: &TuningDb, arch: Arch, mode: ActMode, m: usize, n: i64, k: i64) -> (KernelRequest, LookupRule) {
-    let problem: Params = [("N".to_string(), n), ("K".to_string(), k)].into();
-    let choice = db.lookup(mode.template(), &problem, m as i64);
-    let mut params = choice.params;
-    params.extend(problem);
-    params.insert("M".into(), m as i64);
-    (KernelRequest { template: mode.template().into(), params, arch }, choice.rule)
 }
 
 /// The M-row linear as launches of at most [`MAX_GEMV_M`] rows each.

@@ -23,7 +23,7 @@ pub enum CacheError {
     #[error("cache {path}: {reason}")]
     Open { path: String, reason: String },
     #[error("cache {path}")]
-    Sled { path: String, source: sled::Error },
+    Sled { path: String, source: Box<sled::Error> },
     #[error("cache {path}: encoding an entry")]
     Encode { path: String, source: bincode::error::EncodeError },
     #[error("cache {path}")]

@@ -92,7 +92,7 @@ impl SledStorage {
             }
         })?;
         let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
-        let sled_err = |source| CacheError::Sled { path: dir.display().to_string(), source };
+        let sled_err = |source| CacheError::Sled { path: dir.display().to_string(), source: Box::new(source) };
         Ok(Self {
             kernels: db.open_tree(KERNELS).map_err(sled_err)?,
             atime: db.open_tree(ATIME).map_err(sled_err)?,
@@ -103,7 +103,7 @@ impl SledStorage {
     }
 
     fn err(&self, source: sled::Error) -> CacheError {
-        CacheError::Sled { path: self.dir.display().to_string(), source }
+        CacheError::Sled { path: self.dir.display().to_string(), source: Box::new(source) }
     }
 
     fn bump(&self, counter: &str) -> Result<(), CacheError> {
