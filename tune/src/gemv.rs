@@ -6,6 +6,7 @@ use super::context::TuneContext;
 use super::sweep::{SweepOutcome, TuneError};
 use super::workload::{GemvWorkload, Workload};
 use mangrove_core::gpu::ActMode;
+use mangrove_core::step::MAX_GEMV_M;
 use mangrove_core::template::Params;
 
 /// The bitnet-b1.58-2B decode shapes (N×K): fused QKV, O, fused gate/up, down.
@@ -22,8 +23,8 @@ pub fn tune_gemv(
     let mut out = Vec::new();
     for &(n, k) in shapes {
         for &m in ms {
-            if !(1..=8).contains(&m) {
-                return Err(TuneError::Input(format!("gemv supports M in 1..=8, got {m}")));
+            if !(1..=MAX_GEMV_M as i64).contains(&m) {
+                return Err(TuneError::Input(format!("gemv supports M in 1..={MAX_GEMV_M}, got {m}")));
             }
             let problem: Params = [("M".to_string(), m), ("N".to_string(), n), ("K".to_string(), k)].into();
             progress.set_message(format!("gemv M={m} N={n} K={k}"));

@@ -13,7 +13,7 @@ use mangrove_core::reference::{ternary_linear, unpack_ternary};
 use mangrove_core::template::Params;
 use crate::context::COPY_BW_BYTES;
 use crate::gateup::{gateup_problem, gateup_request};
-use mangrove_core::step::gemv_request;
+use mangrove_core::step::{gemv_request, MAX_GEMV_M};
 use crate::sweep::tunables_of;
 use crate::workload::{rotation_count, GateupWorkload, GemvWorkload, Workload};
 use mangrove_core::tuning_db::{LookupRule, Provenance, TuningDb};
@@ -93,8 +93,8 @@ fn gemv_case(
     case: &Case,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CaseResult, LabError> {
-    if !(1..=8).contains(&m) || n % 4 != 0 {
-        return Err(LabError::Input(format!("{}: the ternary GEMV takes M in 1..=8 and N a multiple of 4", case.label())));
+    if !(1..=MAX_GEMV_M).contains(&m) || n % 4 != 0 {
+        return Err(LabError::Input(format!("{}: the ternary GEMV takes M in 1..={MAX_GEMV_M} and N a multiple of 4", case.label())));
     }
     let mut work = GemvWorkload::new(gpu, m, n, k, s.seed)?;
     let mut variants = vec![cublas_variant(gpu, blas, s, None, || DenseCase::gemv(gpu, &TernaryProblem::random(m, n, k, s.seed)))];
