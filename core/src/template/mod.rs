@@ -243,6 +243,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../kernel_templates/ternary_gemv_w2a8.cu.tera"),
     ),
     (
+        include_str!("../../../kernel_templates/ternary_gemm_w2a8.toml"),
+        include_str!("../../../kernel_templates/ternary_gemm_w2a8.cu.tera"),
+    ),
+    (
         include_str!("../../../kernel_templates/moe_gateup.toml"),
         include_str!("../../../kernel_templates/moe_gateup.cu.tera"),
     ),
