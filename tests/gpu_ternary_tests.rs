@@ -96,3 +96,87 @@ fn shape_mismatch_is_an_error_not_a_crash() {
     let err = op.launch(&gpu, &w, mangrove::gpu::Activations::Bf16(&x), &mut y, 1.0).unwrap_err();
     assert!(err.to_string().contains("x has 256 elements"), "{err}");
 }
+
+/// Tensor-core GEMM configs: buckets × shapes, cycling the tunables (every value of each).
+fn gemm_cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
+    let mut out = Vec::new();
+    let mut i = 0usize;
+    for m in [2, 8, 16, 33, 64, 256] {
+        for (n, k) in [(2560, 2560), (3840, 2560), (2560, 6912), (3000, 1024)] {
+            for split in [1, 2, 4, 8] {
+                let block_t = [8, 16, 32, 64][i % 4];
+                let row_tiles = if block_t == 64 { 1 } else { [1, 2, 4][i % 3] };
+                let (row_warps, k_warps) = [(4, 1), (1, 4), (2, 2), (8, 1), (4, 2)][i % 5];
+                let k_warps = if block_t * row_tiles * row_warps * (k_warps - 1) * 128 > 49152 { 1 } else { k_warps };
+                let unroll = [1, 2, 4][i % 3];
+                let p = format!(
+                    "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL={unroll}",
+                    i % 2
+                );
+                out.push(common::request(arch, "ternary_gemm_w2a8", &p));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn w2a8_gemm_matches_f64_reference_and_is_bit_identical() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let reqs = gemm_cases(gpu.info().arch);
+    let mut failures = Vec::new();
+    for (i, f) in jit.get_many(&reqs).into_iter().enumerate() {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        let what = format_params(&f.entry.inputs.params);
+        let runs = check_ternary_gemv(&gpu, &f.entry, 9000 + i as u64, 3, common::GPU_GATE.rel_floor).unwrap();
+        println!("gemm {what}: {} regs={} spills={}", runs[0].deltas, f.entry.resources.registers, f.entry.resources.spill_stores);
+        for r in &runs {
+            if !r.deltas.passes(&common::GPU_GATE) || r.output != runs[0].output {
+                failures.push(format!("{what}: {}", r.deltas));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
+}
+
+/// A bucket serves any row count up to its M: the first rows match the M=1 GEMV row by row bit
+/// for bit (both sums are exact integers), and the rows past the count keep their poison.
+#[test]
+fn w2a8_gemm_takes_fewer_rows_and_equals_the_m1_gemv() {
+    use mangrove::validate::TernaryCase;
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let jit = common::jit_in(dir.path());
+    let arch = gpu.info().arch;
+    for (n, k, out_f32) in [(3840, 2560, 1), (2560, 6912, 0)] {
+        let one = jit.get(&common::request(arch, "ternary_gemv_w2a8", &format!("M=1 N={n} K={k} OUT_F32={out_f32}"))).unwrap();
+        let mut one = mangrove::gpu::TernaryGemv::new(&gpu, &one.entry).unwrap();
+        for (m, rows) in [(16, 1), (16, 9), (64, 37), (256, 200)] {
+            let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 SPLIT_K=4");
+            let f = jit.get(&common::request(arch, "ternary_gemm_w2a8", &p)).unwrap();
+            let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();
+            let mut case = TernaryCase::new(&gpu, m, n as usize, k as usize, 31 + m as u64).unwrap();
+            let run = case.run_rows(&gpu, &mut op, rows, common::GPU_GATE.rel_floor).unwrap();
+            assert!(run.deltas.passes(&common::GPU_GATE), "{p} rows={rows}: {}", run.deltas);
+            let used = rows * n as usize;
+            let poison = if out_f32 == 1 { mangrove::check::POISON_F32 } else { u32::from(mangrove::check::POISON_BF16) };
+            let touched = run.output[used..].iter().filter(|&&b| b != poison).count();
+            assert_eq!(touched, 0, "{p} rows={rows}: {touched} outputs past the row count were written");
+            let by_row = case.rows_one_by_one(&gpu, &mut one).unwrap();
+            let got: Vec<f64> = run.output[..used]
+                .iter()
+                .map(|&b| if out_f32 == 1 { f64::from(f32::from_bits(b)) } else { half::bf16::from_bits(b as u16).to_f64() })
+                .collect();
+            assert!(got == by_row[..used], "{p} rows={rows}: the GEMM differs from the M=1 GEMV row by row");
+        }
+    }
+    let f = jit.get(&common::request(arch, "ternary_gemm_w2a8", "M=16 N=256 K=256")).unwrap();
+    let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();
+    let (w, q, s) = (gpu.zeros::<u8>(64 * 256).unwrap(), gpu.zeros::<i8>(17 * 256).unwrap(), gpu.zeros::<f32>(17).unwrap());
+    let mut y = gpu.zeros::<u16>(17 * 256).unwrap();
+    let err = op.launch_w2a8_rows(&gpu, &w, &q, &s, (0, 0), 17, &mut y, 1.0).unwrap_err();
+    assert!(err.to_string().contains("17 rows given; this kernel takes 1..=16"), "{err}");
+}

@@ -14,6 +14,11 @@ use crate::tuning_db::{LookupRule, TuningDb};
 /// Largest M one ternary GEMV launch handles; larger batches run in chunks of at most this.
 pub const MAX_GEMV_M: usize = 8;
 
+/// Row capacities (M buckets) of the tensor-core GEMM (`ternary_gemm_w2a8`) kernels the engine
+/// plans per linear: R >= 2 rows run on the smallest bucket that holds them, more than the
+/// largest in launches of the largest.
+pub const GEMM_BUCKETS: [i64; 6] = [8, 16, 32, 64, 128, 256];
+
 /// Longest context the CUDA engine serves: the attention kernel keeps one score per position
 /// in shared memory, and the KV cache holds this many positions per sequence.
 pub const MAX_CUDA_CONTEXT: usize = 4096;
@@ -147,12 +152,18 @@ pub fn decode_layer_problem(c: &ModelConfig) -> Option<Params> {
 /// The tuned ternary GEMV config of `mode` for (m, n, k) from the DB (nearest bucket), or the
 /// template defaults, as a request with the problem filled in.
 pub fn gemv_request(db: &TuningDb, arch: Arch, mode: ActMode, m: usize, n: i64, k: i64) -> (KernelRequest, LookupRule) {
+    linear_request(db, arch, mode.template(), m as i64, n, k)
+}
+
+/// The tuned config of the ternary linear `template` (a GEMV, or the GEMM at bucket `m`) for
+/// (m, n, k) from the DB (nearest bucket), or the template defaults.
+pub fn linear_request(db: &TuningDb, arch: Arch, template: &str, m: i64, n: i64, k: i64) -> (KernelRequest, LookupRule) {
     let problem: Params = [("N".to_string(), n), ("K".to_string(), k)].into();
-    let choice = db.lookup(mode.template(), &problem, m as i64);
+    let choice = db.lookup(template, &problem, m);
     let mut params = choice.params;
     params.extend(problem);
-    params.insert("M".into(), m as i64);
-    (KernelRequest { template: mode.template().into(), params, arch }, choice.rule)
+    params.insert("M".into(), m);
+    (KernelRequest { template: template.into(), params, arch }, choice.rule)
 }
 
 /// The config of a decode op (`template` at `problem` and `m`): a tuned record if the DB has one,

@@ -82,6 +82,10 @@ pub struct Record {
 /// Outcome of the M>1 linear probe for one (M, N, K).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GateRecord {
+    /// The template of the M>1 path probed (records written before the tensor-core GEMM probed
+    /// the chunked GEMVs).
+    #[serde(default = "gemv_gate_template")]
+    pub template: String,
     pub m: i64,
     pub n: i64,
     pub k: i64,
@@ -94,6 +98,10 @@ pub struct GateRecord {
     pub p50_us: f64,
     pub p95_us: f64,
     pub provenance: Provenance,
+}
+
+fn gemv_gate_template() -> String {
+    "ternary_gemv".into()
 }
 
 /// One template's file.
@@ -262,15 +270,15 @@ impl TuningDb {
         conflicts
     }
 
-    /// Records a probe result, replacing an older one for the same (m, n, k).
+    /// Records a probe result, replacing an older one for the same (template, m, n, k).
     pub fn record_gate(&mut self, g: GateRecord) {
-        self.gates.retain(|o| (o.m, o.n, o.k) != (g.m, g.n, g.k));
+        self.gates.retain(|o| (&o.template, o.m, o.n, o.k) != (&g.template, g.m, g.n, g.k));
         self.gates.push(g);
     }
 
-    /// True when the M>1 probe passed for this (m, n, k); M=1 needs no gate.
-    pub fn mgt1_allowed(&self, m: i64, n: i64, k: i64) -> bool {
-        m <= 1 || self.gates.iter().any(|g| g.m == m && g.n == n && g.k == k && g.passed)
+    /// True when the M>1 probe of `template` passed for this (m, n, k); M=1 needs no gate.
+    pub fn mgt1_allowed(&self, template: &str, m: i64, n: i64, k: i64) -> bool {
+        m <= 1 || self.gates.iter().any(|g| g.template == template && g.m == m && g.n == n && g.k == k && g.passed)
     }
 
     /// The config for `template` on `problem` (without M) at `m`: exact, nearest bucket, or default.
@@ -418,16 +426,20 @@ mod tests {
     #[test]
     fn gates_and_bad_files() {
         let mut db = TuningDb::default();
-        assert!(db.mgt1_allowed(1, 256, 256));
-        assert!(!db.mgt1_allowed(4, 256, 256));
+        const T: &str = "ternary_gemm_w2a8";
+        assert!(db.mgt1_allowed(T, 1, 256, 256));
+        assert!(!db.mgt1_allowed(T, 4, 256, 256));
         let g = GateRecord {
+            template: T.into(),
             m: 4, n: 256, k: 256, passed: true, status: "pass".into(), reference: "dense".into(), deltas: None,
             params: Params::new(), avg_us: 1.0, p50_us: 1.0, p95_us: 1.0, provenance: Provenance::default(),
         };
         db.record_gate(g.clone());
+        assert!(db.mgt1_allowed(T, 4, 256, 256));
+        assert!(!db.mgt1_allowed("ternary_gemv", 4, 256, 256), "a gate holds for the template it probed");
         db.record_gate(GateRecord { passed: false, ..g });
         assert_eq!(db.gates.len(), 1);
-        assert!(!db.mgt1_allowed(4, 256, 256), "the newer failing probe replaces the pass");
+        assert!(!db.mgt1_allowed(T, 4, 256, 256), "the newer failing probe replaces the pass");
 
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("x.json"), "{ not json").unwrap();

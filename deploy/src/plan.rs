@@ -4,10 +4,10 @@
 //! LM head). `serve` provisions exactly this list and `cache bless` freezes it.
 
 use mangrove_core::arch::Arch;
-use mangrove_core::gpu::ActMode;
+use mangrove_core::gpu::{ActMode, GEMM_TEMPLATE};
 use mangrove_core::jit::KernelRequest;
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::step::{decode_layer_problem, gemv_request, linear_shapes, op_kernels, op_request, Family, MAX_GEMV_M};
+use mangrove_core::step::{decode_layer_problem, linear_request, linear_shapes, op_kernels, op_request, Family, GEMM_BUCKETS, MAX_GEMV_M};
 use mangrove_core::template::{Catalog, Params};
 use mangrove_core::tuning_db::{LookupRule, TuningDb};
 
@@ -36,20 +36,23 @@ impl PlannedKernel {
 }
 
 /// Every kernel serving `config` needs on `arch` with `db`, for batches of up to `max_batch`;
-/// `catalog` decides which shapes a template can take. GEMV runs M > 1 in chunks of at most
-/// [`MAX_GEMV_M`] rows, so M = 1..=min(max_batch, MAX_GEMV_M) are all hit, except where
-/// probe-mgt1 did not pass a shape (then rows run one by one at M = 1). The LM head and the MoE
-/// router take as many rows per launch, so they are planned at the same M.
+/// `catalog` decides which shapes a template can take. One row of a linear runs on the M=1
+/// GEMV; more (decode batches and prefill chunks) on the tensor-core GEMM at each of
+/// [`GEMM_BUCKETS`] probe-mgt1 passed for the shape. Where it passed none (or the GEMM cannot
+/// take the shape), GEMVs run M > 1 in chunks of at most [`MAX_GEMV_M`] rows where the older
+/// GEMV probe passed, else rows run one by one. The LM head and the MoE router take as many rows
+/// per launch, so they are planned at M = 1..=min(max_batch, MAX_GEMV_M).
 pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, max_batch: i64) -> Vec<PlannedKernel> {
     let mut out = Vec::new();
     let chunk_ms = 1..=max_batch.min(MAX_GEMV_M as i64);
     let h = config.hidden as i64;
-    let w2a8 = |out: &mut Vec<PlannedKernel>, family: Family, m: i64, n: i64, k: i64| {
-        let (mut request, rule) = gemv_request(db, arch, ActMode::W2A8, m as usize, n, k);
+    let w2a8 = |out: &mut Vec<PlannedKernel>, template: &str, family: Family, m: i64, n: i64, k: i64| {
+        let (mut request, rule) = linear_request(db, arch, template, m, n, k);
         // The engine keeps linear outputs in f32 (its residual stream's precision).
         request.params.insert("OUT_F32".into(), 1);
         out.push(PlannedKernel::new(catalog, family, m, request, rule));
     };
+    let gemv = ActMode::W2A8.template();
     // A dense bf16 GEMV over gathered rows (`lm_head` template) at every chunk size.
     let gathered = |out: &mut Vec<PlannedKernel>, family: Family, n: i64| {
         for m in chunk_ms.clone() {
@@ -59,15 +62,23 @@ pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, 
         }
     };
     for (family, n, k) in linear_shapes(config) {
-        for m in chunk_ms.clone().filter(|&m| db.mgt1_allowed(m, n, k)) {
-            w2a8(&mut out, family, m, n, k);
+        w2a8(&mut out, gemv, family, 1, n, k);
+        let before = out.len();
+        for m in GEMM_BUCKETS.into_iter().filter(|&m| db.mgt1_allowed(GEMM_TEMPLATE, m, n, k)) {
+            w2a8(&mut out, GEMM_TEMPLATE, family, m, n, k);
+        }
+        if out[before..].iter().any(|p| p.unavailable.is_some()) || out.len() == before {
+            out.truncate(before);
+            for m in (2..=MAX_GEMV_M as i64).filter(|&m| db.mgt1_allowed(ActMode::Bf16.template(), m, n, k)) {
+                w2a8(&mut out, gemv, family, m, n, k);
+            }
         }
     }
     if let Some(moe) = config.moe {
         // Each (token, expert) pair runs its expert's gate|up and down as an M=1 GEMV.
         let i = moe.inter as i64;
-        w2a8(&mut out, Family::MoeGateUp, 1, 2 * i, h);
-        w2a8(&mut out, Family::MoeDown, 1, h, i);
+        w2a8(&mut out, gemv, Family::MoeGateUp, 1, 2 * i, h);
+        w2a8(&mut out, gemv, Family::MoeDown, 1, h, i);
         gathered(&mut out, Family::MoeRouter, moe.experts as i64);
     }
     for (family, template, problem) in op_kernels(config) {

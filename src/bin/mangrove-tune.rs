@@ -68,13 +68,13 @@ enum Cmd {
         #[arg(long)]
         model: Option<PathBuf>,
     },
-    /// The M>1 ternary linear gate: run the tuned GEMV path for M tokens (row chunks of at most
-    /// 8) against a reference, time it, and record pass/fail in the tuning DB.
+    /// The M>1 ternary linear gate: run the engine's path for M tokens (the tuned tensor-core
+    /// GEMM at bucket M) against a reference, time it, and record pass/fail in the tuning DB.
     #[command(name = "probe-mgt1")]
     ProbeMgt1 {
         #[command(flatten)]
         common: Common,
-        #[arg(long, value_delimiter = ',', default_values_t = [2i64, 4, 8, 16, 32, 64])]
+        #[arg(long, value_delimiter = ',', default_values_t = mangrove::step::GEMM_BUCKETS.to_vec())]
         m: Vec<i64>,
         /// Shapes as NxK. Default: bitnet-b1.58-2B decode shapes.
         #[arg(long, value_delimiter = ',', value_parser = parse_shape)]

@@ -8,7 +8,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mangrove_core::arch::Arch;
 use mangrove_core::check::Gate;
-use mangrove_core::gpu::{ActMode, GpuError, TimingPlan};
+use mangrove_core::gpu::{ActMode, GpuError, TimingPlan, GEMM_TEMPLATE};
 use mangrove_core::jit::{Jit, JitError};
 use mangrove_core::model_config::{ConfigError, ModelConfig, Preset};
 use mangrove_core::template::{format_params, Catalog, Params};
@@ -63,7 +63,8 @@ pub struct GemvJobs {
     /// Token counts to tune.
     #[arg(long, value_delimiter = ',', default_values_t = [1i64, 2, 4, 8])]
     pub m: Vec<i64>,
-    /// Activation mode: bf16 (ternary_gemv) or int8 per-token W2A8 (ternary_gemv_w2a8).
+    /// Kernel: bf16 (ternary_gemv), int8 per-token W2A8 (ternary_gemv_w2a8, dp4a, M 1..8) or
+    /// w2a8-gemm (ternary_gemm_w2a8, tensor cores, M buckets up to 256).
     #[arg(long, value_enum, default_value = "bf16")]
     pub act: ActArg,
 }
@@ -79,14 +80,16 @@ impl GemvJobs {
 pub enum ActArg {
     Bf16,
     W2a8,
+    W2a8Gemm,
 }
 
 impl ActArg {
-    /// The activation mode.
-    pub fn mode(self) -> ActMode {
+    /// The template tuned.
+    pub fn template(self) -> &'static str {
         match self {
-            ActArg::Bf16 => ActMode::Bf16,
-            ActArg::W2a8 => ActMode::W2A8,
+            ActArg::Bf16 => ActMode::Bf16.template(),
+            ActArg::W2a8 => ActMode::W2A8.template(),
+            ActArg::W2a8Gemm => GEMM_TEMPLATE,
         }
     }
 }
@@ -179,9 +182,9 @@ pub fn gemv(common: Common, jobs: GemvJobs) -> Result<(), CommandError> {
         println!("gemv: shapes {} × M {:?}, {}", shapes.iter().map(|(n, k)| format!("{n}x{k}")).collect::<Vec<_>>().join(","), m, ctx.settings.strategy);
     }
     let pb = progress(common.json);
-    let outcomes = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
+    let outcomes = tune_gemv(&ctx, act.template(), &shapes, &m, &pb)?;
     pb.finish_and_clear();
-    finish(&ctx, &common, of_template(act.mode().template(), outcomes))
+    finish(&ctx, &common, of_template(act.template(), outcomes))
 }
 
 /// `gateup`: tune the MoE gate_up of (experts, topk, hidden, inter) at each M.
@@ -278,9 +281,9 @@ pub fn bench(common: Common, jobs: GemvJobs, report: Option<PathBuf>) -> Result<
     let budget = common.budget;
     ctx.settings.strategy = Strategy::Exhaustive;
     let pb = progress(common.json);
-    let exhaustive = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
+    let exhaustive = tune_gemv(&ctx, act.template(), &shapes, &m, &pb)?;
     ctx.settings.strategy = Strategy::Budgeted { budget, seed: common.seed };
-    let budgeted = tune_gemv(&ctx, act.mode(), &shapes, &m, &pb)?;
+    let budgeted = tune_gemv(&ctx, act.template(), &shapes, &m, &pb)?;
     pb.finish_and_clear();
     let mut rows = Vec::new();
     println!("copy bandwidth {:.0} GB/s; budgeted = {} configs timed per job", ctx.copy_bw_gbs, budget);
@@ -318,7 +321,7 @@ pub fn bench(common: Common, jobs: GemvJobs, report: Option<PathBuf>) -> Result<
         write(&path, &(serde_json::to_string_pretty(&full)? + "\n"))?;
     }
     if !common.no_write {
-        finish(&ctx, &Common { json: false, ..common }, of_template(act.mode().template(), exhaustive))?;
+        finish(&ctx, &Common { json: false, ..common }, of_template(act.template(), exhaustive))?;
     }
     Ok(())
 }

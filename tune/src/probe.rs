@@ -1,16 +1,18 @@
 //! `mangrove-tune probe-mgt1`: the M>1 ternary linear gate. For each (M, N, K) it runs the
-//! path the engine would use for M tokens (the tuned GEMV, in row chunks of at most 8),
-//! compares it with a reference (the f64 dense product, or the M=1 kernel applied row by row),
-//! times it, and records pass/fail in the tuning DB so the engine only uses M>1 kernels that passed.
+//! path the engine uses for a batch of M rows (the tuned tensor-core GEMM `ternary_gemm_w2a8`
+//! at bucket M, f32 out as the engine renders it), compares it with a reference (the M=1 W2A8
+//! GEMV applied row by row, which must agree bit for bit since both sums are exact integers, or
+//! the f64 product), times it, and records pass/fail in the tuning DB so the engine plans only
+//! buckets that passed.
 
 use mangrove_core::arch::Arch;
-use mangrove_core::check::{Deltas, Gate, POISON_BF16};
-use mangrove_core::gpu::{ActMode, Activations, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan};
-use mangrove_core::jit::Jit;
-use mangrove_core::step::{gemv_request, MAX_GEMV_M};
+use mangrove_core::check::{Deltas, Gate};
+use mangrove_core::gpu::{ActMode, DeviceBuffer, Gpu, TernaryGemv, TimingPlan, GEMM_TEMPLATE};
+use mangrove_core::jit::{Jit, KernelRequest};
+use mangrove_core::step::linear_request;
 use mangrove_core::template::Params;
 use mangrove_core::tuning_db::{GateRecord, LookupRule, Provenance, TuningDb};
-use mangrove_core::validate::TernaryProblem;
+use mangrove_core::validate::TernaryCase;
 
 use super::sweep::TuneError;
 use super::workload::rotation_count;
@@ -28,57 +30,15 @@ pub enum ProbeReference {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ProbeCase {
     pub record: GateRecord,
-    /// How the GEMV config was chosen for each chunk size.
+    /// How the GEMM config was chosen.
     pub rule: LookupRule,
 }
 
-/// The M-row linear as launches of at most [`MAX_GEMV_M`] rows each.
-struct ChunkedLinear {
-    chunks: Vec<(TernaryGemv, DeviceBuffer<u16>, DeviceBuffer<u16>)>,
-}
-
-impl ChunkedLinear {
-    fn new(
-        gpu: &Gpu,
-        jit: &Jit,
-        db: &TuningDb,
-        arch: Arch,
-        x_bits: &[u16],
-        (m, n, k): (usize, i64, i64),
-    ) -> Result<(Self, LookupRule, Params), TuneError> {
-        let mut chunks = Vec::new();
-        let mut rule = LookupRule::Default;
-        let mut params = Params::new();
-        for start in (0..m).step_by(MAX_GEMV_M) {
-            let rows = (m - start).min(MAX_GEMV_M);
-            let (req, r) = gemv_request(db, arch, ActMode::Bf16, rows, n, k);
-            if start == 0 {
-                rule = r;
-                params = req.params.clone();
-            }
-            let entry = jit.get(&req)?.entry;
-            let op = TernaryGemv::new(gpu, &entry)?;
-            let x = gpu.upload(&x_bits[start * k as usize..(start + rows) * k as usize])?;
-            let y = gpu.upload(&vec![POISON_BF16; rows * n as usize])?;
-            chunks.push((op, x, y));
-        }
-        Ok((Self { chunks }, rule, params))
-    }
-
-    fn launch(&mut self, gpu: &Gpu, w: &DeviceBuffer<u8>, scale: f32) -> Result<(), GpuError> {
-        for (op, x, y) in &mut self.chunks {
-            op.launch(gpu, w, Activations::Bf16(x), y, scale)?;
-        }
-        Ok(())
-    }
-
-    fn output(&self, gpu: &Gpu) -> Result<Vec<u16>, GpuError> {
-        let mut out = Vec::new();
-        for (_, _, y) in &self.chunks {
-            out.extend(gpu.download(y)?);
-        }
-        Ok(out)
-    }
+/// The engine's request for `template` at (m, n, k): the DB's config, f32 outputs.
+fn engine_request(db: &TuningDb, arch: Arch, template: &str, (m, n, k): (i64, i64, i64)) -> (KernelRequest, LookupRule) {
+    let (mut req, rule) = linear_request(db, arch, template, m, n, k);
+    req.params.insert("OUT_F32".into(), 1);
+    (req, rule)
 }
 
 /// Probes one (m, n, k). Errors inside the case become a failed record, not an abort.
@@ -96,6 +56,7 @@ pub fn probe_case(
     provenance: &Provenance,
 ) -> ProbeCase {
     let mut record = GateRecord {
+        template: GEMM_TEMPLATE.into(),
         m: m as i64,
         n,
         k,
@@ -111,35 +72,32 @@ pub fn probe_case(
     };
     let mut rule = LookupRule::Default;
     let result = (|| -> Result<(), TuneError> {
-        let prob = TernaryProblem::random(m, n as usize, k as usize, seed);
-        let (mut lin, r, params) = ChunkedLinear::new(gpu, jit, db, arch, &prob.x_bits, (m, n, k))?;
+        let (req, r) = engine_request(db, arch, GEMM_TEMPLATE, (m as i64, n, k));
         rule = r;
-        record.params = params;
-        let ring: Vec<DeviceBuffer<u8>> = (0..rotation_count(prob.packed.len(), gpu.info().l2_bytes as usize))
-            .map(|_| gpu.upload(&prob.packed))
-            .collect::<Result<_, _>>()?;
-        lin.launch(gpu, &ring[0], prob.scale)?;
-        gpu.sync()?;
-        let out = lin.output(gpu)?;
-        let expect: Vec<f64> = match reference {
-            ProbeReference::Dense => prob.reference(),
+        record.params = req.params.clone();
+        let mut op = TernaryGemv::new(gpu, &jit.get(&req)?.entry)?;
+        let mut case = TernaryCase::new(gpu, m, n as usize, k as usize, seed)?;
+        let run = case.run(gpu, &mut op, gate.rel_floor)?;
+        let d = match reference {
+            ProbeReference::Dense => run.deltas,
             ProbeReference::M1Kernel => {
-                let mut rows = Vec::with_capacity(m * n as usize);
-                for r in 0..m {
-                    let xr = &prob.x_bits[r * k as usize..(r + 1) * k as usize];
-                    let (mut one, _, _) = ChunkedLinear::new(gpu, jit, db, arch, xr, (1, n, k))?;
-                    one.launch(gpu, &ring[0], prob.scale)?;
-                    rows.extend(one.output(gpu)?.into_iter().map(|b| half::bf16::from_bits(b).to_f64()));
-                }
-                rows
+                let (one_req, _) = engine_request(db, arch, ActMode::W2A8.template(), (1, n, k));
+                let mut one = TernaryGemv::new(gpu, &jit.get(&one_req)?.entry)?;
+                let expect = case.rows_one_by_one(gpu, &mut one)?;
+                let out: Vec<f32> = run.output.iter().map(|&b| f32::from_bits(b)).collect();
+                Deltas::of_f32(&out, &expect, gate.rel_floor)
             }
         };
-        let d = Deltas::of_bf16(&out, &expect, gate.rel_floor);
         record.deltas = Some(d);
         record.passed = d.passes(gate);
         record.status = if record.passed { "pass".into() } else { format!("fail: {d}") };
-        let copies = ring.len();
-        let stats = gpu.time_launches(plan, |i| lin.launch(gpu, &ring[i % copies], prob.scale))?;
+        let packed = &case.problem.packed;
+        let ring: Vec<DeviceBuffer<u8>> =
+            (0..rotation_count(packed.len(), gpu.info().l2_bytes as usize)).map(|_| gpu.upload(packed)).collect::<Result<_, _>>()?;
+        let mut y = gpu.zeros::<f32>(m * n as usize)?;
+        let (q, xs) = case.device_int8();
+        let (copies, scale) = (ring.len(), case.problem.scale);
+        let stats = gpu.time_launches(plan, |i| op.launch_w2a8_rows(gpu, &ring[i % copies], q, xs, (0, 0), m, &mut y, scale))?;
         record.avg_us = stats.mean_us;
         record.p50_us = stats.median_us;
         record.p95_us = stats.p95_us;

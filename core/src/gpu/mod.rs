@@ -28,7 +28,7 @@ pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use layer::{DecodeLayer, LayerScratch, LayerWeights};
 pub use shapes::{AttnShape, GemvShape, LayerShape, NormShape};
 pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
-pub use ternary::{ActMode, Activations, TernaryGemv};
+pub use ternary::{ActMode, Activations, TernaryGemv, GEMM_TEMPLATE};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
 
 /// A device allocation of `T` elements.

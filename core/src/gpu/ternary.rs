@@ -1,6 +1,7 @@
-//! Host side of the ternary GEMV templates (`ternary_gemv`: bf16 activations;
-//! `ternary_gemv_w2a8`: int8 per-token activations): owns the split-K workspace and launches
-//! the kernel with its argument list. Shapes come from the entry's rendered parameters.
+//! Host side of the ternary linear templates (`ternary_gemv`: bf16 activations;
+//! `ternary_gemv_w2a8`: int8 per-token activations, dp4a; `ternary_gemm_w2a8`: the same on
+//! tensor cores for any row count up to its M): owns the split-K workspace and launches the
+//! kernel with its argument list. Shapes come from the entry's rendered parameters.
 
 use super::shapes::GemvShape;
 use super::{check_at_least, check_lengths, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel};
@@ -32,11 +33,17 @@ pub enum Activations<'a> {
     Int8 { q: &'a DeviceBuffer<i8>, scale: &'a DeviceBuffer<f32> },
 }
 
-/// A loaded ternary GEMV for one (M, N, K, config) with its workspace.
+/// The W2A8 GEMM on tensor cores (rows 1..M per launch).
+pub const GEMM_TEMPLATE: &str = "ternary_gemm_w2a8";
+
+/// A loaded ternary linear for one (M, N, K, config) with its workspace.
 pub struct TernaryGemv {
     kernel: LoadedKernel,
     pub mode: ActMode,
+    /// Rows of one launch: exactly M for the GEMVs, at most M for the tensor-core GEMM.
     pub m: usize,
+    /// The tensor-core GEMM (`ternary_gemm_w2a8`): takes any row count up to `m`.
+    pub any_rows: bool,
     pub n: usize,
     pub k: usize,
     /// W2A8 only: the output is f32 instead of bf16.
@@ -52,20 +59,22 @@ impl TernaryGemv {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let mode = match entry.inputs.template.as_str() {
             "ternary_gemv" => ActMode::Bf16,
-            "ternary_gemv_w2a8" => ActMode::W2A8,
+            "ternary_gemv_w2a8" | GEMM_TEMPLATE => ActMode::W2A8,
             other => {
                 return Err(GpuError::Shape { kernel: other.into(), what: "not a ternary GEMV kernel".into() });
             }
         };
         let GemvShape { m, n, k, split_k: split, out_f32 } = GemvShape::from_params(&entry.inputs.template, &entry.inputs.params)?;
         let kernel = gpu.load(entry)?;
-        let tiles = kernel.launch.grid[0] as usize;
+        // Split-K counters: one per (row tile, token tile).
+        let tiles = kernel.launch.grid[0] as usize * kernel.launch.grid[2].max(1) as usize;
         let work = if split > 1 { split * m * n } else { 1 };
         let (fw, iw) = if mode == ActMode::Bf16 { (work, 1) } else { (1, work) };
         Ok(Self {
             partial_f: gpu.zeros::<f32>(fw)?,
             partial_i: gpu.zeros::<i32>(iw)?,
             counters: gpu.zeros::<u32>(tiles.max(1))?,
+            any_rows: entry.inputs.template == GEMM_TEMPLATE,
             kernel,
             mode,
             m,
@@ -129,17 +138,22 @@ impl TernaryGemv {
             }
         }
         b.arg(&mut self.counters);
+        let rows = self.m as i32;
+        if self.any_rows {
+            b.arg(&rows);
+        }
         // SAFETY: the argument lists match the kernel signatures in ternary_gemv.cu.tera
-        // (w, x, y, scale, partial, counters) and ternary_gemv_w2a8.cu.tera (w, q, x_scale, y,
-        // scale, partial, counters), the mode was checked against the activations, every
+        // (w, x, y, scale, partial, counters), ternary_gemv_w2a8.cu.tera (w, q, x_scale, y,
+        // scale, partial, counters) and ternary_gemm_w2a8.cu.tera (the same, then rows), the mode was checked against the activations, every
         // buffer length above, and the workspace was sized from the rendered parameters.
         unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }
 
-    /// W2A8 on M rows of larger buffers: rows `q_row..q_row + M` of `q` [*, K] and `x_scale` [*]
-    /// into rows `y_row..y_row + M` of `y` [*, N] (bf16 bits `u16` or f32, as the kernel was
-    /// rendered): the engine's step buffers, cut into launches of at most M rows.
+    /// W2A8 on `rows` rows of larger buffers: rows `q_row..q_row + rows` of `q` [*, K] and
+    /// `x_scale` [*] into rows `y_row..y_row + rows` of `y` [*, N] (bf16 bits `u16` or f32, as
+    /// the kernel was rendered): the engine's step buffers, cut into launches. `rows` is M for
+    /// the GEMVs and 1..=M for the tensor-core GEMM.
     #[allow(clippy::too_many_arguments)] // the kernel's argument list, named
     pub fn launch_w2a8_rows<T: cudarc::driver::DeviceRepr>(
         &mut self,
@@ -148,11 +162,18 @@ impl TernaryGemv {
         q: &DeviceBuffer<i8>,
         x_scale: &DeviceBuffer<f32>,
         (q_row, y_row): (usize, usize),
+        rows: usize,
         y: &mut DeviceBuffer<T>,
         scale: f32,
     ) -> Result<(), GpuError> {
-        let (m, n, k) = (self.m, self.n, self.k);
-        let shape = format!("rows {q_row}..{} → {y_row}.. of M={m} N={n} K={k}", q_row + m);
+        let (n, k) = (self.n, self.k);
+        let m = rows;
+        let shape = format!("rows {q_row}..{} → {y_row}.. of M={} N={n} K={k}", q_row + m, self.m);
+        let fits = if self.any_rows { (1..=self.m).contains(&rows) } else { rows == self.m };
+        if !fits {
+            let what = format!("{rows} rows given; this kernel takes {}{}", if self.any_rows { "1..=" } else { "exactly " }, self.m);
+            return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what });
+        }
         if self.mode != ActMode::W2A8 {
             return Err(GpuError::Shape { kernel: self.kernel.name.clone(), what: "not a W2A8 kernel".into() });
         }
@@ -172,9 +193,14 @@ impl TernaryGemv {
         let cfg = self.kernel.config();
         let mut b = Args::new(gpu);
         b.arg(w).arg(&qv).arg(&sv).arg(&mut yv).arg(&scale).arg(&mut self.partial_i).arg(&mut self.counters);
+        let rows = rows as i32;
+        if self.any_rows {
+            b.arg(&rows);
+        }
         // SAFETY: the argument list matches ternary_gemv_w2a8.cu.tera (w, q, x_scale, y, scale,
-        // partial, counters); the views cover exactly the M rows the kernel reads and writes, and
-        // the split-K workspace was sized from the rendered parameters.
+        // partial, counters) or ternary_gemm_w2a8.cu.tera (the same, then rows); the views cover
+        // exactly the rows the kernel reads and writes (the GEMM writes only its first `rows`
+        // rows), and the split-K workspace was sized from the rendered parameters.
         unsafe { self.kernel.launch(cfg, &mut b) }?;
         Ok(())
     }

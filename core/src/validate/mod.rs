@@ -102,23 +102,59 @@ impl TernaryCase {
         activations(&self.x, &self.xq, &self.xs, mode)
     }
 
-    /// Poisons the output, launches `op` once and compares with the reference of its mode.
+    /// Poisons the output, launches `op` once over all its M rows and compares with the
+    /// reference of its mode.
     pub fn run(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rel_floor: f64) -> Result<CheckedRun, GpuError> {
-        let len = self.problem.m * self.problem.n;
+        self.run_rows(gpu, op, op.m, rel_floor)
+    }
+
+    /// The int8 activations and their scales on the device (to time launches outside `run`).
+    pub fn device_int8(&self) -> (&DeviceBuffer<i8>, &DeviceBuffer<f32>) {
+        (&self.xq, &self.xs)
+    }
+
+    /// The output of an M=1 W2A8 kernel (f32 or bf16 out) launched on each row in turn, widened
+    /// to f64: probe-mgt1's `m1_kernel` reference for a batched path.
+    pub fn rows_one_by_one(&mut self, gpu: &Gpu, one: &mut TernaryGemv) -> Result<Vec<f64>, GpuError> {
+        let (m, n, scale) = (self.problem.m, self.problem.n, self.problem.scale);
+        if one.out_f32 {
+            for r in 0..m {
+                one.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (r, r), 1, &mut self.y32, scale)?;
+            }
+            gpu.sync()?;
+            return Ok(gpu.download(&self.y32)?.into_iter().map(f64::from).collect());
+        }
+        for r in 0..m {
+            one.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (r, r), 1, &mut self.y, scale)?;
+        }
+        gpu.sync()?;
+        Ok(gpu.download(&self.y)?.into_iter().take(m * n).map(|b| half::bf16::from_bits(b).to_f64()).collect())
+    }
+
+    /// As [`TernaryCase::run`] over the first `rows` rows only (the tensor-core GEMM takes any
+    /// count up to its M): the deltas cover those rows, `output` holds all M rows, so a caller
+    /// can check that the rows past `rows` kept their poison.
+    pub fn run_rows(&mut self, gpu: &Gpu, op: &mut TernaryGemv, rows: usize, rel_floor: f64) -> Result<CheckedRun, GpuError> {
+        let (len, used) = (self.problem.m * self.problem.n, rows * self.problem.n);
+        let used = used.min(len);
         if op.out_f32 {
             gpu.write(&vec![f32::from_bits(POISON_F32); len], &mut self.y32)?;
-            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (0, 0), &mut self.y32, self.problem.scale)?;
+            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (0, 0), rows, &mut self.y32, self.problem.scale)?;
             gpu.sync()?;
             let out = gpu.download(&self.y32)?;
-            let deltas = Deltas::of_f32(&out, self.reference(op.mode), rel_floor);
+            let deltas = Deltas::of_f32(&out[..used], &self.reference(op.mode)[..used], rel_floor);
             return Ok(CheckedRun { deltas, output: out.iter().map(|v| v.to_bits()).collect() });
         }
         gpu.write(&vec![POISON_BF16; len], &mut self.y)?;
-        let x = activations(&self.x, &self.xq, &self.xs, op.mode);
-        op.launch(gpu, &self.w, x, &mut self.y, self.problem.scale)?;
+        if rows == op.m {
+            let x = activations(&self.x, &self.xq, &self.xs, op.mode);
+            op.launch(gpu, &self.w, x, &mut self.y, self.problem.scale)?;
+        } else {
+            op.launch_w2a8_rows(gpu, &self.w, &self.xq, &self.xs, (0, 0), rows, &mut self.y, self.problem.scale)?;
+        }
         gpu.sync()?;
         let output = gpu.download(&self.y)?;
-        Ok(CheckedRun { deltas: Deltas::of_bf16(&output, self.reference(op.mode), rel_floor), output: output.into_iter().map(u32::from).collect() })
+        Ok(CheckedRun { deltas: Deltas::of_bf16(&output[..used], &self.reference(op.mode)[..used], rel_floor), output: output.into_iter().map(u32::from).collect() })
     }
 }
 
@@ -276,14 +312,14 @@ pub fn check_moe_gateup(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64
 /// ops, RoPE + KV append, the LM head and the MoE combine, are validated end to end, through the
 /// engine's logits).
 pub fn has_validator(template: &str) -> bool {
-    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8" | "rmsnorm_quant" | "attention_decode")
+    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8" | "ternary_gemm_w2a8" | "rmsnorm_quant" | "attention_decode")
 }
 
 /// Checks any cache entry against its reference on random data, by its template.
 pub fn check_entry(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     match entry.inputs.template.as_str() {
         "moe_gateup" => check_moe_gateup(gpu, entry, seed, rel_floor),
-        "ternary_gemv" | "ternary_gemv_w2a8" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
+        "ternary_gemv" | "ternary_gemv_w2a8" | "ternary_gemm_w2a8" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
         "rmsnorm_quant" => decode_ops::check_rmsnorm_quant(gpu, entry, seed, rel_floor),
         "attention_decode" => decode_ops::check_attention(gpu, entry, seed, rel_floor),
         other => Err(GpuError::Shape { kernel: other.into(), what: "no validator for this template".into() }),

@@ -1,12 +1,12 @@
 //! The kernels of one decode step, loaded from the provisioned plan entries (family, M):
-//! fused ternary linears per row-chunk size, the row-wise ops, and the LM head per sequence
-//! count. A linear over R rows runs as launches of the largest provisioned M that fits, so an
-//! M the plan left out (probe-mgt1 did not pass it) is never launched.
+//! fused ternary linears (the M=1 GEMV and the tensor-core GEMM's M buckets, or GEMVs per
+//! row-chunk size where the GEMM cannot take the shape), the row-wise ops, and the LM head per
+//! sequence count. An M the plan left out (probe-mgt1 did not pass it) is never launched.
 
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::step::{Family, MAX_GEMV_M};
 use mangrove_deploy::provision::KernelEntries;
-use mangrove_core::gpu::{Attention, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
+use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
 
 /// Errors of assembling the step's kernels.
 #[derive(Debug, thiserror::Error)]
@@ -29,15 +29,20 @@ impl<T> ByM<T> {
     }
 }
 
-/// A linear family: W2A8 GEMVs by M.
-pub type Linear = ByM<TernaryGemv>;
+/// A linear family: the W2A8 GEMVs by M, and the tensor-core GEMM's buckets by capacity.
+pub struct Linear {
+    gemv: ByM<TernaryGemv>,
+    /// Ascending M; empty where the plan has no GEMM for this shape.
+    gemm: Vec<TernaryGemv>,
+}
 
 /// A dense GEMV over gathered rows (`lm_head` template) by M.
 pub type Gathered = ByM<LmHead>;
 
 impl Linear {
-    /// Launches W2A8 on rows `0..rows` of `q` / `x_scale` into `y`, in launches of the largest
-    /// provisioned M that fits.
+    /// Launches W2A8 on rows `0..rows` of `q` / `x_scale` into `y`: one row on the M=1 GEMV;
+    /// more on the smallest GEMM bucket that holds them (the largest, repeatedly, past it), or
+    /// where there is no GEMM, in GEMV launches of the largest provisioned M that fits.
     pub fn launch(
         &mut self,
         gpu: &Gpu,
@@ -49,9 +54,21 @@ impl Linear {
     ) -> Result<(), GpuError> {
         let mut row0 = 0;
         while row0 < rows {
-            let g = self.fit(rows - row0);
-            g.launch_w2a8_rows(gpu, w, q, x_scale, (row0, row0), y, 1.0)?;
-            row0 += g.m;
+            let left = rows - row0;
+            let n = if left >= 2 && !self.gemm.is_empty() {
+                let g = match self.gemm.iter_mut().position(|g| g.m >= left) {
+                    Some(i) => &mut self.gemm[i],
+                    None => self.gemm.last_mut().expect("not empty"),
+                };
+                let n = left.min(g.m);
+                g.launch_w2a8_rows(gpu, w, q, x_scale, (row0, row0), n, y, 1.0)?;
+                n
+            } else {
+                let g = self.gemv.fit(left);
+                g.launch_w2a8_rows(gpu, w, q, x_scale, (row0, row0), g.m, y, 1.0)?;
+                g.m
+            };
+            row0 += n;
         }
         Ok(())
     }
@@ -128,11 +145,24 @@ impl StepKernels {
                 return Err(KernelSetError::Missing { family });
             }
             let by_m = (1..=MAX_GEMV_M as i64)
-                .map(|m| entries.get(&(family, m)).map(|e| load(e).map_err(|source| KernelSetError::Load { family, m, source })).transpose())
+                .map(|m| {
+                    entries
+                        .get(&(family, m))
+                        .filter(|e| e.inputs.template != GEMM_TEMPLATE)
+                        .map(|e| load(e).map_err(|source| KernelSetError::Load { family, m, source }))
+                        .transpose()
+                })
                 .collect::<Result<_, _>>()?;
             Ok(ByM { by_m })
         }
-        let linear = |family| by_m(entries, family, |e| TernaryGemv::new(gpu, e));
+        let linear = |family: Family| -> Result<Linear, KernelSetError> {
+            let gemm = entries
+                .range((family, 2)..=(family, i64::MAX))
+                .filter(|(_, e)| e.inputs.template == GEMM_TEMPLATE)
+                .map(|(&(_, m), e)| TernaryGemv::new(gpu, e).map_err(|source| KernelSetError::Load { family, m, source }))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Linear { gemv: by_m(entries, family, |e| TernaryGemv::new(gpu, e))?, gemm })
+        };
         let gathered = |family| by_m(entries, family, |e| LmHead::new(gpu, e));
         let norm = |family| RmsNormQuant::new(gpu, one(family)?).map_err(load_err(family, 1));
         let gemv = |family| TernaryGemv::new(gpu, one(family)?).map_err(load_err(family, 1));

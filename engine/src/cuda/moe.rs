@@ -84,7 +84,7 @@ pub fn moe_ffn(
     gpu.write(&factors, &mut work.factors)?;
     gpu.write(&weights, &mut work.weights)?;
     for (p, &e) in pair_expert.iter().enumerate() {
-        k.gate_up.launch_w2a8_rows(gpu, &experts[e].gate_up, input.q, input.x_scale, (p / m.topk, p), &mut work.gate_up, 1.0)?;
+        k.gate_up.launch_w2a8_rows(gpu, &experts[e].gate_up, input.q, input.x_scale, (p / m.topk, p), 1, &mut work.gate_up, 1.0)?;
     }
     mark(Family::MoeGateUp.as_str())?;
     let pairs = pair_expert.len();
@@ -93,7 +93,7 @@ pub fn moe_ffn(
     k.glu.launch(gpu, pairs, glu, None, 0.0, quant)?;
     mark(Family::MoeGlu.as_str())?;
     for (p, &e) in pair_expert.iter().enumerate() {
-        k.down.launch_w2a8_rows(gpu, &experts[e].down, &work.q, &work.q_scale, (p, p), &mut work.down, 1.0)?;
+        k.down.launch_w2a8_rows(gpu, &experts[e].down, &work.q, &work.q_scale, (p, p), 1, &mut work.down, 1.0)?;
     }
     mark(Family::MoeDown.as_str())?;
     k.combine.launch(gpu, rows, &work.down, &work.weights, out)?;

@@ -6,14 +6,14 @@
 use mangrove_core::arch::Arch;
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::check::{Deltas, Gate, POISON_BF16};
-use mangrove_core::gpu::{ActMode, Blas, DenseGroup, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats};
+use mangrove_core::gpu::{ActMode, Blas, DenseGroup, DeviceBuffer, Gpu, GpuError, TernaryGemv, TimingPlan, TimingStats, GEMM_TEMPLATE};
 use mangrove_core::jit::{Jit, KernelRequest};
 use mangrove_core::reference::moe::MoeShape;
 use mangrove_core::reference::{ternary_linear, unpack_ternary};
 use mangrove_core::template::Params;
 use crate::context::COPY_BW_BYTES;
 use crate::gateup::{gateup_problem, gateup_request};
-use mangrove_core::step::{gemv_request, MAX_GEMV_M};
+use mangrove_core::step::{linear_request, GEMM_BUCKETS, MAX_GEMV_M};
 use crate::sweep::tunables_of;
 use crate::workload::{rotation_count, GateupWorkload, GemvWorkload, Workload};
 use mangrove_core::tuning_db::{LookupRule, Provenance, TuningDb};
@@ -93,15 +93,18 @@ fn gemv_case(
     case: &Case,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CaseResult, LabError> {
-    if !(1..=MAX_GEMV_M).contains(&m) || n % 4 != 0 {
-        return Err(LabError::Input(format!("{}: the ternary GEMV takes M in 1..={MAX_GEMV_M} and N a multiple of 4", case.label())));
+    let max_m = *GEMM_BUCKETS.last().expect("buckets") as usize;
+    if !(1..=max_m).contains(&m) || n % 4 != 0 {
+        return Err(LabError::Input(format!("{}: the ternary linears take M in 1..={max_m} and N a multiple of 4", case.label())));
     }
     let mut work = GemvWorkload::new(gpu, m, n, k, s.seed)?;
     let mut variants = vec![cublas_variant(gpu, blas, s, None, || DenseCase::gemv(gpu, &TernaryProblem::random(m, n, k, s.seed)))];
     let problem: Params = [("M", m), ("N", n), ("K", k)].into_iter().map(|(p, v)| (p.to_string(), v as i64)).collect();
-    for mode in [ActMode::Bf16, ActMode::W2A8] {
-        let (tuned, rule) = gemv_request(db, s.arch, mode, m, n as i64, k as i64);
-        let default = KernelRequest { template: mode.template().into(), params: problem.clone(), arch: s.arch };
+    // The dp4a GEMVs up to their M, the tensor-core GEMM (rows = M) from M = 2.
+    let gemvs = [ActMode::Bf16, ActMode::W2A8].map(|mode| mode.template()).into_iter().filter(|_| m <= MAX_GEMV_M);
+    for template in gemvs.chain((m >= 2).then_some(GEMM_TEMPLATE)) {
+        let (tuned, rule) = linear_request(db, s.arch, template, m as i64, n as i64, k as i64);
+        let default = KernelRequest { template: template.into(), params: problem.clone(), arch: s.arch };
         let bytes = |e: &CacheEntry| Ok(TernaryGemv::new(gpu, e)?.min_bytes());
         variants.push(mangrove_variant(gpu, jit, &mut work, s, Source::Tuned, tuned, Some(rule), &bytes));
         variants.push(mangrove_variant(gpu, jit, &mut work, s, Source::Default, default, None, &bytes));

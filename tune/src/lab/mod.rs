@@ -35,8 +35,9 @@ pub const BITNET_2B_NAMES: [&str; 4] = ["qkv", "o", "gate_up", "down"];
 pub const LARGE_SHAPES: &[(&str, usize, usize)] =
     &[("l3-8b.gate_up", 28672, 4096), ("f3-10b.gate_up", 46080, 3072), ("f3-10b.down", 3072, 23040)];
 
-/// Token counts of the GEMV cases (one decode sequence; a full M = 8 launch).
-pub const GEMV_MS: &[usize] = &[1, 8];
+/// Token counts of the linear cases: one decode sequence, a full dp4a GEMV (M = 8, also on the
+/// tensor-core GEMM), and decode batches on the GEMM.
+pub const GEMV_MS: &[usize] = &[1, 8, 16, 32, 64];
 
 /// Token counts of the MoE gate_up cases.
 pub const GATEUP_MS: &[usize] = &[1, 16, 128];
