@@ -128,6 +128,25 @@ mod tests {
     }
 
     #[test]
+    fn probed_gemm_buckets_serve_more_than_one_row() {
+        use mangrove_core::tuning_db::{GateRecord, Provenance};
+        let c = bitnet_2b();
+        let mut db = TuningDb::default();
+        for m in [8, 16, 64] {
+            db.record_gate(GateRecord {
+                template: GEMM_TEMPLATE.into(), m, n: 13824, k: 2560, passed: m != 64, status: String::new(), reference: "M1Kernel".into(),
+                deltas: None, params: Params::new(), avg_us: 1.0, p50_us: 1.0, p95_us: 1.0, provenance: Provenance::default(),
+            });
+        }
+        let p = plan(&Catalog::embedded(), &c, &db, Arch::SM90, 16);
+        let gate_up: Vec<_> = p.iter().filter(|k| k.family == Family::MlpGateUp).map(|k| (k.m, k.request.template.as_str())).collect();
+        assert_eq!(gate_up, [(1, "ternary_gemv_w2a8"), (8, GEMM_TEMPLATE), (16, GEMM_TEMPLATE)], "only the buckets that passed");
+        let down: Vec<_> = p.iter().filter(|k| k.family == Family::MlpDown).map(|k| k.m).collect();
+        assert_eq!(down, [1], "no gate for this shape: rows run one by one");
+        assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
+    }
+
+    #[test]
     fn moe_plan_has_expert_router_and_combine_kernels() {
         let c = ModelConfig::from_json(
             r#"{"hidden_size": 2048, "intermediate_size": 5632, "num_attention_heads": 16, "num_experts": 64,
