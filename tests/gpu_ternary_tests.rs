@@ -57,6 +57,25 @@ fn split_k_is_bit_identical_across_runs() {
     }
 }
 
+/// Checks each of `reqs` three times on a fresh problem (seed `seed0 + i`) against the f64
+/// reference; returns the configs that miss the gate or differ bitwise between runs.
+fn repeated_check_failures(gpu: &mangrove::gpu::Gpu, jit: &mangrove::jit::Jit, reqs: &[KernelRequest], seed0: u64, label: &str) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (i, f) in jit.get_many(reqs).into_iter().enumerate() {
+        let f = f.unwrap_or_else(|e| panic!("{e}"));
+        let what = format_params(&f.entry.inputs.params);
+        let runs = check_ternary_gemv(gpu, &f.entry, seed0 + i as u64, 3, common::GPU_GATE.rel_floor).unwrap();
+        let r = &f.entry.resources;
+        println!("{label} {what}: {} regs={} spills={}", runs[0].deltas, r.registers, r.spill_stores);
+        for run in &runs {
+            if !run.deltas.passes(&common::GPU_GATE) || run.output != runs[0].output {
+                failures.push(format!("{what}: {}", run.deltas));
+            }
+        }
+    }
+    failures
+}
+
 #[test]
 fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
     let Some(gpu) = common::gpu_or_skip() else { return };
@@ -68,18 +87,7 @@ fn w2a8_gemv_matches_f64_reference_and_is_bit_identical() {
         // Every third case writes f32 (the engine's output type).
         r.params.insert("OUT_F32".into(), i64::from(i % 3 == 0));
     }
-    let mut failures = Vec::new();
-    for (i, f) in jit.get_many(&reqs).into_iter().enumerate() {
-        let f = f.unwrap_or_else(|e| panic!("{e}"));
-        let what = format_params(&f.entry.inputs.params);
-        let runs = check_ternary_gemv(&gpu, &f.entry, 5000 + i as u64, 3, common::GPU_GATE.rel_floor).unwrap();
-        println!("w2a8 {what}: {} regs={}", runs[0].deltas, f.entry.resources.registers);
-        for r in &runs {
-            if !r.deltas.passes(&common::GPU_GATE) || r.output != runs[0].output {
-                failures.push(format!("{what}: {}", r.deltas));
-            }
-        }
-    }
+    let failures = repeated_check_failures(&gpu, &jit, &reqs, 5000, "w2a8");
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
 
@@ -134,18 +142,7 @@ fn w2a8_gemm_matches_f64_reference_and_is_bit_identical() {
     let jit = common::jit_in(dir.path());
     let reqs = gemm_cases(gpu.info().arch);
     assert!(reqs.len() >= 60, "only {} valid configs generated", reqs.len());
-    let mut failures = Vec::new();
-    for (i, f) in jit.get_many(&reqs).into_iter().enumerate() {
-        let f = f.unwrap_or_else(|e| panic!("{e}"));
-        let what = format_params(&f.entry.inputs.params);
-        let runs = check_ternary_gemv(&gpu, &f.entry, 9000 + i as u64, 3, common::GPU_GATE.rel_floor).unwrap();
-        println!("gemm {what}: {} regs={} spills={}", runs[0].deltas, f.entry.resources.registers, f.entry.resources.spill_stores);
-        for r in &runs {
-            if !r.deltas.passes(&common::GPU_GATE) || r.output != runs[0].output {
-                failures.push(format!("{what}: {}", r.deltas));
-            }
-        }
-    }
+    let failures = repeated_check_failures(&gpu, &jit, &reqs, 9000, "gemm");
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
 
