@@ -233,7 +233,7 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = ids.len();
-    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed }, stop, events: tx };
+    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed, ..SamplingParams::default() }, stop, events: tx };
     st.inner.batcher.submit(req).map_err(|_| ApiError::unavailable())?;
     st.metrics().request(prompt_tokens);
     let ctx = Ctx {
