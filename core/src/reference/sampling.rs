@@ -118,6 +118,14 @@ pub fn pick(logits: &[f32], rule: &DrawRule, u: f64) -> Pick {
     last
 }
 
+/// How far (in u) a CDF boundary of the kernel's f32 weights may sit from the reference's.
+pub const U_TOLERANCE: f64 = 1e-5;
+
+/// Whether `token` is what `rule` picks from `logits` with a uniform within [`U_TOLERANCE`] of `u`.
+pub fn agrees(logits: &[f32], rule: &DrawRule, u: f64, token: u32) -> bool {
+    [u, u - U_TOLERANCE, u + U_TOLERANCE].iter().any(|&u| pick(logits, rule, u.clamp(0.0, 1.0 - f64::EPSILON)).token == token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,8 +2,8 @@
 //! [`crate::reference::sampling`]: eight sequences, each with its own rule (greedy, temperature,
 //! min_p, top_k, top_p, top_k + top_p, a hot temperature, a row full of ties), each drawn with
 //! [`DRAWS`] fresh uniforms. A token differing from the reference's counts as a mismatch unless
-//! the reference itself picks it with u moved by 1e-6 (the kernel's f32 weights put CDF
-//! boundaries that close to where f64 puts them).
+//! the reference picks it with u moved by [`crate::reference::sampling::U_TOLERANCE`] (the
+//! kernel's f32 weights put CDF boundaries that close to where f64 puts them).
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,7 +12,7 @@ use super::CheckedRun;
 use crate::cache::CacheEntry;
 use crate::check::Deltas;
 use crate::gpu::{Gpu, GpuError, SampleTokens};
-use crate::reference::sampling::{pick, DrawRule};
+use crate::reference::sampling::{agrees, DrawRule};
 
 /// Launches per check, each with a fresh uniform per sequence.
 pub const DRAWS: usize = 16;
@@ -60,9 +60,7 @@ pub fn check_sample_tokens(gpu: &Gpu, entry: &CacheEntry, seed: u64, _rel_floor:
                 unwritten += 1;
                 continue;
             }
-            let row = &logits[s * v..(s + 1) * v];
-            let at = |u: f64| pick(row, &rules[s], u.clamp(0.0, 1.0 - f64::EPSILON)).token;
-            if at(u[s]) != g as u32 && at(u[s] - 1e-6) != g as u32 && at(u[s] + 1e-6) != g as u32 {
+            if !agrees(&logits[s * v..(s + 1) * v], &rules[s], u[s], g as u32) {
                 mismatched += 1;
             }
         }

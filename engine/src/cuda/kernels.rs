@@ -138,8 +138,11 @@ pub struct StepKernels {
     pub blas_head: Option<Blas>,
     /// Why cuBLAS could not be opened, when it could not (a counted fallback).
     pub blas_unavailable: Option<String>,
-    /// The GPU sampler; None for a plan made before it (tokens are then picked on the host).
+    /// The GPU sampler; None with MANGROVE_HOST_SAMPLING set (the A/B switch) or for a plan made
+    /// before it (tokens are then picked on the host).
     pub sample: Option<SampleTokens>,
+    /// The plan has no sampler (a counted fallback, unlike the switch).
+    pub sample_unavailable: bool,
 }
 
 impl StepKernels {
@@ -225,7 +228,11 @@ impl StepKernels {
             fused_unavailable,
             blas_head,
             blas_unavailable,
-            sample: entries.get(&(Family::Sample, 1)).map(|e| SampleTokens::new(gpu, e).map_err(load_err(Family::Sample, 1))).transpose()?,
+            sample: match std::env::var_os("MANGROVE_HOST_SAMPLING") {
+                Some(_) => None,
+                None => entries.get(&(Family::Sample, 1)).map(|e| SampleTokens::new(gpu, e).map_err(load_err(Family::Sample, 1))).transpose()?,
+            },
+            sample_unavailable: !entries.contains_key(&(Family::Sample, 1)),
         })
     }
 }

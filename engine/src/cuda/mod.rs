@@ -196,6 +196,7 @@ struct Ran {
     blas_head: bool,
     no_blas: bool,
     sampled: bool,
+    no_sampler: bool,
 }
 
 impl CudaBackend {
@@ -241,6 +242,7 @@ impl CudaBackend {
                 blas_head: !(batch1 && k.fused.is_some()) && shape.blas_head(k),
                 no_blas: decode_batch && k.blas_unavailable.is_some(),
                 sampled: matches!(out, StepOut::Tokens(_)),
+                no_sampler: k.sample_unavailable,
             };
             (out, ran)
         };
@@ -264,7 +266,7 @@ impl Ran {
         if self.no_blas {
             fallbacks.push((Family::LmHead, FallbackReason::KernelUnavailable));
         }
-        if wanted_sample && !self.sampled {
+        if wanted_sample && self.no_sampler {
             fallbacks.push((Family::Sample, FallbackReason::KernelUnavailable));
         }
         StepReport { paths, fallbacks }
