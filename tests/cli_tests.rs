@@ -82,3 +82,14 @@ fn bench_kernels_without_gpu_is_a_clear_error() {
     assert!(!json.exists(), "nothing is written without a GPU");
     assert!(!cache.exists(), "the cache is not opened without a GPU");
 }
+
+#[test]
+fn listing_into_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mangrove")).arg("templates").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take()); // the reader goes away before the first line
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}

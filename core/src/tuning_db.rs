@@ -299,12 +299,21 @@ impl TuningDb {
     }
 }
 
+/// Writes `value` to `path` atomically and durably: a uniquely named temporary file in the same
+/// folder (two writers never share one), synced, renamed over `path`, then the folder synced, so
+/// a crash leaves the old file or the new one, never a torn or lost one.
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
     let mut text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     text.push('\n');
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tuning-").suffix(".json.tmp").tempfile_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// The timing method records carry: graph replays (`Gpu::time_launches`), with or without PDL.
