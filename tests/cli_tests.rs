@@ -93,3 +93,30 @@ fn listing_into_a_closed_pipe_ends_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert_ne!(out.status.code(), Some(101), "{stderr}");
 }
+
+#[test]
+fn one_key_compiles_to_the_same_bytes_from_any_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cubins = Vec::new();
+    for sub in ["a", "deeper/and/longer/folder"] {
+        let cwd = root.path().join(sub);
+        std::fs::create_dir_all(&cwd).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mangrove"));
+        // The project-local NVRTC is found relative to the working directory: name it.
+        let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".nvrtc/nvidia/cu13/lib/libnvrtc.so.13");
+        if std::env::var_os("MANGROVE_NVRTC_LIB").is_none() && local.exists() {
+            cmd.env("MANGROVE_NVRTC_LIB", &local);
+        }
+        let out = cmd
+            .current_dir(&cwd)
+            .args(["--cache-dir", "cache", "compile", "--template", "ternary_gemv", "--arch", "sm90", "--param", "N=256", "--param", "K=256", "--cubin", "k.cubin"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bytes = std::fs::read(cwd.join("k.cubin")).unwrap();
+        let cwd_text = cwd.to_string_lossy().into_owned();
+        assert!(!bytes.windows(cwd_text.len()).any(|w| w == cwd_text.as_bytes()), "the cubin names the working directory {cwd_text}");
+        cubins.push(bytes);
+    }
+    assert!(cubins[0] == cubins[1], "the same key gave different cubins in two folders");
+}
