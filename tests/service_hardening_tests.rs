@@ -131,3 +131,19 @@ fn jitd_cuts_slow_headers_while_health_answers() {
         assert!(t0.elapsed() < Duration::from_secs(3), "a slow client was held {:?}", t0.elapsed());
     }
 }
+
+#[test]
+fn jitd_keeps_its_cache_under_the_size_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let cap = 40_000;
+    let state = ServiceState::with_cache_cap(common::jit_in(dir.path()), TuningDb::default(), Some(cap));
+    let addr = serve(app_with(state.clone(), None), HttpLimits::default());
+    let client = JitClient::new(&format!("http://{addr}"), Catalog::embedded());
+    for (n, k) in [(256, 256), (512, 256), (256, 512), (512, 512), (768, 256), (256, 768)] {
+        let e = client.fetch(&common::gemv(Arch::SM90, &[&format!("N={n}"), &format!("K={k}")])).unwrap();
+        assert!(e.blob_intact());
+    }
+    assert_eq!(state.compiles.load(std::sync::atomic::Ordering::Relaxed), 6);
+    let bytes: u64 = state.jit.cache.list().unwrap().iter().map(|e| e.bytes).sum();
+    assert!(bytes <= cap, "the cache holds {bytes} bytes, over its cap of {cap}");
+}

@@ -87,6 +87,9 @@ enum Cmd {
         /// Tuning DB answered on /v1/tuning/{template}.
         #[arg(long)]
         tuning_db: Option<PathBuf>,
+        /// After each compile, evict least-recently-used kernels until the cache holds at most this.
+        #[arg(long, value_name = "BYTES")]
+        max_cache_bytes: Option<u64>,
         #[command(flatten)]
         http: HttpArgs,
     },
@@ -382,13 +385,13 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Jitd { listen, tuning_db, http } => {
+        Cmd::Jitd { listen, tuning_db, max_cache_bytes, http } => {
             let options = ServiceOptions { limits: http.limits()?, api_key: http.api_key.clone() };
             let db = match &tuning_db {
                 Some(d) => TuningDb::load(d)?,
                 None => TuningDb::default(),
             };
-            let state = mangrove::service::ServiceState::new(Jit::open(catalog, &cache_dir, false)?, db);
+            let state = mangrove::service::ServiceState::with_cache_cap(Jit::open(catalog, &cache_dir, false)?, db, max_cache_bytes);
             Ok(mangrove::service::run(&listen, state, &cache_dir, &options)?)
         }
         Cmd::GenModel { preset, out, seed, layers } => {

@@ -147,7 +147,13 @@ impl SledStorage {
 
     fn locked(dir: &Path) -> CacheError {
         let pid = std::fs::read_to_string(dir.join(PID_FILE)).ok().map(|s| s.trim().to_owned());
-        CacheError::Locked { path: dir.display().to_string(), pid: pid.unwrap_or_else(|| "unknown".into()) }
+        // The pid file is written by whoever opened last; a pid no longer running is not the holder.
+        let pid = match pid {
+            Some(p) if cfg!(target_os = "linux") && !Path::new("/proc").join(&p).exists() => format!("unknown (the pid file names {p}, which is not running)"),
+            Some(p) => p,
+            None => "unknown".into(),
+        };
+        CacheError::Locked { path: dir.display().to_string(), pid }
     }
 
     /// One attempt: open the folder and its trees and read every record back (sled checks each

@@ -39,6 +39,8 @@ pub struct ServiceState {
     inflight: Mutex<HashMap<KernelKey, Flight>>,
     /// Lookups and compiles running at once (NVRTC's memory grows with each concurrent compile).
     slots: tokio::sync::Semaphore,
+    /// After a compile, least-recently-used entries are evicted down to this many bytes.
+    max_cache_bytes: Option<u64>,
     /// Kernels compiled (misses) since start.
     pub compiles: AtomicU64,
     pub requests: AtomicU64,
@@ -52,13 +54,21 @@ pub struct Served {
 }
 
 impl ServiceState {
+    /// The service over `jit` and `db`, its cache unbounded.
     pub fn new(jit: Jit, db: TuningDb) -> Arc<Self> {
+        Self::with_cache_cap(jit, db, None)
+    }
+
+    /// The service over `jit` and `db`; after each compile the cache is collected down to
+    /// `max_cache_bytes` (least recently used first).
+    pub fn with_cache_cap(jit: Jit, db: TuningDb, max_cache_bytes: Option<u64>) -> Arc<Self> {
         let parallel = std::thread::available_parallelism().map_or(4, usize::from);
         Arc::new(Self {
             jit,
             db,
             inflight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(parallel),
+            max_cache_bytes,
             compiles: AtomicU64::new(0),
             requests: AtomicU64::new(0),
         })
@@ -149,6 +159,13 @@ async fn compile(State(st): State<Arc<ServiceState>>, body: axum::body::Bytes) -
                         let f = st.jit.get(&req).map_err(|e| mangrove_core::error_chain(&e))?;
                         if matches!(f.outcome, Outcome::Compiled(_)) {
                             st.compiles.fetch_add(1, Ordering::Relaxed);
+                            if let Some(cap) = st.max_cache_bytes {
+                                match st.jit.cache.gc(cap) {
+                                    Ok(r) if r.removed > 0 => eprintln!("jitd: cache over {cap} bytes: {r}"),
+                                    Ok(_) => {}
+                                    Err(e) => eprintln!("jitd: cache gc failed: {}", mangrove_core::error_chain(&e)),
+                                }
+                            }
                         }
                         Ok(Arc::new(Served { key: f.key, outcome: f.outcome, body: encode_entry(&f.entry) }))
                     })
