@@ -129,6 +129,17 @@ async fn overload_is_refused_fast_with_429_while_a_small_request_completes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_prompt_is_refused_before_tokenizing() {
+    let s = start(BatcherConfig::default(), ServeOptions::default()).await;
+    let t0 = Instant::now();
+    let (status, _, v) = s.complete(json!({"prompt": "word ".repeat(380_000), "max_tokens": 1})).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"]["param"], "prompt");
+    assert!(v["error"]["message"].as_str().unwrap().contains("bytes"), "{v}");
+    assert!(t0.elapsed() < Duration::from_secs(1), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_prompt_is_not_stuck_behind_long_prefills() {
     // Three 480-token prompts prefill 32 tokens a step between them; a 3-token request admitted
     // after them is fed in its first step and finishes while they are still prefilling.

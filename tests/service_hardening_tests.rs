@@ -147,3 +147,20 @@ fn jitd_keeps_its_cache_under_the_size_cap() {
     let bytes: u64 = state.jit.cache.list().unwrap().iter().map(|e| e.bytes).sum();
     assert!(bytes <= cap, "the cache holds {bytes} bytes, over its cap of {cap}");
 }
+
+#[test]
+fn a_requester_that_disconnects_does_not_make_the_next_one_compile_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = ServiceState::new(common::jit_in(dir.path()), TuningDb::default());
+    let addr = serve(app_with(state.clone(), None), HttpLimits::default());
+    let req = common::gemv(Arch::SM90, &["M=2", "N=768", "K=512", "SPLIT_K=2"]);
+    let body = serde_json::to_string(&req).unwrap();
+    // The first requester sends its request and hangs up at once, mid-compile.
+    let mut a = std::net::TcpStream::connect(addr).unwrap();
+    write!(a, "POST /v1/kernels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(a);
+    let e = JitClient::new(&format!("http://{addr}"), Catalog::embedded()).fetch(&req).unwrap();
+    assert!(e.blob_intact());
+    assert_eq!(state.compiles.load(std::sync::atomic::Ordering::Relaxed), 1, "the key was compiled twice");
+}
