@@ -541,6 +541,9 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             if let Some(q) = &r.quarantined {
                 bail!("the cache's sled files were damaged and moved to {}; the cache was reset", q.moved_to.display());
             }
+            if let Some(l) = &r.lost {
+                bail!("{} cache entries were lost to damaged sled files (they recompile on demand)", l.expected - l.found);
+            }
             if !r.evicted.is_empty() {
                 bail!("{} corrupt entries were evicted", r.evicted.len());
             }

@@ -4,7 +4,9 @@
 //! A damaged sled folder is repaired, not fatal: opening reads every record once (sled checks
 //! each one's CRC), and when sled cannot open or read the folder (or panics on it) the folder is
 //! renamed aside (`<dir>.corrupt-<unix time>-<pid>`, named in a warning with the reason) and an
-//! empty cache starts in its place; kernels then recompile on demand.
+//! empty cache starts in its place; kernels then recompile on demand. sled can also recover a
+//! damaged log by dropping its tail silently: the entry count is kept beside it
+//! (`mangrove.entries`), so entries that vanished are reported ([`LostEntries`]).
 
 use std::path::{Path, PathBuf};
 
@@ -67,12 +69,18 @@ pub trait Storage: Send + Sync {
     fn quarantined(&self) -> Option<&Quarantined> {
         None
     }
+    /// Entries the storage held when last written but no longer has, if any vanished.
+    fn lost(&self) -> Option<LostEntries> {
+        None
+    }
 }
 
 const KERNELS: &str = "kernels";
 const ATIME: &str = "atime";
 const STATS: &str = "stats";
 const PID_FILE: &str = "mangrove.pid";
+/// The entry count after the last write, beside sled's files.
+const COUNT_FILE: &str = "mangrove.entries";
 
 fn bincode_cfg() -> bincode::config::Configuration {
     bincode::config::standard()
@@ -87,6 +95,17 @@ pub struct SledStorage {
     dir: PathBuf,
     /// Where a damaged folder found at open was moved (`None`: it opened cleanly).
     quarantined: Option<Quarantined>,
+    /// Entries missing at open compared with the count the last writer left.
+    lost: Option<LostEntries>,
+}
+
+/// Entries that vanished between the last write and this open (sled dropped a damaged tail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LostEntries {
+    /// Entries after the last write.
+    pub expected: u64,
+    /// Entries found at open.
+    pub found: u64,
 }
 
 /// A damaged cache folder moved aside at open.
@@ -167,7 +186,7 @@ impl SledStorage {
                     record?;
                 }
             }
-            Ok(Self { db, kernels, atime, stats, dir: dir.to_path_buf(), quarantined: None })
+            Ok(Self { db, kernels, atime, stats, dir: dir.to_path_buf(), quarantined: None, lost: None })
         };
         // sled 0.34 panics on some damaged files instead of returning an error; the attempt's
         // state is dropped during the unwind and nothing of it is used afterwards.
@@ -181,7 +200,28 @@ impl SledStorage {
             }
         };
         let _ = std::fs::write(dir.join(PID_FILE), std::process::id().to_string());
-        Ok(s)
+        let expected = std::fs::read_to_string(dir.join(COUNT_FILE)).ok().and_then(|t| t.trim().parse::<u64>().ok());
+        let found = s.kernels.len() as u64;
+        let lost = expected.filter(|&e| e > found).map(|expected| LostEntries { expected, found });
+        if let Some(l) = lost {
+            eprintln!(
+                "warning: cache {} lost {} of the {} entries it held (its sled files were damaged); they recompile on demand",
+                dir.display(),
+                l.expected - l.found,
+                l.expected
+            );
+            s.record_count();
+        }
+        Ok(Self { lost, ..s })
+    }
+
+    /// Writes the entry count beside sled's files (temp file + rename). Best effort: a failure
+    /// only loses the ability to report vanished entries.
+    fn record_count(&self) {
+        let tmp = self.dir.join(format!("{COUNT_FILE}.tmp-{}", std::process::id()));
+        if std::fs::write(&tmp, self.kernels.len().to_string()).is_ok() {
+            let _ = std::fs::rename(&tmp, self.dir.join(COUNT_FILE));
+        }
     }
 
     fn err(&self, source: sled::Error) -> CacheError {
@@ -276,12 +316,16 @@ impl Storage for SledStorage {
         self.touch(key)?;
         self.bump("inserts")?;
         self.kernels.flush().map_err(|e| self.err(e))?;
+        self.record_count();
         Ok(())
     }
 
     fn remove(&self, key: &KernelKey) -> Result<bool, CacheError> {
         let had = self.kernels.remove(key.0).map_err(|e| self.err(e))?.is_some();
         self.atime.remove(key.0).map_err(|e| self.err(e))?;
+        if had {
+            self.record_count();
+        }
         Ok(had)
     }
 
@@ -307,6 +351,10 @@ impl Storage for SledStorage {
 
     fn quarantined(&self) -> Option<&Quarantined> {
         self.quarantined.as_ref()
+    }
+
+    fn lost(&self) -> Option<LostEntries> {
+        self.lost
     }
 
     fn counters(&self) -> Result<Counters, CacheError> {
