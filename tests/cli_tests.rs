@@ -12,7 +12,11 @@ fn bad_flags_are_clear_errors_and_create_no_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("c");
     let c = cache.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 8] = [
+        (&["--cache-dir", c, "serve", "--model", "m", "--max-queue", "0"], "--max-queue must be positive"),
+        (&["--cache-dir", c, "serve", "--model", "m", "--step-tokens", "0"], "--step-tokens must be positive"),
+        (&["--cache-dir", c, "serve", "--model", "m", "--header-timeout", "0s"], "--header-timeout must be positive"),
+        (&["--cache-dir", c, "jitd", "--max-connections", "0"], "--max-connections must be positive"),
         (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--arch", "sm91"], "unknown arch 'sm91'"),
         (&["--cache-dir", c, "compile", "--template", "nope"], "unknown template 'nope'"),
         (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--param", "VEC"], "expected NAME=INTEGER"),
