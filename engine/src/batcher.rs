@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::backend::{KvCache, SeqInput};
 use super::metrics::Metrics;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Draw, Sampler, SamplingParams};
 use super::tokenizer::TextStream;
 use super::Engine;
 
@@ -200,9 +200,9 @@ fn schedule(active: &mut [Seq], budget: usize, chunk: usize) {
     }
 }
 
-/// A sequence after a step: its logits, then the token picked (none while its prompt is still
-/// being fed).
-type StepItem = (Seq, Vec<f64>, Option<u32>);
+/// A sequence after a step: the token its draw picked, then that token again once accepted (none
+/// while its prompt is still being fed).
+type StepItem = (Seq, u32, Option<u32>);
 
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
@@ -267,13 +267,19 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         let (mut seqs, resting): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut active).into_iter().partition(|s| s.take > 0);
         active = resting;
         let step = tokio::task::spawn_blocking(move || {
+            // Sequences that finish their prompt this step draw their next token (greedy draws
+            // elsewhere: mid-prefill picks are dropped and consume no randomness).
+            let draws: Vec<Draw> = seqs
+                .iter_mut()
+                .map(|s| if s.fed + s.take >= s.pending.len() { s.sampler.next_draw() } else { Draw::GREEDY })
+                .collect();
             let mut inputs: Vec<SeqInput> = seqs
                 .iter_mut()
                 .map(|s| SeqInput { tokens: &s.pending[s.fed..s.fed + s.take], cache: &mut s.cache })
                 .collect();
             let fed: usize = inputs.iter().map(|i| i.tokens.len()).sum();
             let t = std::time::Instant::now();
-            let out = backend.forward(&mut inputs);
+            let out = backend.forward_sample(&mut inputs, &draws);
             let timing = (fed, t.elapsed());
             drop(inputs);
             if out.is_ok() {
@@ -294,7 +300,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
                 continue;
             }
         };
-        let (logits, report) = match out {
+        let (tokens, report) = match out {
             Ok(v) => v,
             Err(e) => {
                 for s in seqs {
@@ -309,16 +315,14 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         for (family, reason) in &report.fallbacks {
             metrics.fallback(*family, *reason);
         }
-        // Sample and detokenize every sequence that finished its prompt, in parallel (a draw
-        // over a 128k vocabulary is ~0.6 ms of CPU with temperature; the step's sequences are
-        // independent).
-        let mut items: Vec<StepItem> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
-        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, picked)| {
-            let tok = s.sampler.sample(l);
-            s.generated.push(tok);
+        // Detokenize every sequence that finished its prompt, in parallel (the step's sequences
+        // are independent).
+        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, t)| (s, t, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, tok, picked)| {
+            s.generated.push(*tok);
             // A tokenizer error leaves the text as it was; the token still counts.
-            let _ = engine.tokenizer.step(&mut s.stream, tok);
-            *picked = Some(tok);
+            let _ = engine.tokenizer.step(&mut s.stream, *tok);
+            *picked = Some(*tok);
         });
         for (mut s, _, picked) in items {
             let Some(tok) = picked else {

@@ -50,6 +50,12 @@ struct Common {
     top_p: Option<f64>,
     #[serde(default)]
     seed: Option<u64>,
+    /// vLLM's sampling extensions: keep the k likeliest tokens (-1 or 0: all) ...
+    #[serde(default)]
+    top_k: Option<i64>,
+    /// ... and tokens at least min_p times as likely as the likeliest.
+    #[serde(default)]
+    min_p: Option<f64>,
     #[serde(default)]
     stop: Option<Stop>,
     #[serde(default)]
@@ -238,6 +244,15 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}"), Some("top_p")));
     }
+    let top_k = match c.top_k.unwrap_or(0) {
+        k if k == -1 || k == 0 => 0,
+        k if k >= 1 && k <= u32::MAX as i64 => k as u32,
+        k => return Err(ApiError::invalid(format!("top_k must be -1, 0 or at least 1, got {k}"), Some("top_k"))),
+    };
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(format!("min_p must be in [0, 1], got {min_p}"), Some("min_p")));
+    }
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -248,7 +263,7 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = ids.len();
-    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed }, stop, events: tx };
+    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed, top_k, min_p }, stop, events: tx };
     st.inner.batcher.submit(req).map_err(|e| match e {
         SubmitError::QueueFull { .. } => {
             st.metrics().rejected();
