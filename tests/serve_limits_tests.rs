@@ -170,6 +170,41 @@ async fn a_short_prompt_is_not_stuck_behind_long_prefills() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_request_waiting_behind_long_ones_gets_the_next_free_slot() {
+    // One slot: a long request runs, three more wait; a short one queued last goes next.
+    let cfg = BatcherConfig { max_seqs: 1, max_queue: 8, prefill_chunk: 64, step_tokens: 64 };
+    let s = Arc::new(start(cfg, ServeOptions::default()).await);
+    let finished = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let send = |name: &'static str, body: Value| {
+        let (s, finished) = (s.clone(), finished.clone());
+        tokio::spawn(async move {
+            let (status, _, v) = s.complete(body).await;
+            assert_eq!(status, 200, "{name}: {v}");
+            finished.lock().unwrap().push(name);
+        })
+    };
+    let long = || json!({"prompt": ids(300), "max_tokens": 40, "temperature": 0});
+    let mut tasks = vec![send("running", long())];
+    for _ in 0..200 {
+        if s.metrics.active() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for name in ["long-1", "long-2", "long-3"] {
+        tasks.push(send(name, long()));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    tasks.push(send("short", json!({"prompt": ids(2), "max_tokens": 1})));
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let order = finished.lock().unwrap().clone();
+    let at = order.iter().position(|n| *n == "short").unwrap();
+    assert!(at <= 2, "the short request finished {at}th: {order:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_slow_bodies_and_idle_connections_are_cut_while_health_answers() {
     let s = start(BatcherConfig::default(), tight(1024)).await;
     // Slow loris: headers that never end.

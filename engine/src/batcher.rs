@@ -1,16 +1,19 @@
 //! Continuous batching: one background task owns the running batch. Admission is bounded: a
 //! request waits in a queue of at most `max_queue` (a full queue refuses it at once,
-//! [`SubmitError::QueueFull`]) until one of `max_seqs` sequence slots is free. Each step feeds at
+//! [`SubmitError::QueueFull`]) until one of `max_seqs` sequence slots is free; a free slot goes
+//! to the shortest waiting prompt, unless the oldest has been passed over `max_seqs` times
+//! already (so it cannot starve). Each step feeds at
 //! most `step_tokens` tokens: every decoding sequence's one token first, then prompt chunks (at
 //! most `prefill_chunk` per sequence; the oldest prompt, then the shortest), so one long prompt
 //! cannot starve the others. The step runs on the blocking pool; a token is sampled per sequence, text deltas are
 //! streamed back and finished sequences retire (max_tokens, EOS, stop string, context full, or
 //! the client went away).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::backend::{KvCache, SeqInput};
 use super::metrics::Metrics;
@@ -87,22 +90,33 @@ pub enum SubmitError {
 /// Submits requests to the engine task.
 #[derive(Debug, Clone)]
 pub struct BatcherHandle {
-    tx: mpsc::Sender<GenRequest>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// One permit per free place in the queue; a waiting request holds one until admitted.
+    places: Arc<Semaphore>,
+    max_queue: usize,
+}
+
+/// A request waiting for a sequence slot, holding its place in the queue.
+#[derive(Debug)]
+struct Queued {
+    req: GenRequest,
+    _place: OwnedSemaphorePermit,
 }
 
 impl BatcherHandle {
     /// Queues a request without waiting: it joins the running batch when a sequence slot is
     /// free; a full queue is refused at once.
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
-        self.tx.try_send(req).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull { limit: self.tx.max_capacity() },
-            mpsc::error::TrySendError::Closed(_) => SubmitError::Stopped,
-        })
+        let place = self.places.clone().try_acquire_owned().map_err(|e| match e {
+            TryAcquireError::NoPermits => SubmitError::QueueFull { limit: self.max_queue },
+            TryAcquireError::Closed => SubmitError::Stopped,
+        })?;
+        self.tx.send(Queued { req, _place: place }).map_err(|_| SubmitError::Stopped)
     }
 
     /// Requests waiting for a sequence slot.
     pub fn queued(&self) -> usize {
-        self.tx.max_capacity() - self.tx.capacity()
+        self.max_queue - self.places.available_permits()
     }
 }
 
@@ -211,9 +225,10 @@ pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, toki
 
 /// Starts the engine task on the current tokio runtime.
 pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
-    // The channel is the queue: the task takes a request out only when a sequence slot is free.
-    let (tx, rx) = mpsc::channel(cfg.max_queue.max(1));
-    (BatcherHandle { tx }, tokio::spawn(run(engine, metrics, cfg, rx)))
+    let max_queue = cfg.max_queue.max(1);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handle = BatcherHandle { tx, places: Arc::new(Semaphore::new(max_queue)), max_queue };
+    (handle, tokio::spawn(run(engine, metrics, cfg, rx)))
 }
 
 fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
@@ -231,32 +246,48 @@ fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
     }
 }
 
-async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::Receiver<GenRequest>) {
+/// A queued request and how many later requests were admitted before it.
+struct Waiting {
+    queued: Queued,
+    passed_over: usize,
+}
+
+/// Which waiting request gets the next free slot: the shortest prompt (the oldest among equals),
+/// unless the oldest request has been passed over `limit` times already.
+fn next_admission(waiting: &VecDeque<Waiting>, limit: usize) -> Option<usize> {
+    let front = waiting.front()?;
+    if front.passed_over >= limit {
+        return Some(0);
+    }
+    waiting.iter().enumerate().min_by_key(|(i, w)| (w.queued.req.prompt.len(), *i)).map(|(i, _)| i)
+}
+
+async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let chunk = cfg.prefill_chunk.max(1);
     let max_seqs = cfg.max_seqs.max(1);
     let mut active: Vec<Seq> = Vec::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut admitted = 0u64;
     loop {
-        if active.is_empty() {
+        if active.is_empty() && waiting.is_empty() {
             match rx.recv().await {
-                Some(r) => {
-                    active.push(admit(&engine, r, admitted));
-                    admitted += 1;
-                }
+                Some(queued) => waiting.push_back(Waiting { queued, passed_over: 0 }),
                 None => return,
             }
         }
-        // Drop sequences whose client went away before spending a step on them.
+        while let Ok(queued) = rx.try_recv() {
+            waiting.push_back(Waiting { queued, passed_over: 0 });
+        }
+        // Drop requests and sequences whose client went away before spending a step on them.
+        waiting.retain(|w| !w.queued.req.events.is_closed());
         active.retain(|s| !s.req.events.is_closed());
         while active.len() < max_seqs {
-            match rx.try_recv() {
-                Ok(r) if r.events.is_closed() => {}
-                Ok(r) => {
-                    active.push(admit(&engine, r, admitted));
-                    admitted += 1;
-                }
-                Err(_) => break,
-            }
+            let Some(i) = next_admission(&waiting, max_seqs) else { break };
+            waiting.iter_mut().take(i).for_each(|w| w.passed_over += 1);
+            let w = waiting.remove(i).expect("next_admission picks an index in range");
+            // Admitted: its place in the queue is given back here.
+            active.push(admit(&engine, w.queued.req, admitted));
+            admitted += 1;
         }
         metrics.set_active(active.len());
         if active.is_empty() {
@@ -414,6 +445,21 @@ mod tests {
         let mut c = vec![seq(0, 40)];
         schedule(&mut c, 1, 512);
         assert_eq!(c[0].take, 1);
+    }
+
+    #[test]
+    fn a_free_slot_goes_to_the_shortest_prompt_until_the_oldest_has_waited_its_turn() {
+        let place = || Arc::new(Semaphore::new(8)).try_acquire_owned().unwrap();
+        let w = |len: usize, passed_over: usize| {
+            let (events, _) = mpsc::unbounded_channel();
+            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+            Waiting { queued: Queued { req, _place: place() }, passed_over }
+        };
+        let mut q: VecDeque<Waiting> = [w(400, 0), w(500, 0), w(3, 0), w(3, 0)].into();
+        assert_eq!(next_admission(&q, 2), Some(2), "the shortest, the oldest of equals");
+        q[0].passed_over = 2;
+        assert_eq!(next_admission(&q, 2), Some(0), "the oldest, passed over twice, goes now");
+        assert_eq!(next_admission(&VecDeque::new(), 2), None);
     }
 
     #[test]
