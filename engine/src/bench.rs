@@ -1,4 +1,5 @@
-//! Decode throughput of a backend: prefill a batch of synthetic prompts (TTFT), then time greedy
+//! Decode throughput of a backend: prefill a batch of synthetic prompts (TTFT), run one untimed
+//! decode step (a device backend captures its step graph there), then time greedy
 //! decode steps (TPOT p50/p99, tokens/s), against the weight-bandwidth bound: every decode step
 //! reads all weights once, so at copy bandwidth B a step takes at least weight_bytes / B.
 //! Takes a [`Backend`]; gives a [`DecodeBench`] (the `mangrove bench decode` numbers);
@@ -77,6 +78,11 @@ pub fn bench_decode(
     let draws = vec![Draw::GREEDY; batch];
     let (mut next, _) = backend.forward_sample(&mut inputs, &draws)?;
     let ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+    // One untimed decode step: a device backend captures its step graph for this shape here,
+    // which is set-up, not a decode step's cost.
+    let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+    let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+    next = backend.forward_sample(&mut inputs, &draws)?.0;
     let mut step_ms = Vec::with_capacity(steps);
     let t_all = Instant::now();
     for _ in 0..steps {

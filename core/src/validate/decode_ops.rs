@@ -129,13 +129,15 @@ impl NormCase {
         let q_deltas = Deltas::of_f64(&q.iter().map(|&v| v as f64).collect::<Vec<_>>(), &rounded, rel_floor);
         let unwritten = q.iter().filter(|&&v| v == POISON_I8).count();
         deltas = deltas.worst(Deltas { unwritten, ..q_deltas });
-        // The bf16 rows (the cuBLAS LM head's input), from a second launch over the same rows.
+        // The bf16 rows (the cuBLAS LM head's input), from a second launch over the same rows:
+        // the kernel's own f32 rows rounded to nearest even, so any difference is a bug.
         gpu.write(&self.x0, &mut self.x)?;
         gpu.write(&vec![POISON_BF16; rows * h], &mut self.xb)?;
         let source = norm_source(self.shape.glu, &mut self.x, &self.input, self.factors);
         op.launch(gpu, rows, source, Some(&self.weight), self.eps, NormOut::Bf16(&mut self.xb))?;
         gpu.sync()?;
-        deltas = deltas.worst(Deltas::of_bf16(&gpu.download(&self.xb)?, &self.normed, rel_floor));
+        let rounded: Vec<f64> = xn.iter().map(|&v| half::bf16::from_f32(v).to_f64()).collect();
+        deltas = deltas.worst(Deltas::of_bf16(&gpu.download(&self.xb)?, &rounded, rel_floor));
         Ok(CheckedRun { deltas, output: xn.iter().map(|v| v.to_bits()).collect() })
     }
 }
