@@ -255,7 +255,7 @@ async fn dropped_stream_retires_its_sequence() {
     use futures::StreamExt;
     let s = start(Preset::Tiny).await;
     let body = json!({"prompt": "go", "max_tokens": 400, "stream": true, "temperature": 0});
-    let r = s.client.post(format!("{}/v1/completions", s.base)).body(body.to_string()).send().await.unwrap();
+    let r = s.client.post(format!("{}/v1/completions", s.base)).json(&body).send().await.unwrap();
     let mut bytes = r.bytes_stream();
     let first = bytes.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
@@ -283,7 +283,10 @@ async fn app_router_answers_without_a_socket() {
     generate(Preset::Tiny, dir.path(), 1).unwrap();
     let engine = Engine::open(dir.path(), "cpu", Some("tiny".into())).unwrap();
     let app = server::app(AppState::new(engine, Arc::new(Metrics::default()), None));
-    let req = Request::post("/v1/completions").body(Body::from(json!({"prompt": "hi", "max_tokens": 3, "temperature": 0}).to_string())).unwrap();
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"prompt": "hi", "max_tokens": 3, "temperature": 0}).to_string()))
+        .unwrap();
     let r = app.clone().oneshot(req).await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();

@@ -406,6 +406,25 @@ fn malformed_checkpoints_name_the_problem() {
     edit_tensors(dir.path(), |ts| ts.retain(|t| t.0 != scale));
     assert!(open_err(dir.path()).contains(scale));
 
+    // A NaN norm weight (bf16 0x7fc0) is refused by name.
+    let dir = gen(Preset::Tiny, 2);
+    edit_tensors(dir.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == norm).unwrap();
+        t.3[2..4].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains(norm) && e.contains("finite"), "{e}");
+
+    // Values beyond any real checkpoint in config.json are refused before anything is allocated.
+    for (key, value) in [("num_hidden_layers", "1000000000"), ("rms_norm_eps", "-1"), ("rope_theta", "0")] {
+        let dir = gen(Preset::Tiny, 2);
+        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        c[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let e = open_err(dir.path());
+        assert!(e.contains(key), "{key}={value}: {e}");
+    }
+
     let dir = gen(Preset::Tiny, 2);
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 64,").unwrap();
     let e = open_err(dir.path());

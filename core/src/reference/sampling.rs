@@ -30,8 +30,9 @@ impl DrawRule {
         [self.temperature, self.top_p, self.min_p, self.top_k as f32]
     }
 
+    /// Greedy when the temperature is not above zero (NaN included) or only one token is kept.
     fn greedy(&self) -> bool {
-        !(self.temperature > 0.0) || self.top_k == 1
+        self.temperature.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater) || self.top_k == 1
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use mangrove_deploy::http::ApiError;
 use super::AppState;
-use crate::batcher::{Finish, GenEvent, GenRequest};
+use crate::batcher::{Finish, GenEvent, GenRequest, SubmitError};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{chat_prompt, ChatMessage};
 
@@ -81,6 +81,9 @@ struct ChatBody {
 /// Default `max_tokens` when the request gives none.
 const DEFAULT_MAX_TOKENS: usize = 16;
 const MAX_STOPS: usize = 4;
+/// Prompt text longer than this many bytes per context position is refused before tokenizing
+/// (real tokenizers average 3–5 bytes per token; one token rarely spans more than a few dozen).
+const MAX_BYTES_PER_TOKEN: usize = 64;
 
 /// A request body: unreadable (e.g. too large) or invalid JSON is a 4xx ApiError.
 type Body = Result<Bytes, BytesRejection>;
@@ -189,6 +192,18 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     }
     let cfg = engine.config();
     let ids = match prompt {
+        // No tokenizer spends seconds on a prompt that cannot fit whatever it tokenizes to.
+        Prompt::Text(t) if t.len() > cfg.max_positions.saturating_mul(MAX_BYTES_PER_TOKEN) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "The prompt is {} bytes; the context window is {} tokens (at most {} bytes of text)",
+                    t.len(),
+                    cfg.max_positions,
+                    cfg.max_positions.saturating_mul(MAX_BYTES_PER_TOKEN)
+                ),
+                Some("prompt"),
+            ))
+        }
         Prompt::Text(t) => {
             let tok = st.clone();
             tokio::task::spawn_blocking(move || tok.engine().tokenizer.encode(&t))
@@ -249,7 +264,13 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = ids.len();
     let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed, top_k, min_p }, stop, events: tx };
-    st.inner.batcher.submit(req).map_err(|_| ApiError::unavailable())?;
+    st.inner.batcher.submit(req).map_err(|e| match e {
+        SubmitError::QueueFull { .. } => {
+            st.metrics().rejected();
+            ApiError::overloaded(format!("{e}; retry later"), 1)
+        }
+        SubmitError::Stopped => ApiError::unavailable(),
+    })?;
     st.metrics().request(prompt_tokens);
     let ctx = Ctx {
         kind,
