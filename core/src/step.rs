@@ -19,6 +19,20 @@ pub const MAX_GEMV_M: usize = 8;
 /// largest in launches of the largest.
 pub const GEMM_BUCKETS: [i64; 6] = [8, 16, 32, 64, 128, 256];
 
+/// Sequences `attention_decode` is tuned over (one query row each) and looked up at: the engine
+/// runs it for decode batches of two or more and for prefill chunks (batch-1 decode runs the
+/// fused layer), so a batch, not one row, is the workload that picks its config.
+pub const ATTENTION_BATCH: i64 = 16;
+
+/// The M a decode op's config is tuned and looked up at ([`ATTENTION_BATCH`] for attention,
+/// else one row); the engine still loads one kernel per op for any row count.
+pub fn op_tuning_m(family: Family) -> i64 {
+    match family {
+        Family::Attention => ATTENTION_BATCH,
+        _ => 1,
+    }
+}
+
 /// Longest context the CUDA engine serves: the attention kernel keeps one score per position
 /// in shared memory, and the KV cache holds this many positions per sequence.
 pub const MAX_CUDA_CONTEXT: usize = 4096;

@@ -7,7 +7,7 @@ use mangrove_core::arch::Arch;
 use mangrove_core::gpu::{ActMode, GEMM_TEMPLATE};
 use mangrove_core::jit::KernelRequest;
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::step::{decode_layer_problem, linear_request, linear_shapes, op_kernels, op_request, Family, GEMM_BUCKETS, MAX_GEMV_M};
+use mangrove_core::step::{decode_layer_problem, linear_request, linear_shapes, op_kernels, op_request, op_tuning_m, Family, GEMM_BUCKETS, MAX_GEMV_M};
 use mangrove_core::template::{Catalog, Params};
 use mangrove_core::tuning_db::{LookupRule, TuningDb};
 
@@ -82,7 +82,7 @@ pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, 
         gathered(&mut out, Family::MoeRouter, moe.experts as i64);
     }
     for (family, template, problem) in op_kernels(config) {
-        let (request, rule) = op_request(db, template, &problem, 1, arch);
+        let (request, rule) = op_request(db, template, &problem, op_tuning_m(family), arch);
         out.push(PlannedKernel::new(catalog, family, 1, request, rule));
     }
     // Batch-1 decode steps of dense models run each layer as one fused kernel.

@@ -481,7 +481,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
         println!("pruned: {}", reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect::<Vec<_>>().join(", "));
     }
     for cf in &conflicts {
-        println!("replaced {} M={}: {:.2} µs vs {:.2} µs", format_params(&cf.problem), cf.m, cf.kept_us, cf.dropped_us);
+        println!("conflict {} M={}: kept the record at {:.2} µs over the one at {:.2} µs", format_params(&cf.problem), cf.m, cf.kept_us, cf.dropped_us);
     }
     if wrote {
         println!("wrote {}", dir.display());

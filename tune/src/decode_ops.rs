@@ -12,7 +12,7 @@ use super::context::TuneContext;
 use super::sweep::{SweepOutcome, TuneError};
 use super::workload::{AttentionWorkload, NormWorkload, Workload};
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::step::op_kernels;
+use mangrove_core::step::{op_kernels, op_tuning_m};
 use mangrove_core::template::{format_params, Params};
 use mangrove_core::gpu::{AttnShape, NormShape};
 
@@ -40,7 +40,11 @@ pub fn tune_decode_ops(ctx: &TuneContext, config: &ModelConfig, progress: &Progr
             }),
             _ => None,
         };
-        let o = ctx.sweep(template, &problem, work.as_mut().map(|w| w.as_mut() as &mut dyn Workload), progress)?;
+        let mut o = ctx.sweep(template, &problem, work.as_mut().map(|w| w.as_mut() as &mut dyn Workload), progress)?;
+        // Recorded at the M it was timed at (a batch for attention), which the plan looks up.
+        if let Some(r) = o.record.as_mut() {
+            r.m = op_tuning_m(family);
+        }
         out.push((template.to_string(), problem, o));
     }
     Ok(out)

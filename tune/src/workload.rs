@@ -154,11 +154,9 @@ impl Workload for NormWorkload {
 /// Contexts (positions attended) of the attention workload's timing mix, at most MAX_POS.
 pub const ATTENTION_CONTEXTS: &[usize] = &[64, 256, 1024, 3072];
 
-/// Sequences per timed attention launch. The CUDA engine runs `attention_decode` for decode
-/// batches of two or more sequences and for prefill chunks (batch-1 decode runs the fused
-/// layer), so a launch is a batch: one query row per sequence, the contexts cycling through
-/// [`ATTENTION_CONTEXTS`].
-pub const ATTENTION_BATCH: usize = 16;
+/// Sequences per timed attention launch ([`mangrove_core::step::ATTENTION_BATCH`]): one query
+/// row per sequence, the contexts cycling through [`ATTENTION_CONTEXTS`].
+pub const ATTENTION_BATCH: usize = mangrove_core::step::ATTENTION_BATCH as usize;
 
 /// Layers of the attention workload's KV arena: launches rotate over them, so a launch does not
 /// find the previous launch's keys and values in L2.
