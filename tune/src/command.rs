@@ -14,7 +14,7 @@ use mangrove_core::model_config::{ConfigError, ModelConfig, Preset};
 use mangrove_core::template::{format_params, Catalog, Params};
 use mangrove_core::tuning_db::{DbError, TuningDb};
 
-use crate::context::TuneContext;
+use crate::context::{Journal, TuneContext};
 use crate::decode_ops::{tune_decode_ops, OpOutcome};
 use crate::gateup::tune_gateup;
 use crate::gemv::{tune_gemv, BITNET_2B_SHAPES};
@@ -150,9 +150,12 @@ pub struct Common {
     /// Tuning DB folder (default: tuning_db/<gpu>, e.g. tuning_db/h100).
     #[arg(long)]
     pub db: Option<PathBuf>,
-    /// Do not write the tuning DB.
+    /// Do not write the tuning DB (otherwise each finished record is merged into it at once).
     #[arg(long)]
     pub no_write: bool,
+    /// Skip problems the tuning DB already has a record for (continue an interrupted run).
+    #[arg(long, conflicts_with = "no_write")]
+    pub resume: bool,
     #[arg(long, env = "MANGROVE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Load templates from this folder instead of the ones built into the binary.
@@ -375,7 +378,11 @@ fn context(c: &Common) -> Result<TuneContext, CommandError> {
         compile_only: c.compile_only,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
-    let (ctx, note) = TuneContext::new(jit, settings, command)?;
+    let (mut ctx, note) = TuneContext::new(jit, settings, command)?;
+    if !c.no_write && ctx.timing() {
+        let dir = db_dir(&ctx, &c.db);
+        ctx.journal = Some(Journal { before: TuningDb::load(&dir)?, dir, resume: c.resume });
+    }
     if let Some(note) = note {
         eprintln!("note: {note}");
     } else if c.compile_only {
@@ -418,19 +425,21 @@ fn of_template(template: &str, outcomes: Vec<(Params, SweepOutcome)>) -> Vec<OpO
 
 fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(), CommandError> {
     let dir = db_dir(ctx, &c.db);
-    let mut db = TuningDb::load(&dir)?;
+    // Each record was merged into the folder as its sweep finished (the journal); the conflicts
+    // are those with the DB as the run found it.
+    let mut db = match &ctx.journal {
+        Some(j) => j.before.clone(),
+        None => TuningDb::load(&dir)?,
+    };
     let mut conflicts = Vec::new();
     for (template, _, o) in &outcomes {
         if let Some(r) = &o.record {
             conflicts.extend(db.upsert(template, r.clone()));
         }
     }
-    let wrote = !c.no_write && outcomes.iter().any(|(_, _, o)| o.record.is_some());
+    let wrote = ctx.journal.is_some() && outcomes.iter().any(|(_, _, o)| o.record.is_some());
     let mut templates: Vec<&str> = outcomes.iter().map(|(t, _, _)| t.as_str()).collect();
     templates.dedup();
-    if wrote {
-        db.save(&dir)?;
-    }
     if c.json {
         let jobs: Vec<_> = outcomes
             .iter()

@@ -1,10 +1,14 @@
 //! Everything a tuning run shares: the JIT, the GPU (if any), device limits, sweep settings,
-//! the measured copy bandwidth and the provenance stamped on every record.
+//! the measured copy bandwidth, the provenance stamped on every record and the DB folder each
+//! finished record is written through to ([`Journal`]).
+
+use std::path::PathBuf;
 
 use mangrove_core::arch::Arch;
 use mangrove_core::gpu::{Gpu, GpuError};
 use mangrove_core::jit::Jit;
-use mangrove_core::tuning_db::Provenance;
+use mangrove_core::template::format_params;
+use mangrove_core::tuning_db::{Provenance, TuningDb};
 
 use super::space::DeviceLimits;
 use super::sweep::{sweep, SweepOutcome, SweepSettings, TuneError};
@@ -23,6 +27,19 @@ pub struct TuneContext {
     pub settings: SweepSettings,
     pub copy_bw_gbs: f64,
     pub provenance: Provenance,
+    /// Where each finished record is merged as it completes (durable against a crash or a
+    /// kill); None with --no-write.
+    pub journal: Option<Journal>,
+}
+
+/// The tuning DB folder a run writes through: every record is merged into it
+/// ([`TuningDb::save_merged`], under the folder's lock) the moment its sweep ends.
+pub struct Journal {
+    pub dir: PathBuf,
+    /// The records on disk when the run started (the run's conflicts are reported against it).
+    pub before: TuningDb,
+    /// `--resume`: a problem `before` already has is skipped.
+    pub resume: bool,
 }
 
 impl TuneContext {
@@ -53,7 +70,7 @@ impl TuneContext {
             _ => 0.0,
         };
         let provenance = Provenance::collect(gpu.as_ref(), jit.compiler.version(), command);
-        Ok((Self { jit, gpu, limits, settings, copy_bw_gbs, provenance }, note))
+        Ok((Self { jit, gpu, limits, settings, copy_bw_gbs, provenance, journal: None }, note))
     }
 
     pub fn arch(&self) -> Arch {
@@ -65,14 +82,34 @@ impl TuneContext {
         self.gpu.is_some() && !self.settings.compile_only
     }
 
-    /// One sweep of `template` on `problem` with this run's settings and `workload`.
+    /// One sweep of `template` on `problem` with this run's settings and `workload`; its record
+    /// is keyed at `m` (default: the problem's M, else 1) and merged into the journal at once.
+    /// With `--resume`, a problem the DB already had is skipped (an outcome without a record).
     pub fn sweep(
         &self,
         template: &str,
         problem: &Params,
+        m: Option<i64>,
         workload: Option<&mut dyn Workload>,
         progress: &ProgressBar,
     ) -> Result<SweepOutcome, TuneError> {
-        sweep(&self.jit, self.gpu.as_ref(), &self.limits, template, problem, workload, &self.settings, self.copy_bw_gbs, &self.provenance, progress)
+        let m = m.unwrap_or_else(|| problem.get("M").copied().unwrap_or(1));
+        let key: Params = problem.iter().filter(|(k, _)| k.as_str() != "M").map(|(k, v)| (k.clone(), *v)).collect();
+        if let Some(db) = self.journal.as_ref().filter(|j| j.resume).map(|j| &j.before) {
+            if db.templates.get(template).is_some_and(|t| t.records.iter().any(|r| r.problem == key && r.m == m)) {
+                progress.println(format!("--resume: {template} {} M={m} is in the DB; skipped", format_params(&key)));
+                return Ok(SweepOutcome::default());
+            }
+        }
+        let mut o = sweep(&self.jit, self.gpu.as_ref(), &self.limits, template, problem, workload, &self.settings, self.copy_bw_gbs, &self.provenance, progress)?;
+        if let Some(r) = o.record.as_mut() {
+            r.m = m;
+            if let Some(j) = &self.journal {
+                let mut one = TuningDb::default();
+                one.upsert(template, r.clone());
+                one.save_merged(&j.dir).map_err(|e| TuneError::Input(format!("saving the record of {template} {} M={m}: {e}", format_params(&key))))?;
+            }
+        }
+        Ok(o)
     }
 }

@@ -40,11 +40,8 @@ pub fn tune_decode_ops(ctx: &TuneContext, config: &ModelConfig, progress: &Progr
             }),
             _ => None,
         };
-        let mut o = ctx.sweep(template, &problem, work.as_mut().map(|w| w.as_mut() as &mut dyn Workload), progress)?;
         // Recorded at the M it was timed at (a batch for attention), which the plan looks up.
-        if let Some(r) = o.record.as_mut() {
-            r.m = op_tuning_m(family);
-        }
+        let o = ctx.sweep(template, &problem, Some(op_tuning_m(family)), work.as_mut().map(|w| w.as_mut() as &mut dyn Workload), progress)?;
         out.push((template.to_string(), problem, o));
     }
     Ok(out)

@@ -39,7 +39,7 @@ pub fn tune_gateup(
             Some(g) if ctx.timing() => Some(GateupWorkload::new(g, shape, 43)?),
             _ => None,
         };
-        let o = ctx.sweep("moe_gateup", &problem, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
+        let o = ctx.sweep("moe_gateup", &problem, None, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
         out.push((problem, o));
     }
     Ok(out)

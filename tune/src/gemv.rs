@@ -34,7 +34,7 @@ pub fn tune_gemv(
                 Some(g) if ctx.timing() => Some(GemvWorkload::new(g, m as usize, n as usize, k as usize, 42)?),
                 _ => None,
             };
-            let o = ctx.sweep(template, &problem, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
+            let o = ctx.sweep(template, &problem, None, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
             out.push((problem, o));
         }
     }
