@@ -96,6 +96,17 @@ impl Engine {
         Self::load(dir, name, |model| Ok(Arc::new(cpu_simd::SimdCpuBackend::new(&model, tunables)?)))
     }
 
+    /// Loads the checkpoint in `dir` onto the SIMD CPU backend tuned by the `mangrove-tune cpu`
+    /// records of `db` (the defaults where it has none for this model).
+    pub fn open_cpu_tuned(dir: &Path, name: Option<String>, db: &mangrove_core::tuning_db::TuningDb) -> Result<Self, EngineError> {
+        let base = cpu_simd::CpuTunables::detect().map_err(cpu_simd::SimdError::Tunables)?;
+        Self::load(dir, name, |model| {
+            let (t, per_m) = cpu_simd::sweep::tunables_from_db(db, &model.config, base);
+            let per_m: Vec<cpu_simd::CpuTunables> = per_m.into_iter().map(|(t, _)| t).collect();
+            Ok(Arc::new(cpu_simd::SimdCpuBackend::with_splits(&model, t, &per_m)?))
+        })
+    }
+
     /// Loads the checkpoint in `dir` onto GPU 0 with the provisioned plan kernels `entries`
     /// ((family, M) → cubin, see `mangrove_deploy::plan`) and KV-cache slots for `max_seqs` sequences.
     pub fn open_cuda(

@@ -3,7 +3,8 @@
 //! turned once at load into row quads) → [`kernels`] (ternary × int8 and the bf16 LM head, per
 //! instruction set: scalar, AVX2, AVX-VNNI, AVX-512 VNNI, NEON) → [`ops`] (f32 norms +
 //! BitNet's per-token int8 quantization, RoPE, attention) → [`pool`] (the fixed thread pool and
-//! the row split of every linear) → [`tune`] (the tunables) → [`backend`] ([`SimdCpuBackend`]).
+//! the row split of every linear) → [`tune`] (the tunables) → [`sweep`] (`mangrove-tune cpu`:
+//! the tunables swept on this machine into the tuning DB) → [`backend`] ([`SimdCpuBackend`]).
 //! The f64 reference backend ([`crate::cpu`], `--backend cpu-ref`) stays the oracle the tests
 //! hold this one to.
 
@@ -13,6 +14,7 @@ pub mod kernels;
 pub mod ops;
 pub mod pool;
 pub mod repack;
+pub mod sweep;
 pub mod tune;
 
 pub use backend::{SimdCpuBackend, SimdError};
