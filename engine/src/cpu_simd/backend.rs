@@ -92,9 +92,9 @@ pub struct SimdCpuBackend {
     lm_head: Dense,
     norm: Vec<f32>,
     inv_freq: Vec<f64>,
-    kernels: Kernels,
-    /// The work split per step size: entry m − 1 for m rows (the last for larger steps).
-    splits: Vec<Split>,
+    /// The kernels and work split per step size: entry m − 1 for m rows (the last for larger
+    /// steps).
+    splits: Vec<(Kernels, Split)>,
     tunables: CpuTunables,
     pool: Pool,
     work: Mutex<Workspace>,
@@ -111,21 +111,21 @@ fn f32s(v: &[f64]) -> Vec<f32> {
 }
 
 impl SimdCpuBackend {
-    /// Repacks `model` for the kernels of `tunables`, with the tuned split of each step size
-    /// (rows m = 1.. → entry m − 1) from `mangrove-tune cpu`'s records
-    /// ([`super::sweep::tunables_from_db`]); the instruction set and threads of `tunables` hold
-    /// for all of them.
+    /// Repacks `model` for the kernels of `tunables`, with the tuned kernels and split of each
+    /// step size (rows m = 1.. → entry m − 1) from `mangrove-tune cpu`'s records
+    /// ([`super::sweep::tunables_from_db`]); the pool has the threads of `tunables`.
     pub fn with_splits(model: &Model, tunables: CpuTunables, per_m: &[CpuTunables]) -> Result<Self, SimdError> {
         let mut b = Self::new(model, tunables)?;
         if !per_m.is_empty() {
-            b.splits = per_m.iter().map(|t| t.split()).collect();
+            b.splits = per_m.iter().map(|t| Ok((t.kernels()?, t.split()))).collect::<Result<_, String>>().map_err(SimdError::Tunables)?;
         }
         Ok(b)
     }
 
-    /// The work split of a step of `m` rows.
-    fn split_for(&self, m: usize) -> &Split {
-        &self.splits[m.clamp(1, self.splits.len()) - 1]
+    /// The kernels and work split of a step of `m` rows.
+    fn split_for(&self, m: usize) -> (&Kernels, &Split) {
+        let (k, s) = &self.splits[m.clamp(1, self.splits.len()) - 1];
+        (k, s)
     }
 
     /// Repacks `model` for the kernels of `tunables`.
@@ -170,8 +170,7 @@ impl SimdCpuBackend {
             lm_head,
             norm: f32s(&model.norm),
             inv_freq: ops::inv_freq(c.rope_theta, c.head_dim),
-            kernels,
-            splits: vec![tunables.split()],
+            splits: vec![(kernels, tunables.split())],
             tunables,
             pool: Pool::new(tunables.threads)?,
             work: Mutex::new(Workspace::default()),
@@ -227,7 +226,7 @@ impl SimdCpuBackend {
         let c = &self.config;
         let (h, hd, qd, kvd) = (c.hidden, c.head_dim, c.q_dim(), c.kv_dim());
         let m = ws.rows.len();
-        let (k, split) = (&self.kernels, self.split_for(m));
+        let (k, split) = self.split_for(m);
         let eps = c.rms_eps as f32;
         let nqkv = qd + 2 * kvd;
         let group = c.heads / c.kv_heads;
@@ -324,12 +323,13 @@ impl SimdCpuBackend {
             let (mut q, mut inv_s, mut sum, mut tmp) = (vec![0i8; p * kp.max(ex.down.kp)], vec![0f32; p], vec![0i32; p], vec![0f32; p * h.max(mi2 / 2)]);
             quant_rows(&xe, h, None, 0.0, &mut tmp, &mut q, &mut inv_s, &mut sum);
             let mut g = vec![0f32; p * mi2];
-            ternary_linear(&self.kernels, self.split_for(p), &ex.gate_up, QuantRows { q: &q, inv_s: &inv_s, sum: &sum }, p, &mut g);
+            let (k, split) = self.split_for(p);
+            ternary_linear(k, split, &ex.gate_up, QuantRows { q: &q, inv_s: &inv_s, sum: &sum }, p, &mut g);
             let mi = mi2 / 2;
             let a: Vec<f32> = g.chunks_exact(mi2).flat_map(|r| r[..mi].iter().zip(&r[mi..]).map(|(&g, &u)| ops::silu(g) * u)).collect();
             quant_rows(&a, mi, None, 0.0, &mut tmp, &mut q, &mut inv_s, &mut sum);
             let mut d = vec![0f32; p * h];
-            ternary_linear(&self.kernels, self.split_for(p), &ex.down, QuantRows { q: &q, inv_s: &inv_s, sum: &sum }, p, &mut d);
+            ternary_linear(k, split, &ex.down, QuantRows { q: &q, inv_s: &inv_s, sum: &sum }, p, &mut d);
             for (i, &(t, w)) in picks.iter().enumerate() {
                 out[t * h..][..h].iter_mut().zip(&d[i * h..][..h]).for_each(|(o, d)| *o += w * d);
             }
@@ -408,7 +408,8 @@ impl Backend for SimdCpuBackend {
         grow(&mut ws.fin, ns * h);
         grow(&mut ws.logits, ns * c.vocab);
         let logits = self.pool.install(|| self.step(ws, batch));
-        let paths = crate::cpu::families(c).into_iter().map(|f| (f, self.kernels.isa().variant())).collect();
+        let isa = self.split_for(m).0.isa();
+        let paths = crate::cpu::families(c).into_iter().map(|f| (f, isa.variant())).collect();
         Ok((logits, StepReport { paths, fallbacks: Vec::new() }))
     }
 }

@@ -66,6 +66,13 @@ pub fn cores() -> usize {
 /// A pointer to the output that tasks write at disjoint indices.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
+
+impl Out {
+    /// The pointer (a method, so closures capture the whole `Out`, which is `Sync`).
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
 // SAFETY: each task writes only the output rows of its own byte rows (disjoint), and the
 // buffer outlives the parallel loop that uses it.
 unsafe impl Send for Out {}
@@ -90,7 +97,6 @@ pub fn ternary_linear(k: &Kernels, split: &Split, w: &PackedTernary, x: QuantRow
     let out = Out(y.as_mut_ptr());
     let quads = n / 4;
     (0..quads.div_ceil(rpt)).into_par_iter().for_each(|task| {
-        let out = out;
         let mut acc = [0i32; SUB_ROWS * TOKEN_CHUNK * 4];
         let end = ((task + 1) * rpt).min(quads);
         let mut r0 = task * rpt;
@@ -109,7 +115,7 @@ pub fn ternary_linear(k: &Kernels, split: &Split, w: &PackedTernary, x: QuantRow
                             let v = (acc[(r * mt + t) * 4 + q] - sum) as f32 * inv_s * w.row_factor[row];
                             // SAFETY: row < n and t0 + t < m, so the index is inside `y`; only this
                             // task writes rows 4·r0.. of its own byte rows.
-                            unsafe { *out.0.add((t0 + t) * n + row) = v };
+                            unsafe { *out.ptr().add((t0 + t) * n + row) = v };
                         }
                     }
                 }
@@ -128,7 +134,6 @@ pub fn dense_linear(k: &Kernels, split: &Split, w: &Dense, rows: usize, cols: us
     let rpt = split.lm_rows_per_task.max(1);
     let out = Out(y.as_mut_ptr());
     (0..rows.div_ceil(rpt)).into_par_iter().for_each(|task| {
-        let out = out;
         let mut buf = [0f32; DENSE_SUB * TOKEN_CHUNK];
         let end = ((task + 1) * rpt).min(rows);
         let mut r0 = task * rpt;
@@ -141,7 +146,7 @@ pub fn dense_linear(k: &Kernels, split: &Split, w: &Dense, rows: usize, cols: us
                 for r in 0..nr {
                     for t in 0..mt {
                         // SAFETY: r0 + r < rows and t0 + t < m: inside `y`; rows are this task's own.
-                        unsafe { *out.0.add((t0 + t) * rows + r0 + r) = buf[r * mt + t] };
+                        unsafe { *out.ptr().add((t0 + t) * rows + r0 + r) = buf[r * mt + t] };
                     }
                 }
                 t0 += mt;

@@ -20,7 +20,7 @@ use mangrove_core::template::Params;
 use mangrove_core::tuning_db::{LookupRule, Provenance, Record, Timed, TuningDb};
 
 use super::isa::Isa;
-use super::kernels::Kernels;
+use super::kernels::{Kernels, MAX_KBLOCK};
 use super::ops::quantize;
 use super::pool::{read_bandwidth_gbs, ternary_linear, Pool, QuantRows, Split};
 use super::repack::PackedTernary;
@@ -106,6 +106,19 @@ pub fn params_of(t: &CpuTunables) -> Params {
         .collect()
 }
 
+/// Whether a record's parameters are exactly the tunables [`params_of`] writes, each in range
+/// (the instruction set may still be one this CPU lacks).
+pub fn params_valid(p: &Params) -> bool {
+    let keys = ["ISA", "KBLOCK", "ROWS_PER_TASK", "THREADS"];
+    p.len() == keys.len()
+        && keys.iter().all(|k| p.contains_key(*k))
+        && (0..Isa::ALL.len() as i64).contains(&p["ISA"])
+        && p["THREADS"] >= 1
+        && p["ROWS_PER_TASK"] >= 1
+        && p["KBLOCK"] % 32 == 0
+        && (32..=MAX_KBLOCK as i64).contains(&p["KBLOCK"])
+}
+
 /// The tunables a record's parameters describe (missing ones from `base`).
 pub fn tunables_of(p: &Params, base: CpuTunables) -> CpuTunables {
     let get = |k: &str| p.get(k).map(|&v| v as usize);
@@ -118,11 +131,11 @@ pub fn tunables_of(p: &Params, base: CpuTunables) -> CpuTunables {
     }
 }
 
-/// The tunables for `cfg` from the DB in `dir`: the batch-1 record's instruction set and
-/// threads (the pool is fixed), and per M = 1..=[`MAX_TUNED_M`] the looked-up record's rows per
-/// task and K block (exact, else the nearest bucket: the DB's lookup rule). A record whose
-/// instruction set this CPU lacks is ignored. Returns the base tunables, the per-M splits and
-/// the rule of the batch-1 lookup.
+/// The tunables for `cfg` from `db`: the batch-1 record's (its threads size the fixed pool),
+/// and per M = 1..=[`MAX_TUNED_M`] the looked-up record's instruction set, rows per task and K
+/// block (exact, else the nearest bucket: the DB's lookup rule). A record whose instruction set
+/// this CPU lacks is ignored. Returns the base tunables and, per M, the tunables with the rule
+/// that found them.
 pub fn tunables_from_db(db: &TuningDb, cfg: &ModelConfig, base: CpuTunables) -> (CpuTunables, Vec<(CpuTunables, LookupRule)>) {
     let problem = layer_problem(cfg);
     let one = db.lookup(TEMPLATE, &problem, 1);
@@ -137,8 +150,8 @@ pub fn tunables_from_db(db: &TuningDb, cfg: &ModelConfig, base: CpuTunables) -> 
         .map(|m| {
             let c = db.lookup(TEMPLATE, &problem, m);
             let mut s = tunables_of(&c.params, t);
-            // Only the split may vary per M; the pool and kernels are the batch-1 ones.
-            (s.isa, s.threads) = (t.isa, t.threads);
+            // The pool is fixed: its threads are the batch-1 record's.
+            s.threads = t.threads;
             if s.kernels().is_err() {
                 s = t;
             }
@@ -240,10 +253,7 @@ fn check(k: &Kernels, split: &Split, pool: &Pool, l: &Layer, ins: &[Inputs], m: 
 fn time(k: &Kernels, split: &Split, pool: &Pool, l: &Layer, ins: &[Inputs], m: usize, iters: usize) -> (f64, f64, f64) {
     let mut ys: Vec<Vec<f32>> = l.mats[0].iter().map(|p| vec![0f32; m * p.n]).collect();
     let mut us = Vec::with_capacity(iters);
-    let mut copy = 0;
-    for it in 0..iters + 1 {
-        let mats = &l.mats[copy % l.mats.len()];
-        copy += 1;
+    for (it, mats) in (0..iters + 1).zip(l.mats.iter().cycle()) {
         let t = Instant::now();
         pool.install(|| {
             for (i, p) in mats.iter().enumerate() {

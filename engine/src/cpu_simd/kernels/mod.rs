@@ -107,6 +107,7 @@ impl Kernels {
 
     /// `out[r·m + t] = Σ_c w[row0 + r][c] · x[t][c]` over `rows` rows of `w` (`cols` wide) from
     /// `row0`, `m` f32 token rows of `x` (`[m][cols]`).
+    #[allow(clippy::too_many_arguments)]
     pub fn dense_block(&self, w: &Dense, cols: usize, row0: usize, rows: usize, x: &[f32], m: usize, out: &mut [f32]) {
         assert!(x.len() >= m * cols && out.len() >= rows * m);
         match w {

@@ -43,6 +43,9 @@ unsafe fn row<const T: usize>(w: *const u8, kp: usize, x: *const i8, out: *mut i
 }
 
 /// NEON twin of [`super::scalar::ternary_block`].
+///
+/// # Safety
+/// The CPU has NEON; `kp % 64 == 0`, `w` holds `rows·kp` bytes, `x` `m·kp`, `acc` `rows·m·4`.
 #[target_feature(enable = "neon")]
 pub unsafe fn ternary_block_neon(w: &[u8], kp: usize, rows: usize, x: &[i8], m: usize, acc: &mut [i32]) {
     debug_assert!(kp % 64 == 0 && w.len() >= rows * kp && x.len() >= m * kp && acc.len() >= rows * m * 4);
@@ -66,6 +69,9 @@ pub unsafe fn ternary_block_neon(w: &[u8], kp: usize, rows: usize, x: &[i8], m: 
 }
 
 /// NEON twin of [`super::scalar::bf16_block`].
+///
+/// # Safety
+/// The CPU has NEON; `w` holds `rows·h` values, `x` `m·h`, `out` `rows·m`.
 #[target_feature(enable = "neon")]
 pub unsafe fn bf16_block_neon(w: &[u16], h: usize, rows: usize, x: &[f32], m: usize, out: &mut [f32]) {
     debug_assert!(w.len() >= rows * h && x.len() >= m * h && out.len() >= rows * m);

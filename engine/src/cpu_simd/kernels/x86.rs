@@ -79,6 +79,9 @@ unsafe fn row_avx2<const T: usize>(w: *const u8, kp: usize, x: *const i8, kblock
 }
 
 /// AVX2 twin of [`super::scalar::ternary_block`]; `kblock` is a multiple of 32, at most [`MAX_KBLOCK`].
+///
+/// # Safety
+/// The CPU has AVX2 + FMA; `kp % 64 == 0`, `w` holds `rows·kp` bytes, `x` `m·kp`, `acc` `rows·m·4`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn ternary_block_avx2(w: &[u8], kp: usize, rows: usize, x: &[i8], m: usize, kblock: usize, acc: &mut [i32]) {
     debug_assert!(kp % 64 == 0 && w.len() >= rows * kp && x.len() >= m * kp && acc.len() >= rows * m * 4);
@@ -137,6 +140,9 @@ unsafe fn row_vnni<const T: usize>(w: *const u8, kp: usize, x: *const i8, out: *
 }
 
 /// AVX-VNNI twin of [`super::scalar::ternary_block`].
+///
+/// # Safety
+/// The CPU has AVX-VNNI and AVX2; `kp % 64 == 0`, `w` holds `rows·kp` bytes, `x` `m·kp`, `acc` `rows·m·4`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn ternary_block_avx_vnni(w: &[u8], kp: usize, rows: usize, x: &[i8], m: usize, acc: &mut [i32]) {
     debug_assert!(kp % 64 == 0 && w.len() >= rows * kp && x.len() >= m * kp && acc.len() >= rows * m * 4);
@@ -160,6 +166,7 @@ pub unsafe fn ternary_block_avx_vnni(w: &[u8], kp: usize, rows: usize, x: &[i8],
 }
 
 #[cfg(mangrove_avx512)]
+#[allow(clippy::incompatible_msrv)] // compiled only by rustc >= 1.89 (engine/build.rs)
 #[inline(always)]
 unsafe fn row_avx512<const T: usize>(w: *const u8, kp: usize, x: *const i8, out: *mut i32) {
     // SAFETY: as `row_avx2`, with AVX-512 F/BW/VNNI checked by the caller.
@@ -191,7 +198,11 @@ unsafe fn row_avx512<const T: usize>(w: *const u8, kp: usize, x: *const i8, out:
 }
 
 /// AVX-512 VNNI twin of [`super::scalar::ternary_block`].
+///
+/// # Safety
+/// The CPU has AVX-512 F/BW/VNNI; `kp % 64 == 0`, `w` holds `rows·kp` bytes, `x` `m·kp`, `acc` `rows·m·4`.
 #[cfg(mangrove_avx512)]
+#[allow(clippy::incompatible_msrv)] // compiled only by rustc >= 1.89 (engine/build.rs)
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
 pub unsafe fn ternary_block_avx512_vnni(w: &[u8], kp: usize, rows: usize, x: &[i8], m: usize, acc: &mut [i32]) {
     debug_assert!(kp % 64 == 0 && w.len() >= rows * kp && x.len() >= m * kp && acc.len() >= rows * m * 4);
@@ -255,7 +266,36 @@ unsafe fn bf16_row<const T: usize>(w: *const u16, h: usize, x: *const f32, out: 
     }
 }
 
+/// Five to eight tokens in one pass over the row (one accumulator each), so every weight byte
+/// is loaded once for a whole decode batch of 8.
+#[inline(always)]
+unsafe fn bf16_row_wide<const T: usize>(w: *const u16, h: usize, x: *const f32, out: *mut f32) {
+    // SAFETY: `w` has h values, `x` T rows of h, `out` T (module contract).
+    unsafe {
+        let mut a = [_mm256_setzero_ps(); T];
+        let main = h / 8 * 8;
+        let mut c = 0;
+        while c < main {
+            let wv = bf16x8(w.add(c));
+            for (t, a) in a.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.add(t * h + c)), *a);
+            }
+            c += 8;
+        }
+        for (t, a) in a.iter().enumerate() {
+            let mut s = hsum_ps(*a);
+            for j in main..h {
+                s += super::scalar::bf16(*w.add(j)) * *x.add(t * h + j);
+            }
+            *out.add(t) = s;
+        }
+    }
+}
+
 /// AVX2 + FMA twin of [`super::scalar::bf16_block`].
+///
+/// # Safety
+/// The CPU has AVX2 + FMA; `w` holds `rows·h` values, `x` `m·h`, `out` `rows·m`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn bf16_block_avx2(w: &[u16], h: usize, rows: usize, x: &[f32], m: usize, out: &mut [f32]) {
     debug_assert!(w.len() >= rows * h && x.len() >= m * h && out.len() >= rows * m);
@@ -271,9 +311,13 @@ pub unsafe fn bf16_block_avx2(w: &[u16], h: usize, rows: usize, x: &[f32], m: us
                     1 => bf16_row::<1>(wr, h, xt, o),
                     2 => bf16_row::<2>(wr, h, xt, o),
                     3 => bf16_row::<3>(wr, h, xt, o),
-                    _ => bf16_row::<4>(wr, h, xt, o),
+                    4 => bf16_row::<4>(wr, h, xt, o),
+                    5 => bf16_row_wide::<5>(wr, h, xt, o),
+                    6 => bf16_row_wide::<6>(wr, h, xt, o),
+                    7 => bf16_row_wide::<7>(wr, h, xt, o),
+                    _ => bf16_row_wide::<8>(wr, h, xt, o),
                 }
-                t += (m - t).min(4);
+                t += (m - t).min(8);
             }
         }
     }
