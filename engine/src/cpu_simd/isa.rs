@@ -56,7 +56,7 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
             #[cfg(target_arch = "x86_64")]
-            Isa::AvxVnni => Isa::Avx2.is_supported() && std::arch::is_x86_feature_detected!("avxvnni"),
+            Isa::AvxVnni => Isa::Avx2.is_supported() && has_avx_vnni(),
             #[cfg(all(target_arch = "x86_64", mangrove_avx512))]
             Isa::Avx512Vnni => {
                 Isa::Avx2.is_supported()
@@ -96,6 +96,17 @@ impl Isa {
             _ => Ok(Isa::best()),
         }
     }
+}
+
+/// AVX-VNNI: CPUID.(EAX=7, ECX=1):EAX bit 4, read directly because
+/// `is_x86_feature_detected!("avxvnni")` is newer than the 1.85 MSRV. Whether the OS saves the
+/// YMM state is part of the AVX2 detection this is combined with.
+#[cfg(target_arch = "x86_64")]
+#[allow(unused_unsafe)] // `__cpuid` is an unsafe fn before Rust 1.94 and safe after
+fn has_avx_vnni() -> bool {
+    use std::arch::x86_64::{__cpuid, __cpuid_count};
+    // SAFETY: CPUID exists on every x86-64 CPU; leaves above the maximum are not read.
+    unsafe { __cpuid(0).eax >= 7 && __cpuid_count(7, 0).eax >= 1 && __cpuid_count(7, 1).eax & (1 << 4) != 0 }
 }
 
 impl std::fmt::Display for Isa {
