@@ -13,7 +13,7 @@ fn logits(n: usize) -> Vec<f64> {
 fn sampling(c: &mut Criterion) {
     let l = logits(128_256);
     for (name, temperature, top_p) in [("greedy", 0.0, 1.0), ("temperature 1", 1.0, 1.0), ("temperature 1, top_p 0.9", 1.0, 0.9)] {
-        let mut s = Sampler::new(SamplingParams { temperature, top_p, seed: Some(1) });
+        let mut s = Sampler::new(SamplingParams { temperature, top_p, seed: Some(1), ..SamplingParams::default() });
         c.bench_function(&format!("sample 128256 logits: {name}"), |b| b.iter(|| s.sample(&l)));
     }
 }

@@ -10,7 +10,7 @@
 //! - [`mangrove_engine`] — the decode engine and its OpenAI-compatible server ([`engine`]).
 
 pub use mangrove_core::*;
-pub use mangrove_deploy::{bless, bundle, http, plan, provision, service};
+pub use mangrove_deploy::{bless, bundle, confine, http, plan, provision, service, signing};
 pub use mangrove_engine as engine;
 pub use mangrove_tuner as tune;
 pub use mangrove_tuner::lab;

@@ -12,7 +12,11 @@ fn bad_flags_are_clear_errors_and_create_no_cache() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("c");
     let c = cache.to_str().unwrap();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 8] = [
+        (&["--cache-dir", c, "serve", "--model", "m", "--max-queue", "0"], "--max-queue must be positive"),
+        (&["--cache-dir", c, "serve", "--model", "m", "--step-tokens", "0"], "--step-tokens must be positive"),
+        (&["--cache-dir", c, "serve", "--model", "m", "--header-timeout", "0s"], "--header-timeout must be positive"),
+        (&["--cache-dir", c, "jitd", "--max-connections", "0"], "--max-connections must be positive"),
         (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--arch", "sm91"], "unknown arch 'sm91'"),
         (&["--cache-dir", c, "compile", "--template", "nope"], "unknown template 'nope'"),
         (&["--cache-dir", c, "compile", "--template", "ternary_gemv", "--param", "VEC"], "expected NAME=INTEGER"),
@@ -81,4 +85,42 @@ fn bench_kernels_without_gpu_is_a_clear_error() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(!json.exists(), "nothing is written without a GPU");
     assert!(!cache.exists(), "the cache is not opened without a GPU");
+}
+
+#[test]
+fn listing_into_a_closed_pipe_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mangrove")).arg("templates").stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    drop(child.stdout.take()); // the reader goes away before the first line
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+}
+
+#[test]
+fn one_key_compiles_to_the_same_bytes_from_any_folder() {
+    let root = tempfile::tempdir().unwrap();
+    let mut cubins = Vec::new();
+    for sub in ["a", "deeper/and/longer/folder"] {
+        let cwd = root.path().join(sub);
+        std::fs::create_dir_all(&cwd).unwrap();
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_mangrove"));
+        // The project-local NVRTC is found relative to the working directory: name it.
+        let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".nvrtc/nvidia/cu13/lib/libnvrtc.so.13");
+        if std::env::var_os("MANGROVE_NVRTC_LIB").is_none() && local.exists() {
+            cmd.env("MANGROVE_NVRTC_LIB", &local);
+        }
+        let out = cmd
+            .current_dir(&cwd)
+            .args(["--cache-dir", "cache", "compile", "--template", "ternary_gemv", "--arch", "sm90", "--param", "N=256", "--param", "K=256", "--cubin", "k.cubin"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let bytes = std::fs::read(cwd.join("k.cubin")).unwrap();
+        let cwd_text = cwd.to_string_lossy().into_owned();
+        assert!(!bytes.windows(cwd_text.len()).any(|w| w == cwd_text.as_bytes()), "the cubin names the working directory {cwd_text}");
+        cubins.push(bytes);
+    }
+    assert!(cubins[0] == cubins[1], "the same key gave different cubins in two folders");
 }

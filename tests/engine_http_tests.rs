@@ -77,6 +77,9 @@ async fn completion_has_text_usage_and_is_deterministic_under_seed() {
     let a = s.complete(body.clone()).await;
     let b = s.complete(body).await;
     assert_eq!(text_of(&a), text_of(&b));
+    // vLLM's top_k / min_p extensions are honoured and seeded alike.
+    let filtered = json!({"prompt": "Hello there", "max_tokens": 7, "temperature": 1.0, "top_k": 5, "min_p": 0.05, "seed": 99});
+    assert_eq!(text_of(&s.complete(filtered.clone()).await), text_of(&s.complete(filtered).await));
     assert_eq!(a["object"], "text_completion");
     assert_eq!(a["model"], "tiny");
     assert_eq!(a["choices"][0]["finish_reason"], "length");
@@ -194,6 +197,8 @@ async fn bad_requests_are_openai_style_4xx() {
         ("/v1/completions", json!({"prompt": "x", "max_tokens": 100000}).to_string(), 400, Some("max_tokens")),
         ("/v1/completions", json!({"prompt": "x", "temperature": -0.5}).to_string(), 400, Some("temperature")),
         ("/v1/completions", json!({"prompt": "x", "top_p": 0}).to_string(), 400, Some("top_p")),
+        ("/v1/completions", json!({"prompt": "x", "top_k": -2}).to_string(), 400, Some("top_k")),
+        ("/v1/completions", json!({"prompt": "x", "min_p": 1.5}).to_string(), 400, Some("min_p")),
         ("/v1/completions", json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, Some("stop")),
         ("/v1/completions", json!({"prompt": "x", "model": "gpt-9"}).to_string(), 404, Some("model")),
         ("/v1/completions", json!({"prompt": "x", "n": 2}).to_string(), 400, Some("n")),
@@ -256,7 +261,7 @@ async fn dropped_stream_retires_its_sequence() {
     use futures::StreamExt;
     let s = start(Preset::Tiny).await;
     let body = json!({"prompt": "go", "max_tokens": 400, "stream": true, "temperature": 0});
-    let r = s.client.post(format!("{}/v1/completions", s.base)).body(body.to_string()).send().await.unwrap();
+    let r = s.client.post(format!("{}/v1/completions", s.base)).json(&body).send().await.unwrap();
     let mut bytes = r.bytes_stream();
     let first = bytes.next().await.unwrap().unwrap();
     assert!(first.starts_with(b"data: "), "{first:?}");
@@ -284,7 +289,10 @@ async fn app_router_answers_without_a_socket() {
     generate(Preset::Tiny, dir.path(), 1).unwrap();
     let engine = Engine::open(dir.path(), "cpu", Some("tiny".into())).unwrap();
     let app = server::app(AppState::new(engine, Arc::new(Metrics::default()), None));
-    let req = Request::post("/v1/completions").body(Body::from(json!({"prompt": "hi", "max_tokens": 3, "temperature": 0}).to_string())).unwrap();
+    let req = Request::post("/v1/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(json!({"prompt": "hi", "max_tokens": 3, "temperature": 0}).to_string()))
+        .unwrap();
     let r = app.clone().oneshot(req).await.unwrap();
     assert_eq!(r.status(), 200);
     let v: Value = serde_json::from_slice(&axum::body::to_bytes(r.into_body(), 1 << 20).await.unwrap()).unwrap();

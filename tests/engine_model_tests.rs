@@ -342,12 +342,12 @@ async fn tiny_and_tiny_moe_generate_deterministically_under_a_seed() {
     for preset in [Preset::Tiny, Preset::TinyMoe] {
         let dir = gen(preset, 5);
         let engine = Arc::new(Engine::open(dir.path(), "cpu", None).unwrap());
-        let s = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234) };
+        let s = SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(1234), ..SamplingParams::default() };
         let first = generate_text(engine.clone(), "Once upon a time", s, 12).await;
         let second = generate_text(engine.clone(), "Once upon a time", s, 12).await;
         assert_eq!(first, second, "{preset:?}");
         assert_eq!(first.1, 12);
-        let g = SamplingParams { temperature: 0.0, top_p: 1.0, seed: None };
+        let g = SamplingParams { temperature: 0.0, top_p: 1.0, seed: None, ..SamplingParams::default() };
         assert_eq!(generate_text(engine.clone(), "abc", g, 6).await, generate_text(engine, "abc", g, 6).await);
     }
 }
@@ -406,6 +406,25 @@ fn malformed_checkpoints_name_the_problem() {
     edit_tensors(dir.path(), |ts| ts.retain(|t| t.0 != scale));
     assert!(open_err(dir.path()).contains(scale));
 
+    // A NaN norm weight (bf16 0x7fc0) is refused by name.
+    let dir = gen(Preset::Tiny, 2);
+    edit_tensors(dir.path(), |ts| {
+        let t = ts.iter_mut().find(|t| t.0 == norm).unwrap();
+        t.3[2..4].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+    });
+    let e = open_err(dir.path());
+    assert!(e.contains(norm) && e.contains("finite"), "{e}");
+
+    // Values beyond any real checkpoint in config.json are refused before anything is allocated.
+    for (key, value) in [("num_hidden_layers", "1000000000"), ("rms_norm_eps", "-1"), ("rope_theta", "0")] {
+        let dir = gen(Preset::Tiny, 2);
+        let mut c: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
+        c[key] = serde_json::from_str(value).unwrap();
+        std::fs::write(dir.path().join("config.json"), c.to_string()).unwrap();
+        let e = open_err(dir.path());
+        assert!(e.contains(key), "{key}={value}: {e}");
+    }
+
     let dir = gen(Preset::Tiny, 2);
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 64,").unwrap();
     let e = open_err(dir.path());
@@ -440,7 +459,7 @@ async fn requests_submitted_together_share_decode_steps() {
     for (i, p) in ["a", "bb bb", "the cat"].iter().enumerate() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let prompt = engine.tokenizer.encode(p).unwrap();
-        let sampling = SamplingParams { temperature: 0.7, top_p: 1.0, seed: Some(i as u64) };
+        let sampling = SamplingParams { temperature: 0.7, top_p: 1.0, seed: Some(i as u64), ..SamplingParams::default() };
         handle.submit(GenRequest { prompt, max_tokens: 4, sampling, stop: vec![], events: tx }).unwrap();
         rxs.push(rx);
     }
@@ -495,7 +514,7 @@ async fn chunked_prefill_gives_the_same_tokens() {
             let metrics = Arc::new(Metrics::default());
             let (handle, _task) = batcher::spawn_with(engine, metrics.clone(), batcher::BatcherConfig { prefill_chunk: chunk, ..Default::default() });
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let sampling = SamplingParams { temperature: 0.9, top_p: 1.0, seed: Some(77) };
+            let sampling = SamplingParams { temperature: 0.9, top_p: 1.0, seed: Some(77), ..SamplingParams::default() };
             handle.submit(GenRequest { prompt, max_tokens: 5, sampling, stop: vec![], events: tx }).unwrap();
             let mut text = String::new();
             while let Some(e) = rx.recv().await {

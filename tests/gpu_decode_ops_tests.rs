@@ -41,3 +41,25 @@ fn attention_configs_match_f64_reference() {
     let failures = common::failed_checks(&gpu, &reqs, 2000, MAX_REL);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }
+
+/// `sample_tokens` against the f64 reference (eight rules × 16 draws, picks equal up to a CDF
+/// boundary within 1e-5), and the same picks whatever the block size: integer masses make the
+/// draw independent of THREADS.
+#[test]
+fn sample_tokens_match_reference_and_do_not_depend_on_threads() {
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let arch = gpu.info().arch;
+    for v in [128256, 1000, 2] {
+        let reqs: Vec<_> = [256, 512, 1024].iter().map(|t| common::request(arch, "sample_tokens", &format!("V={v} THREADS={t}"))).collect();
+        let failures = common::failed_checks(&gpu, &reqs, 7, MAX_REL);
+        assert!(failures.is_empty(), "V={v}: {} of {} failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
+        let dir = tempfile::tempdir().unwrap();
+        let jit = common::jit_in(dir.path());
+        let picks: Vec<Vec<u32>> = jit
+            .get_many(&reqs)
+            .into_iter()
+            .map(|f| mangrove::validate::check_entry(&gpu, &f.unwrap().entry, 99, 0.0).unwrap().output)
+            .collect();
+        assert!(picks.windows(2).all(|w| w[0] == w[1]), "V={v}: picks differ between block sizes");
+    }
+}

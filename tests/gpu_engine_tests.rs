@@ -257,3 +257,44 @@ fn fused_layer_matches_cpu_reference_unfused_step_and_direct_launches() {
     println!("fused vs unfused step logits (8 prompts × 33 steps, up to where tokens part): {worst}");
     assert!(worst.max_rel < gate, "fused and unfused logits differ: {worst}");
 }
+
+/// GPU sampling in the step's graph: each pick is what the reference sampler picks from the
+/// same step's logits (a twin backend fed the same tokens) with the same uniform — greedy
+/// exactly, sampled up to a CDF boundary within `U_TOLERANCE` — and decode batches run the LM
+/// head on cuBLAS and the sampler on the GPU.
+#[test]
+fn gpu_sampling_picks_what_the_logits_say() {
+    use mangrove::engine::sampling::{Draw, SamplingParams};
+    use mangrove::reference::sampling::agrees;
+    use mangrove::step::Family;
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, model) = generated(tmp.path(), Preset::Tiny, 21);
+    let sampled = cuda_backend(gpu, &dir, &model, &tmp.path().join("c1"), 4);
+    let twin = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("c2"), 4);
+    let params = [
+        SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        SamplingParams { temperature: 0.8, top_p: 0.9, ..SamplingParams::default() },
+        SamplingParams { temperature: 1.2, top_k: 20, min_p: 0.01, ..SamplingParams::default() },
+    ];
+    let vocab = model.config.vocab as u32;
+    let mut feed: Vec<Vec<u32>> = [9usize, 1, 30].iter().map(|&n| (0..n as u32).map(|i| (i * 53 + n as u32) % vocab).collect()).collect();
+    let mut ca: Vec<KvCache> = feed.iter().map(|_| KvCache::new(sampled.config())).collect();
+    let mut cb: Vec<KvCache> = feed.iter().map(|_| KvCache::new(twin.config())).collect();
+    for step in 0..8 {
+        let draws: Vec<Draw> = params.iter().enumerate().map(|(s, &p)| Draw { params: p, u: ((step * 7 + s * 3) as f64 * 0.1234567).fract() }).collect();
+        let mut a: Vec<SeqInput> = feed.iter().zip(ca.iter_mut()).map(|(t, c)| SeqInput { tokens: t, cache: c }).collect();
+        let (tokens, report) = sampled.forward_sample(&mut a, &draws).unwrap();
+        let mut b: Vec<SeqInput> = feed.iter().zip(cb.iter_mut()).map(|(t, c)| SeqInput { tokens: t, cache: c }).collect();
+        let logits = twin.forward(&mut b).unwrap().0;
+        for (s, (l, d)) in logits.iter().zip(&draws).enumerate() {
+            let l32: Vec<f32> = l.iter().map(|&v| v as f32).collect();
+            assert!(agrees(&l32, &d.params.rule(), d.u, tokens[s]), "step {step} seq {s}: GPU picked {} for {d:?}", tokens[s]);
+        }
+        assert!(report.paths.contains(&(Family::Sample, "cuda_op")), "{:?}", report.paths);
+        if step > 0 {
+            assert!(report.paths.contains(&(Family::LmHead, "cublas_bf16")), "decode batch without the cuBLAS head: {:?}", report.paths);
+        }
+        feed = tokens.iter().map(|&t| vec![t]).collect();
+    }
+}

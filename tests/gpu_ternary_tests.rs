@@ -105,7 +105,8 @@ fn shape_mismatch_is_an_error_not_a_crash() {
     assert!(err.to_string().contains("x has 256 elements"), "{err}");
 }
 
-/// Tensor-core GEMM configs: buckets × shapes, cycling the tunables (every value of each).
+/// Tensor-core GEMM configs: buckets × shapes, cycling the tunables (every value of each; a
+/// cp.async ring too deep for the config's warps falls back to a shallower one).
 fn gemm_cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
     let mut out = Vec::new();
     let mut i = 0usize;
@@ -117,17 +118,21 @@ fn gemm_cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
                 let (row_warps, k_warps) = [(4, 1), (1, 4), (2, 2), (8, 1), (4, 2)][i % 5];
                 let k_warps = if block_t * row_tiles * row_warps * (k_warps - 1) * 128 > 40960 { 1 } else { k_warps };
                 let unroll = [1, 2, 4][i % 3];
-                let p = format!(
-                    "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL={unroll} PREFETCH={}",
-                    i % 2,
-                    (i / 2) % 2
-                );
-                let req = common::request(arch, "ternary_gemm_w2a8", &p);
+                // The cp.async ring's depth, or the next shallower one whose ring fits.
+                let stages = [0, 2, 3, 4, 6][(i / 3) % 5];
+                let p = |stages: i32| {
+                    format!(
+                        "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL={unroll} PREFETCH={} STAGES={stages}",
+                        i % 2,
+                        (i / 2) % 2
+                    )
+                };
                 // The cycle may combine values the schema rules out (too many accumulators or
                 // splits for K): those are the constraint's business, not this test's.
-                if mangrove::template::Catalog::embedded().get("ternary_gemm_w2a8").unwrap().resolve(&req.params).is_ok() {
-                    out.push(req);
-                }
+                let valid = [stages, 2, 0].into_iter().filter(|&s| s <= stages).map(|s| common::request(arch, "ternary_gemm_w2a8", &p(s))).find(|req| {
+                    mangrove::template::Catalog::embedded().get("ternary_gemm_w2a8").unwrap().resolve(&req.params).is_ok()
+                });
+                out.extend(valid);
                 i += 1;
             }
         }
@@ -158,8 +163,8 @@ fn w2a8_gemm_takes_fewer_rows_and_equals_the_m1_gemv() {
     for (n, k, out_f32) in [(3840, 2560, 1), (2560, 6912, 0)] {
         let one = jit.get(&common::request(arch, "ternary_gemv_w2a8", &format!("M=1 N={n} K={k} OUT_F32={out_f32}"))).unwrap();
         let mut one = mangrove::gpu::TernaryGemv::new(&gpu, &one.entry).unwrap();
-        for (m, rows) in [(16, 1), (16, 9), (64, 37), (256, 200)] {
-            let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 SPLIT_K=4");
+        for (m, rows, stages) in [(16, 1, 0), (16, 9, 3), (64, 37, 0), (64, 37, 2), (256, 200, 4)] {
+            let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 ROW_WARPS=2 K_WARPS=2 UNROLL=1 SPLIT_K=4 STAGES={stages}");
             let f = jit.get(&common::request(arch, "ternary_gemm_w2a8", &p)).unwrap();
             let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();
             let mut case = TernaryCase::new(&gpu, m, n as usize, k as usize, 31 + m as u64).unwrap();

@@ -158,3 +158,37 @@ fn strict_serve_refuses_fallbacks_and_lists_them() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--strict") && err.contains("no_tuned_kernel") && err.contains("attn_qkv M=1"), "{err}");
 }
+
+#[test]
+fn serve_with_a_trusted_key_refuses_an_unsigned_bundle_and_starts_from_a_signed_one() {
+    let root = tempfile::tempdir().unwrap();
+    let (model, b) = setup(root.path());
+    let key = root.path().join("bless.key");
+    let keygen = Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["cache", "keygen", "--out", key.to_str().unwrap()]).output().unwrap();
+    assert!(keygen.status.success(), "{}", String::from_utf8_lossy(&keygen.stderr));
+    let public = root.path().join("bless.key.pub");
+    let serve = |bundle: &Path| {
+        retry_busy(|| {
+            offline_command(root.path())
+                .args(["serve", "--model", model.to_str().unwrap(), "--port", "0", "--blessed", bundle.to_str().unwrap(), "--offline"])
+                .args(["--trusted-key", public.to_str().unwrap(), "--max-batch", "4", "--host", "256.0.0.1"])
+                .output()
+        })
+    };
+    // Unsigned: refused before anything is prepared, naming the signature file.
+    let out = serve(&b);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("manifest.sig") && err.contains("unsigned"), "{err}");
+    // Signed by the trusted key (re-exported from the cache the bless filled): the bundle is
+    // accepted; the server then fails only on the unusable --host.
+    let signed = root.path().join("signed");
+    let cache = root.path().join("cache");
+    let export = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+        .args(["--cache-dir", cache.to_str().unwrap(), "cache", "export", "--out", signed.to_str().unwrap(), "--arch", "sm90", "--sign-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let out = serve(&signed);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("manifest.sig") && err.contains("256.0.0.1"), "{err}");
+}

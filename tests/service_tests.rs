@@ -10,6 +10,7 @@ use std::sync::Arc;
 use mangrove::arch::Arch;
 use mangrove::service::client::{JitClient, Source};
 use mangrove::service::{app, ServiceState};
+use mangrove::template::Catalog;
 use mangrove::tuning_db::TuningDb;
 
 /// Starts the service on 127.0.0.1:0 in a background runtime; returns its URL and state.
@@ -37,14 +38,14 @@ fn parallel_clients_for_one_new_key_compile_once() {
     let handles: Vec<_> = (0..8)
         .map(|_| {
             let (url, req) = (url.clone(), req.clone());
-            std::thread::spawn(move || JitClient::new(&url).fetch(&req).unwrap())
+            std::thread::spawn(move || JitClient::new(&url, Catalog::embedded()).fetch(&req).unwrap())
         })
         .collect();
     let entries: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(state.compiles.load(Ordering::Relaxed), 1, "single flight: one compile for 8 clients");
     assert!(entries.iter().all(|e| e.cubin == entries[0].cubin && e.blob_intact()));
     // A later request is a hit, also by key.
-    JitClient::new(&url).fetch(&req).unwrap();
+    JitClient::new(&url, Catalog::embedded()).fetch(&req).unwrap();
     assert_eq!(state.compiles.load(Ordering::Relaxed), 1);
     let key = entries[0].inputs.key().to_hex();
     let resp = ureq::get(&format!("{url}/v1/kernels/{key}")).call().unwrap();
@@ -85,7 +86,7 @@ fn client_falls_back_to_a_local_compile_when_the_service_is_down() {
     let local = common::jit_in(dir.path());
     // A port nothing listens on: bind, read the port, close.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let client = JitClient::new(&format!("http://127.0.0.1:{port}"));
+    let client = JitClient::new(&format!("http://127.0.0.1:{port}"), Catalog::embedded());
     let (entry, source) = client.fetch_or_compile(&common::gemv(Arch::SM90, &["N=256", "K=256"]), &local).unwrap();
     assert!(matches!(source, Source::LocalFallback(ref r) if r.contains("jit service")), "{source:?}");
     assert_eq!(&entry.cubin[..4], b"\x7fELF");

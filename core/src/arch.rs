@@ -4,12 +4,32 @@ use std::fmt;
 use std::str::FromStr;
 
 /// A CUDA SM target (`sm_90`, `sm_90a`, …). The `a` variants enable arch-specific instructions.
+/// Deserializing checks the target is supported, as parsing does (`{"cc": 75}` is refused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "ArchFields")]
 pub struct Arch {
     /// Compute capability times ten (90 for sm_90).
     pub cc: u32,
     /// Architecture-specific variant (`sm_90a`).
     pub specific: bool,
+}
+
+/// The wire shape of an [`Arch`] before its target is checked.
+#[derive(serde::Deserialize)]
+struct ArchFields {
+    cc: u32,
+    specific: bool,
+}
+
+impl TryFrom<ArchFields> for Arch {
+    type Error = ArchError;
+    fn try_from(f: ArchFields) -> Result<Self, ArchError> {
+        if SUPPORTED.contains(&f.cc) {
+            Ok(Arch { cc: f.cc, specific: f.specific })
+        } else {
+            Err(ArchError { input: format!("sm{}", f.cc) })
+        }
+    }
 }
 
 /// The SM targets mangrove accepts.
@@ -90,5 +110,14 @@ mod tests {
             let e = s.parse::<Arch>().unwrap_err();
             assert!(e.to_string().contains("unknown arch"), "{s}: {e}");
         }
+    }
+
+    #[test]
+    fn deserializing_checks_the_target_too() {
+        let a: Arch = serde_json::from_str(r#"{"cc": 90, "specific": true}"#).unwrap();
+        assert_eq!(a.nvrtc_name(), "sm_90a");
+        let e = serde_json::from_str::<Arch>(r#"{"cc": 75, "specific": false}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown arch 'sm75'"), "{e}");
+        assert_eq!(serde_json::to_string(&Arch::SM90).unwrap(), r#"{"cc":90,"specific":false}"#);
     }
 }

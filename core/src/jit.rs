@@ -77,8 +77,16 @@ impl Jit {
         let (kernel, inputs) = self.key_of(req)?;
         let key = inputs.key();
         let reason = match self.cache.get(&key)? {
-            Lookup::Hit(entry) => {
+            // The loader launches with the entry's symbol and geometry: they must be the template's.
+            Lookup::Hit(entry) if entry.entry == kernel.entry && entry.launch == kernel.launch => {
                 return Ok(Fetched { key, entry: *entry, outcome: Outcome::Hit, ms: ms_since(t0) });
+            }
+            Lookup::Hit(entry) => {
+                self.cache.evict(&key)?;
+                MissReason::Corrupt(format!(
+                    "entry symbol / launch {} {:?} differ from the template's {} {:?}",
+                    entry.entry, entry.launch, kernel.entry, kernel.launch
+                ))
             }
             Lookup::Miss(reason) => reason,
         };

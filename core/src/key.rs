@@ -9,7 +9,7 @@ use crate::template::{Params, RenderedKernel};
 
 /// Version of the key encoding. Bump KEY_VERSION whenever an input to the key changes
 /// meaning, a field is added, or the encoding changes: old cache entries then simply miss.
-pub const KEY_VERSION: u32 = 2; // 2: cache entries carry LaunchDims::pdl
+pub const KEY_VERSION: u32 = 3; // 2: cache entries carry LaunchDims::pdl; 3: fixed program name (reproducible cubins)
 
 /// Everything that changes the compiled binary.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -175,6 +175,19 @@ pub struct ModelConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
+/// Largest hidden or intermediate width accepted.
+pub const MAX_WIDTH: usize = 1 << 17;
+/// Most layers accepted.
+pub const MAX_LAYERS: usize = 1024;
+/// Most attention heads accepted.
+pub const MAX_HEADS: usize = 1024;
+/// Largest vocabulary accepted.
+pub const MAX_VOCAB: usize = 1 << 22;
+/// Largest context window accepted.
+pub const MAX_POSITIONS: usize = 1 << 21;
+/// Most MoE experts accepted.
+pub const MAX_EXPERTS: usize = 4096;
+
 fn invalid(key: &'static str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, problem: problem.into() }
 }
@@ -272,6 +285,28 @@ impl ModelConfig {
             moe,
             eos_token_ids: f.eos_token_id.as_ref().map_or_else(Vec::new, TokenIds::ids),
         };
+        // Bounds: far beyond any real checkpoint, small enough that a hostile config.json cannot
+        // make a loader allocate without limit.
+        for (key, n, max) in [
+            ("hidden_size", cfg.hidden, MAX_WIDTH),
+            ("intermediate_size", cfg.inter, MAX_WIDTH),
+            ("num_hidden_layers", cfg.layers, MAX_LAYERS),
+            ("num_attention_heads", cfg.heads, MAX_HEADS),
+            ("vocab_size", cfg.vocab, MAX_VOCAB),
+            ("max_position_embeddings", cfg.max_positions, MAX_POSITIONS),
+            ("num_experts", cfg.moe.map_or(1, |m| m.experts), MAX_EXPERTS),
+            ("moe_intermediate_size", cfg.moe.map_or(4, |m| m.inter), MAX_WIDTH),
+        ] {
+            if n > max {
+                return Err(invalid(key, format!("{n} exceeds the supported maximum {max}")));
+            }
+        }
+        if !(cfg.rms_eps.is_finite() && cfg.rms_eps > 0.0 && cfg.rms_eps < 1.0) {
+            return Err(invalid("rms_norm_eps", format!("{} must be in (0, 1)", cfg.rms_eps)));
+        }
+        if !(cfg.rope_theta.is_finite() && cfg.rope_theta > 0.0) {
+            return Err(invalid("rope_theta", format!("{} must be positive and finite", cfg.rope_theta)));
+        }
         // Packed ternary rows come four to a byte: every output dimension must divide by 4.
         for (key, n) in [
             ("hidden_size", cfg.hidden),
@@ -399,6 +434,22 @@ mod tests {
     fn parses_bitnet_config() {
         let c = ModelConfig::from_json(&base().to_string()).unwrap();
         assert_eq!((c.head_dim, c.kv_dim(), c.scale, c.moe), (16, 32, ScaleConvention::Multiply, None));
+    }
+
+    #[test]
+    fn out_of_bounds_values_are_refused_by_name() {
+        for (key, v) in [
+            ("num_hidden_layers", serde_json::json!(1_000_000_000u64)),
+            ("vocab_size", serde_json::json!(1u64 << 40)),
+            ("rms_norm_eps", serde_json::json!(-1.0)),
+            ("rope_theta", serde_json::json!(0.0)),
+            ("rope_theta", serde_json::json!(-5.0)),
+        ] {
+            let mut c = base();
+            c[key] = v.clone();
+            let e = ModelConfig::from_json(&c.to_string()).unwrap_err().to_string();
+            assert!(e.contains(key), "{key}={v}: {e}");
+        }
     }
 
     #[test]

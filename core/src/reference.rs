@@ -4,6 +4,7 @@
 
 pub mod decode_ops;
 pub mod moe;
+pub mod sampling;
 
 use rayon::prelude::*;
 

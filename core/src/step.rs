@@ -67,6 +67,8 @@ pub enum Family {
     LmHead,
     /// A whole dense layer for one token row in one persistent kernel (batch-1 decode).
     DecodeLayer,
+    /// The next token of each sequence, drawn on the GPU from its logits.
+    Sample,
 }
 
 impl Family {
@@ -90,6 +92,7 @@ impl Family {
             Family::MoeCombine => "moe_combine",
             Family::LmHead => "lm_head",
             Family::DecodeLayer => "decode_layer",
+            Family::Sample => "sample",
         }
     }
 }
@@ -117,7 +120,8 @@ pub fn linear_shapes(c: &ModelConfig) -> Vec<(Family, i64, i64)> {
 }
 
 /// The decode-step ops: (family, template, problem parameters). Each is launched over any
-/// number of rows. MoE models add the expert GLU quantization (no norm) and the combine.
+/// number of rows (sequences, for the sampler). MoE models add the expert GLU quantization (no
+/// norm) and the combine.
 pub fn op_kernels(c: &ModelConfig) -> Vec<(Family, &'static str, Params)> {
     let (h, hd, qh, kvh) = (c.hidden as i64, c.head_dim as i64, c.heads as i64, c.kv_heads as i64);
     let attn = params(&[("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64)]);
@@ -127,6 +131,7 @@ pub fn op_kernels(c: &ModelConfig) -> Vec<(Family, &'static str, Params)> {
         (Family::AttnSubNorm, "rmsnorm_quant", params(&[("H", qh * hd), ("GLU", 0)])),
         (Family::Rope, "rope_kv", attn.clone()),
         (Family::Attention, "attention_decode", attn),
+        (Family::Sample, "sample_tokens", params(&[("V", c.vocab as i64)])),
     ];
     match c.moe {
         None => v.push((Family::MlpSubNorm, "rmsnorm_quant", params(&[("H", c.inter as i64), ("GLU", 1), ("ACT", act)]))),

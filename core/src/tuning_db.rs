@@ -207,6 +207,25 @@ impl TuningDb {
         Ok(())
     }
 
+    /// Merges this DB into the one on disk in `dir` and saves the result, holding an exclusive
+    /// lock on the folder (`.mangrove-tune.lock`) throughout: two tuners writing one folder keep
+    /// each other's records (the faster wins per key). Called after each finished problem, it
+    /// makes every record durable as it completes. Returns the conflicts.
+    pub fn save_merged(&self, dir: &Path) -> Result<Vec<Conflict>, DbError> {
+        use fs2::FileExt;
+        let io = |p: &Path, source: std::io::Error| DbError::Io { path: p.display().to_string(), source };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let lock_path = dir.join(LOCK_FILE);
+        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| io(&lock_path, e))?;
+        lock.lock_exclusive().map_err(|e| io(&lock_path, e))?;
+        let mut on_disk = TuningDb::load(dir)?;
+        let conflicts = on_disk.merge(self.clone());
+        on_disk.save(dir)?;
+        // Closing the file releases the lock.
+        drop(lock);
+        Ok(conflicts)
+    }
+
     /// Sorts records by (problem, m) and gates by (m, n, k): the serialized order.
     pub fn normalize(&mut self) {
         for t in self.templates.values_mut() {
@@ -299,12 +318,24 @@ impl TuningDb {
     }
 }
 
+/// Writes `value` to `path` atomically and durably: a uniquely named temporary file in the same
+/// folder (two writers never share one), synced, renamed over `path`, then the folder synced, so
+/// a crash leaves the old file or the new one, never a torn or lost one.
+/// The lock file [`TuningDb::save_merged`] holds while it merges into a folder.
+const LOCK_FILE: &str = ".mangrove-tune.lock";
+
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    use std::io::Write;
     let mut text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
     text.push('\n');
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tuning-").suffix(".json.tmp").tempfile_in(dir)?;
+    tmp.write_all(text.as_bytes())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
 }
 
 /// The timing method records carry: graph replays (`Gpu::time_launches`), with or without PDL.
@@ -382,6 +413,28 @@ mod tests {
         assert_eq!(std::fs::read(dir.path().join("t.json")).unwrap(), first, "byte-identical re-save");
         let ms: Vec<i64> = back.templates["t"].records.iter().map(|r| r.m).collect();
         assert_eq!(ms, vec![1, 8, 4], "sorted by problem (K, N) then m");
+    }
+
+    #[test]
+    fn concurrent_merged_saves_keep_every_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let writers: Vec<_> = (0..4)
+            .map(|w| {
+                let dir = dir.path().to_path_buf();
+                std::thread::spawn(move || {
+                    for i in 0..10 {
+                        let mut db = TuningDb::default();
+                        db.upsert("t", rec(256 + 4 * (w * 10 + i), 1, 64, 1.0));
+                        db.save_merged(&dir).unwrap();
+                    }
+                })
+            })
+            .collect();
+        writers.into_iter().for_each(|h| h.join().unwrap());
+        let back = TuningDb::load(dir.path()).unwrap();
+        assert_eq!(back.templates["t"].records.len(), 40, "a concurrent save lost records");
+        let stray: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).filter(|n| n.to_string_lossy().ends_with(".tmp")).collect();
+        assert!(stray.is_empty(), "{stray:?}");
     }
 
     #[test]

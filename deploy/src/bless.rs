@@ -51,6 +51,8 @@ pub enum BlessError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     TuningDb(#[from] DbError),
+    #[error(transparent)]
+    Key(#[from] crate::signing::KeyError),
 }
 
 /// What `cache bless` is asked to freeze.
@@ -64,6 +66,8 @@ pub struct BlessRequest<'a> {
     pub max_batch: i64,
     /// Run each kernel once against the CPU reference on this GPU before blessing it.
     pub verify_on_gpu: bool,
+    /// Sign the manifest with this key (`--sign-key`).
+    pub sign: Option<&'a ed25519_dalek::SigningKey>,
 }
 
 /// A written bundle and how its kernels were chosen.
@@ -129,7 +133,7 @@ pub fn bless(catalog: &Catalog, cache_dir: &Path, r: &BlessRequest) -> Result<Bl
         ("command".to_string(), std::env::args().collect::<Vec<_>>().join(" ")),
     ]
     .into();
-    let manifest = bundle::write(r.out, r.arch, source, items)?;
+    let manifest = bundle::write_signed(r.out, r.arch, source, items, r.sign)?;
     let defaults = planned.iter().filter(|p| p.rule == LookupRule::Default).count();
     let unavailable = unavailable.iter().map(|u| format!("{} M={}: {}", u.family, u.m, u.unavailable.as_deref().unwrap_or_default())).collect();
     Ok(Blessed { manifest, tuned: planned.len() - defaults, defaults, unavailable })
@@ -137,7 +141,13 @@ pub fn bless(catalog: &Catalog, cache_dir: &Path, r: &BlessRequest) -> Result<Bl
 
 /// Writes every kernel of `cache` (of `arch`, or of the one arch it holds) into a bundle at
 /// `out`; returns the kernel count and the arch.
-pub fn export(cache: &Cache, cache_dir: &Path, out: &Path, arch: Option<Arch>) -> Result<(usize, Arch), BlessError> {
+pub fn export(
+    cache: &Cache,
+    cache_dir: &Path,
+    out: &Path,
+    arch: Option<Arch>,
+    sign: Option<&ed25519_dalek::SigningKey>,
+) -> Result<(usize, Arch), BlessError> {
     let mut items = Vec::new();
     let mut archs = BTreeSet::new();
     for s in cache.list()? {
@@ -156,13 +166,39 @@ pub fn export(cache: &Cache, cache_dir: &Path, out: &Path, arch: Option<Arch>) -
         (None, _) => return Err(BlessError::ManyArchs(archs)),
     };
     let n = items.len();
-    bundle::write(out, arch, [("exported_from".to_string(), cache_dir.display().to_string())].into(), items)?;
+    bundle::write_signed(out, arch, [("exported_from".to_string(), cache_dir.display().to_string())].into(), items, sign)?;
     Ok((n, arch))
 }
 
-/// Inserts every kernel of the verified bundle at `dir` into `cache`; returns how many.
-pub fn import(cache: &Cache, dir: &Path) -> Result<usize, BlessError> {
-    let entries = Bundle::open(dir)?.entries()?;
+/// Inserts every kernel of the bundle at `dir` into `cache` after verifying it (signed by one
+/// of `trusted`, when any is given) and re-deriving each entry from `catalog`: its key from its
+/// own inputs, its entry symbol and launch geometry from its template. Any problem refuses the
+/// whole bundle, naming the files, and writes nothing. Returns how many were imported.
+pub fn import(cache: &Cache, dir: &Path, catalog: &Catalog, trusted: &[ed25519_dalek::VerifyingKey]) -> Result<usize, BlessError> {
+    let bundle = Bundle::open_trusted(dir, trusted)?;
+    let entries = bundle.entries()?;
+    let mut problems = Vec::new();
+    for e in &entries {
+        let key = e.inputs.key();
+        let file = format!("kernels/{key}.cubin");
+        let kernel = match catalog.get(&e.inputs.template).and_then(|t| Ok((t.content_hash.clone(), t.render(&e.inputs.params)?))) {
+            Ok((hash, _)) if hash != e.inputs.template_hash => {
+                problems.push(format!("{file}: template {} is not this catalog's (hash {}, the entry's {}): its launch cannot be checked", e.inputs.template, hash, e.inputs.template_hash));
+                continue;
+            }
+            Ok((_, k)) => k,
+            Err(err) => {
+                problems.push(format!("{file}: {}", mangrove_core::error_chain(&err)));
+                continue;
+            }
+        };
+        if e.entry != kernel.entry || e.launch != kernel.launch {
+            problems.push(format!("{file}: entry symbol / launch {} {:?} differ from the template's {} {:?}", e.entry, e.launch, kernel.entry, kernel.launch));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(BundleError::Verify { dir: dir.display().to_string(), problems }.into());
+    }
     for e in &entries {
         cache.put(&e.inputs.key(), e)?;
     }

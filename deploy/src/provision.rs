@@ -87,6 +87,8 @@ pub enum ProvisionError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     TuningDb(#[from] DbError),
+    #[error(transparent)]
+    Key(#[from] crate::signing::KeyError),
 }
 
 /// How one kernel was obtained.
@@ -112,6 +114,8 @@ pub enum FallbackReason {
     NotInBundle,
     /// The JIT service was unreachable: compiled locally.
     ServiceDown,
+    /// The JIT service answered an entry that is not the kernel asked for: compiled locally.
+    ServiceWrongEntry,
 }
 
 impl FallbackReason {
@@ -123,6 +127,7 @@ impl FallbackReason {
             FallbackReason::NoGpu => "no_gpu",
             FallbackReason::NotInBundle => "not_in_bundle",
             FallbackReason::ServiceDown => "service_down",
+            FallbackReason::ServiceWrongEntry => "service_wrong_entry",
         }
     }
 }
@@ -202,7 +207,7 @@ pub fn provision(
                 let how = if f.outcome == Outcome::Hit { Obtained::CacheHit } else { Obtained::Compiled };
                 (f.entry, how)
             }
-            KernelSource::Blessed { bundle, catalog, .. } => match bundle.get(&bundle.key_for(catalog, &p.request)?)? {
+            KernelSource::Blessed { bundle, catalog, .. } => match bundle.entry_for(catalog, &p.request)? {
                 Some(e) => (e, Obtained::Bundle),
                 None => {
                     out.fallbacks.push(fallback(FallbackReason::NotInBundle, p.label()));
@@ -212,10 +217,11 @@ pub fn provision(
             KernelSource::Service { client } => match client.fetch(&p.request) {
                 Ok(e) => (e, Obtained::Service),
                 // A bad request would fail the same way locally.
-                Err(e @ ClientError::Status { status: 400, .. }) => return Err(e.into()),
+                Err(e @ (ClientError::Status { status: 400, .. } | ClientError::Local(_))) => return Err(e.into()),
                 Err(e) => {
                     eprintln!("warning: {e}; compiling locally");
-                    out.fallbacks.push(fallback(FallbackReason::ServiceDown, e.to_string()));
+                    let reason = if matches!(e, ClientError::WrongEntry { .. }) { FallbackReason::ServiceWrongEntry } else { FallbackReason::ServiceDown };
+                    out.fallbacks.push(fallback(reason, e.to_string()));
                     (jit()?.get(&p.request)?.entry, Obtained::Compiled)
                 }
             },
@@ -240,8 +246,12 @@ pub struct KernelOptions {
     pub offline: bool,
     /// Ask this JIT service (`mangrove jitd`) for kernels; compile locally if it is down.
     pub jit_url: Option<String>,
+    /// The JIT service's API key.
+    pub jit_api_key: Option<String>,
     /// Make any fallback an error at start instead of a counted slower path.
     pub strict: bool,
+    /// With `blessed`: the bundle must be signed by one of these public keys.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// What a start's provisioning tells `/health`.
@@ -282,10 +292,11 @@ pub fn prepare(catalog: &Catalog, model_dir: &Path, tuning_db: Option<&Path>, k:
     let planned = plan(catalog, &config, &db, k.arch, k.max_batch);
     let source = match (&k.blessed, &k.jit_url) {
         (Some(b), _) => {
-            let bundle = Bundle::open(b).map_err(|source| ProvisionError::OpenBundle { path: b.clone(), source })?;
+            let trusted = k.trusted_keys.iter().map(|p| crate::signing::load_verifying_key(p)).collect::<Result<Vec<_>, _>>()?;
+            let bundle = Bundle::open_trusted(b, &trusted).map_err(|source| ProvisionError::OpenBundle { path: b.clone(), source })?;
             KernelSource::Blessed { bundle, catalog: catalog.clone(), offline: k.offline }
         }
-        (None, Some(url)) => KernelSource::Service { client: JitClient::new(url) },
+        (None, Some(url)) => KernelSource::Service { client: JitClient::new(url, catalog.clone()).with_api_key(k.jit_api_key.clone()) },
         (None, None) => KernelSource::Jit(Jit::open(catalog.clone(), cache_dir, false)?),
     };
     // The local JIT for misses: the shared cache when this process owns it, else a private one.

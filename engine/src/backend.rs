@@ -6,6 +6,9 @@
 use mangrove_core::model_config::ModelConfig;
 use mangrove_core::step::Family;
 use mangrove_deploy::provision::FallbackReason;
+use rayon::prelude::*;
+
+use crate::sampling::{self, Draw};
 
 /// Errors of one forward step; each names the sequence at fault.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -18,6 +21,8 @@ pub enum ForwardError {
     Empty { seq: usize },
     #[error("sequence {seq}: all {slots} KV-cache slots of the device are in use")]
     NoKvSlot { seq: usize, slots: usize },
+    #[error("{draws} draws given for a batch of {seqs} sequences")]
+    DrawCount { draws: usize, seqs: usize },
     #[error("device error: {0}")]
     Device(String),
 }
@@ -80,11 +85,26 @@ pub trait Backend: Send + Sync {
     fn config(&self) -> &ModelConfig;
     /// Appends each sequence's tokens to its cache and returns its last-position logits.
     fn forward(&self, batch: &mut [SeqInput]) -> Result<(Vec<Vec<f64>>, StepReport), ForwardError>;
+    /// [`Backend::forward`], then the token each sequence's `draws` entry picks from its logits.
+    /// The default picks on the host; a device backend may sample where the logits are.
+    fn forward_sample(&self, batch: &mut [SeqInput], draws: &[Draw]) -> Result<(Vec<u32>, StepReport), ForwardError> {
+        check_draws(batch, draws)?;
+        let (logits, report) = self.forward(batch)?;
+        Ok((logits.par_iter().zip(draws).map(|(l, d)| sampling::pick(l, d)).collect(), report))
+    }
     /// Turns per-kernel timing of each step on or off (device backends; slower while on).
     fn set_profiling(&self, _on: bool) {}
     /// GPU time per kernel family of the last step run with profiling on (empty if none).
     fn last_profile(&self) -> Vec<mangrove_core::gpu::SpanTotal> {
         Vec::new()
+    }
+}
+
+/// Checks that a batch has one draw per sequence.
+pub fn check_draws(batch: &[SeqInput], draws: &[Draw]) -> Result<(), ForwardError> {
+    match draws.len() == batch.len() {
+        true => Ok(()),
+        false => Err(ForwardError::DrawCount { draws: draws.len(), seqs: batch.len() }),
     }
 }
 

@@ -1,17 +1,23 @@
-//! Continuous batching: one background task owns the running batch. Each decode step it pulls
-//! every newly submitted request into the batch (its prompt is prefilled in that step), runs
-//! one forward of the whole batch on the blocking pool, samples a token per sequence, streams
-//! text deltas back and retires finished sequences (max_tokens, EOS, stop string, context
-//! full, or the client went away).
+//! Continuous batching: one background task owns the running batch. Admission is bounded: a
+//! request waits in a queue of at most `max_queue` (a full queue refuses it at once,
+//! [`SubmitError::QueueFull`]) until one of `max_seqs` sequence slots is free; a free slot goes
+//! to the shortest waiting prompt, unless the oldest has been passed over `max_seqs` times
+//! already (so it cannot starve). Each step feeds at
+//! most `step_tokens` tokens: every decoding sequence's one token first, then prompt chunks (at
+//! most `prefill_chunk` per sequence; the oldest prompt, then the shortest), so one long prompt
+//! cannot starve the others. The step runs on the blocking pool; a token is sampled per sequence, text deltas are
+//! streamed back and finished sequences retire (max_tokens, EOS, stop string, context full, or
+//! the client went away).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use rayon::prelude::*;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::backend::{KvCache, SeqInput};
 use super::metrics::Metrics;
-use super::sampling::{Sampler, SamplingParams};
+use super::sampling::{Draw, Sampler, SamplingParams};
 use super::tokenizer::TextStream;
 use super::Engine;
 
@@ -76,34 +82,82 @@ pub enum GenEvent {
 pub enum SubmitError {
     #[error("the engine task has stopped")]
     Stopped,
+    /// Every sequence slot is busy and `limit` requests already wait.
+    #[error("the server is at capacity: {limit} requests are already waiting for a sequence slot")]
+    QueueFull { limit: usize },
 }
 
 /// Submits requests to the engine task.
 #[derive(Debug, Clone)]
 pub struct BatcherHandle {
-    tx: mpsc::UnboundedSender<GenRequest>,
+    tx: mpsc::UnboundedSender<Queued>,
+    /// One permit per free place in the queue; a waiting request holds one until admitted.
+    places: Arc<Semaphore>,
+    max_queue: usize,
+}
+
+/// A request waiting for a sequence slot, holding its place in the queue.
+#[derive(Debug)]
+struct Queued {
+    req: GenRequest,
+    _place: OwnedSemaphorePermit,
 }
 
 impl BatcherHandle {
-    /// Queues a request; it joins the running batch at the next step.
+    /// Queues a request without waiting: it joins the running batch when a sequence slot is
+    /// free; a full queue is refused at once.
     pub fn submit(&self, req: GenRequest) -> Result<(), SubmitError> {
-        self.tx.send(req).map_err(|_| SubmitError::Stopped)
+        let place = self.places.clone().try_acquire_owned().map_err(|e| match e {
+            TryAcquireError::NoPermits => SubmitError::QueueFull { limit: self.max_queue },
+            TryAcquireError::Closed => SubmitError::Stopped,
+        })?;
+        self.tx.send(Queued { req, _place: place }).map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Requests waiting for a sequence slot.
+    pub fn queued(&self) -> usize {
+        self.max_queue - self.places.available_permits()
     }
 }
 
-/// Settings of the engine task.
+/// Settings of the engine task (admission control and the per-step budget).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatcherConfig {
     /// Most prompt tokens one sequence feeds per step (chunked prefill), so a long prompt
     /// does not stall the decode steps of the others.
     pub prefill_chunk: usize,
-    /// Most sequences in flight at once (a device backend's KV slots); later requests wait.
+    /// Most sequences in flight at once (`--max-batch`; a device backend's KV slots); later
+    /// requests wait in the queue.
     pub max_seqs: usize,
+    /// Most requests waiting for a sequence slot (`--max-queue`); beyond it a request is
+    /// refused at once ([`SubmitError::QueueFull`], HTTP 429).
+    pub max_queue: usize,
+    /// Most tokens one forward step feeds over all sequences (`--step-tokens`): decode tokens
+    /// first, prompt chunks from what is left.
+    pub step_tokens: usize,
 }
 
 impl Default for BatcherConfig {
     fn default() -> Self {
-        BatcherConfig { prefill_chunk: 512, max_seqs: usize::MAX }
+        BatcherConfig { prefill_chunk: 512, max_seqs: 16, max_queue: 64, step_tokens: 2048 }
+    }
+}
+
+/// Errors of a batcher configuration.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("{name} must be positive")]
+    Zero { name: &'static str },
+}
+
+impl BatcherConfig {
+    /// Checks every limit is positive.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fields = [("--prefill-chunk", self.prefill_chunk), ("--max-batch", self.max_seqs), ("--max-queue", self.max_queue), ("--step-tokens", self.step_tokens)];
+        match fields.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(ConfigError::Zero { name }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -120,11 +174,49 @@ struct Seq {
     stream: TextStream,
     /// Bytes of the decoded text already sent.
     emitted: usize,
+    /// Admission order (prompt chunks are scheduled oldest first).
+    order: u64,
+    /// Tokens of `pending` this step feeds (set by [`schedule`]; 0 = sits this step out).
+    take: usize,
 }
 
-/// A sequence after a step: its logits, then the token picked (none while its prompt is still
-/// being fed).
-type StepItem = (Seq, Vec<f64>, Option<u32>);
+impl Seq {
+    fn remaining(&self) -> usize {
+        self.pending.len() - self.fed
+    }
+}
+
+/// Sets each sequence's share of one step of at most `budget` tokens: one token for every
+/// sequence with one left (decoding), then prompt chunks of at most `chunk` from what is left —
+/// the oldest prompt first (so it cannot starve), then the shortest remaining prompts (so a short
+/// request is not stuck behind long ones). Decoding sequences always run, and a batch of prompts
+/// alone always feeds one, so every step makes progress.
+fn schedule(active: &mut [Seq], budget: usize, chunk: usize) {
+    active.sort_by_key(|s| s.order);
+    let mut left = budget.max(1);
+    for s in active.iter_mut() {
+        s.take = usize::from(s.remaining() == 1);
+        left = left.saturating_sub(s.take);
+    }
+    let mut prompts: Vec<usize> = (0..active.len()).filter(|&i| active[i].remaining() > 1).collect();
+    if let Some((_, rest)) = prompts.split_first_mut() {
+        rest.sort_by_key(|&i| (active[i].remaining(), active[i].order));
+    }
+    for i in prompts {
+        let s = &mut active[i];
+        s.take = s.remaining().min(chunk).min(left);
+        left -= s.take;
+    }
+    if active.iter().all(|s| s.take == 0) {
+        if let Some(s) = active.first_mut() {
+            s.take = s.remaining().min(chunk).max(1);
+        }
+    }
+}
+
+/// A sequence after a step: the token its draw picked, then that token again once accepted (none
+/// while its prompt is still being fed).
+type StepItem = (Seq, u32, Option<u32>);
 
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
@@ -133,11 +225,13 @@ pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, toki
 
 /// Starts the engine task on the current tokio runtime.
 pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
+    let max_queue = cfg.max_queue.max(1);
     let (tx, rx) = mpsc::unbounded_channel();
-    (BatcherHandle { tx }, tokio::spawn(run(engine, metrics, cfg, rx)))
+    let handle = BatcherHandle { tx, places: Arc::new(Semaphore::new(max_queue)), max_queue };
+    (handle, tokio::spawn(run(engine, metrics, cfg, rx)))
 }
 
-fn admit(engine: &Engine, req: GenRequest) -> Seq {
+fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
     Seq {
         cache: KvCache::new(engine.config()),
         pending: req.prompt.clone(),
@@ -146,50 +240,81 @@ fn admit(engine: &Engine, req: GenRequest) -> Seq {
         sampler: Sampler::new(req.sampling),
         stream: TextStream::default(),
         emitted: 0,
+        order,
+        take: 0,
         req,
     }
 }
 
-async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::UnboundedReceiver<GenRequest>) {
+/// A queued request and how many later requests were admitted before it.
+struct Waiting {
+    queued: Queued,
+    passed_over: usize,
+}
+
+/// Which waiting request gets the next free slot: the shortest prompt (the oldest among equals),
+/// unless the oldest request has been passed over `limit` times already.
+fn next_admission(waiting: &VecDeque<Waiting>, limit: usize) -> Option<usize> {
+    let front = waiting.front()?;
+    if front.passed_over >= limit {
+        return Some(0);
+    }
+    waiting.iter().enumerate().min_by_key(|(i, w)| (w.queued.req.prompt.len(), *i)).map(|(i, _)| i)
+}
+
+async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut rx: mpsc::UnboundedReceiver<Queued>) {
     let chunk = cfg.prefill_chunk.max(1);
+    let max_seqs = cfg.max_seqs.max(1);
     let mut active: Vec<Seq> = Vec::new();
-    let mut waiting: std::collections::VecDeque<GenRequest> = std::collections::VecDeque::new();
+    let mut waiting: VecDeque<Waiting> = VecDeque::new();
+    let mut admitted = 0u64;
     loop {
         if active.is_empty() && waiting.is_empty() {
             match rx.recv().await {
-                Some(r) => waiting.push_back(r),
+                Some(queued) => waiting.push_back(Waiting { queued, passed_over: 0 }),
                 None => return,
             }
         }
-        while let Ok(r) = rx.try_recv() {
-            waiting.push_back(r);
+        while let Ok(queued) = rx.try_recv() {
+            waiting.push_back(Waiting { queued, passed_over: 0 });
         }
-        while active.len() < cfg.max_seqs.max(1) {
-            match waiting.pop_front() {
-                Some(r) => active.push(admit(&engine, r)),
-                None => break,
-            }
-        }
-        // Drop sequences whose client went away before spending a step on them.
+        // Drop requests and sequences whose client went away before spending a step on them.
+        waiting.retain(|w| !w.queued.req.events.is_closed());
         active.retain(|s| !s.req.events.is_closed());
+        while active.len() < max_seqs {
+            let Some(i) = next_admission(&waiting, max_seqs) else { break };
+            waiting.iter_mut().take(i).for_each(|w| w.passed_over += 1);
+            let w = waiting.remove(i).expect("next_admission picks an index in range");
+            // Admitted: its place in the queue is given back here.
+            active.push(admit(&engine, w.queued.req, admitted));
+            admitted += 1;
+        }
         metrics.set_active(active.len());
         if active.is_empty() {
             continue;
         }
+        schedule(&mut active, cfg.step_tokens, chunk);
         let backend = engine.backend.clone();
-        let mut seqs = std::mem::take(&mut active);
+        let (mut seqs, resting): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut active).into_iter().partition(|s| s.take > 0);
+        active = resting;
         let step = tokio::task::spawn_blocking(move || {
+            // Sequences that finish their prompt this step draw their next token (greedy draws
+            // elsewhere: mid-prefill picks are dropped and consume no randomness).
+            let draws: Vec<Draw> = seqs
+                .iter_mut()
+                .map(|s| if s.fed + s.take >= s.pending.len() { s.sampler.next_draw() } else { Draw::GREEDY })
+                .collect();
             let mut inputs: Vec<SeqInput> = seqs
                 .iter_mut()
-                .map(|s| SeqInput { tokens: &s.pending[s.fed..(s.fed + chunk).min(s.pending.len())], cache: &mut s.cache })
+                .map(|s| SeqInput { tokens: &s.pending[s.fed..s.fed + s.take], cache: &mut s.cache })
                 .collect();
             let fed: usize = inputs.iter().map(|i| i.tokens.len()).sum();
             let t = std::time::Instant::now();
-            let out = backend.forward(&mut inputs);
+            let out = backend.forward_sample(&mut inputs, &draws);
             let timing = (fed, t.elapsed());
             drop(inputs);
             if out.is_ok() {
-                seqs.iter_mut().for_each(|s| s.fed = (s.fed + chunk).min(s.pending.len()));
+                seqs.iter_mut().for_each(|s| s.fed += s.take);
             }
             (seqs, out, timing)
         })
@@ -202,18 +327,18 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             Err(e) => {
                 // The forward panicked; its sequences are lost, their receivers see a closed channel.
                 eprintln!("mangrove engine: forward step failed: {e}");
-                metrics.set_active(0);
+                metrics.set_active(active.len());
                 continue;
             }
         };
-        let (logits, report) = match out {
+        let (tokens, report) = match out {
             Ok(v) => v,
             Err(e) => {
                 for s in seqs {
                     let f = Finish { reason: FinishReason::Stop, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: Some(e.to_string()) };
                     let _ = s.req.events.send(GenEvent::Done(f));
                 }
-                metrics.set_active(0);
+                metrics.set_active(active.len());
                 continue;
             }
         };
@@ -221,16 +346,14 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         for (family, reason) in &report.fallbacks {
             metrics.fallback(*family, *reason);
         }
-        // Sample and detokenize every sequence that finished its prompt, in parallel (a draw
-        // over a 128k vocabulary is ~0.6 ms of CPU with temperature; the step's sequences are
-        // independent).
-        let mut items: Vec<StepItem> = seqs.into_iter().zip(logits).map(|(s, l)| (s, l, None)).collect();
-        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, l, picked)| {
-            let tok = s.sampler.sample(l);
-            s.generated.push(tok);
+        // Detokenize every sequence that finished its prompt, in parallel (the step's sequences
+        // are independent).
+        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, t)| (s, t, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, tok, picked)| {
+            s.generated.push(*tok);
             // A tokenizer error leaves the text as it was; the token still counts.
-            let _ = engine.tokenizer.step(&mut s.stream, tok);
-            *picked = Some(tok);
+            let _ = engine.tokenizer.step(&mut s.stream, *tok);
+            *picked = Some(*tok);
         });
         for (mut s, _, picked) in items {
             let Some(tok) = picked else {
@@ -287,6 +410,63 @@ fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A sequence with `remaining` tokens to feed, admitted `order`-th.
+    fn seq(order: u64, remaining: usize) -> Seq {
+        let (events, _) = mpsc::unbounded_channel();
+        let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+        Seq {
+            cache: KvCache::default(),
+            pending: req.prompt.clone(),
+            fed: 0,
+            generated: Vec::new(),
+            sampler: Sampler::new(req.sampling),
+            stream: TextStream::default(),
+            emitted: 0,
+            order,
+            take: 0,
+            req,
+        }
+    }
+
+    #[test]
+    fn decodes_first_then_the_oldest_prompt_then_the_shortest_within_the_budget() {
+        // Two long prompts, two decoding sequences, one short prompt admitted last.
+        let mut a = vec![seq(3, 1), seq(0, 900), seq(1, 700), seq(4, 5), seq(2, 1)];
+        schedule(&mut a, 600, 512);
+        let takes: Vec<(u64, usize)> = a.iter().map(|s| (s.order, s.take)).collect();
+        assert_eq!(takes, vec![(0, 512), (1, 81), (2, 1), (3, 1), (4, 5)]);
+        assert!(a.iter().map(|s| s.take).sum::<usize>() <= 600);
+        // A budget smaller than the decoders still runs every decoder.
+        let mut b = vec![seq(0, 1), seq(1, 1), seq(2, 40)];
+        schedule(&mut b, 1, 512);
+        assert_eq!(b.iter().map(|s| s.take).collect::<Vec<_>>(), vec![1, 1, 0]);
+        // A lone prompt always makes progress.
+        let mut c = vec![seq(0, 40)];
+        schedule(&mut c, 1, 512);
+        assert_eq!(c[0].take, 1);
+    }
+
+    #[test]
+    fn a_free_slot_goes_to_the_shortest_prompt_until_the_oldest_has_waited_its_turn() {
+        let place = || Arc::new(Semaphore::new(8)).try_acquire_owned().unwrap();
+        let w = |len: usize, passed_over: usize| {
+            let (events, _) = mpsc::unbounded_channel();
+            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+            Waiting { queued: Queued { req, _place: place() }, passed_over }
+        };
+        let mut q: VecDeque<Waiting> = [w(400, 0), w(500, 0), w(3, 0), w(3, 0)].into();
+        assert_eq!(next_admission(&q, 2), Some(2), "the shortest, the oldest of equals");
+        q[0].passed_over = 2;
+        assert_eq!(next_admission(&q, 2), Some(0), "the oldest, passed over twice, goes now");
+        assert_eq!(next_admission(&VecDeque::new(), 2), None);
+    }
+
+    #[test]
+    fn zero_limits_are_refused_by_name() {
+        assert_eq!(BatcherConfig { max_queue: 0, ..Default::default() }.validate(), Err(ConfigError::Zero { name: "--max-queue" }));
+        assert!(BatcherConfig::default().validate().is_ok());
+    }
 
     #[test]
     fn partial_stop_finds_prefix() {

@@ -1,14 +1,14 @@
-//! Decode throughput of a backend: prefill a batch of synthetic prompts (TTFT), then time greedy
+//! Decode throughput of a backend: prefill a batch of synthetic prompts (TTFT), run one untimed
+//! decode step (a device backend captures its step graph there), then time greedy
 //! decode steps (TPOT p50/p99, tokens/s), against the weight-bandwidth bound: every decode step
 //! reads all weights once, so at copy bandwidth B a step takes at least weight_bytes / B.
 //! Takes a [`Backend`]; gives a [`DecodeBench`] (the `mangrove bench decode` numbers);
 //! [`decode_report`] runs it over several batch sizes with the device's copy bandwidth and the
 //! run's provenance, as `mangrove bench decode` prints it.
-//! Wall-clock timing: each forward returns host logits, so it has finished on the device.
+//! Wall-clock timing: each step returns its sampled tokens, so it has finished on the device.
 
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use mangrove_core::compile::{nvrtc_loaded, Compiler};
@@ -17,7 +17,7 @@ use mangrove_core::model_config::ModelConfig;
 use mangrove_core::tuning_db::Provenance;
 
 use crate::backend::{Backend, ForwardError, KvCache, SeqInput};
-use crate::sampling::argmax;
+use crate::sampling::Draw;
 
 /// Result of one decode benchmark.
 #[derive(Debug, Clone, Serialize)]
@@ -74,24 +74,30 @@ pub fn bench_decode(
         (0..batch).map(|b| (0..prompt_tokens).map(|i| ((b * 131 + i * 17 + 1) % cfg.vocab) as u32).collect()).collect();
     let t = Instant::now();
     let mut inputs: Vec<SeqInput> = prompts.iter().zip(caches.iter_mut()).map(|(p, c)| SeqInput { tokens: p, cache: c }).collect();
-    let (mut logits, _) = backend.forward(&mut inputs)?;
+    // Greedy draws, picked where the backend samples (on the GPU for CUDA, as the server does).
+    let draws = vec![Draw::GREEDY; batch];
+    let (mut next, _) = backend.forward_sample(&mut inputs, &draws)?;
     let ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+    // One untimed decode step: a device backend captures its step graph for this shape here,
+    // which is set-up, not a decode step's cost.
+    let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+    let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+    next = backend.forward_sample(&mut inputs, &draws)?.0;
     let mut step_ms = Vec::with_capacity(steps);
     let t_all = Instant::now();
     for _ in 0..steps {
         let t = Instant::now();
-        // Greedy picks, one row per thread (as the server's batcher samples a step).
-        let next: Vec<[u32; 1]> = logits.par_iter().map(|l| [argmax(l)]).collect();
-        let mut inputs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
-        logits = backend.forward(&mut inputs)?.0;
+        let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+        let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+        next = backend.forward_sample(&mut inputs, &draws)?.0;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let secs = t_all.elapsed().as_secs_f64();
     // One more step with per-launch events: where the step's GPU time goes.
     backend.set_profiling(true);
-    let next: Vec<[u32; 1]> = logits.iter().map(|l| [argmax(l)]).collect();
-    let mut inputs: Vec<SeqInput> = next.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
-    let profiled = backend.forward(&mut inputs).map(|_| backend.last_profile());
+    let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+    let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+    let profiled = backend.forward_sample(&mut inputs, &draws).map(|_| backend.last_profile());
     backend.set_profiling(false);
     let step_profile = profiled?;
     let tokens_per_s = if secs > 0.0 { (batch * steps) as f64 / secs } else { 0.0 };

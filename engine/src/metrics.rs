@@ -13,6 +13,7 @@ use mangrove_deploy::provision::FallbackReason;
 #[derive(Debug, Default)]
 pub struct Metrics {
     requests: AtomicU64,
+    rejected: AtomicU64,
     prompt_tokens: AtomicU64,
     tokens_generated: AtomicU64,
     active: AtomicI64,
@@ -33,6 +34,16 @@ impl Metrics {
     pub fn request(&self, prompt_tokens: usize) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one request refused because the queue was full (HTTP 429).
+    pub fn rejected(&self) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests refused because the queue was full.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.load(Ordering::Relaxed)
     }
 
     /// Counts generated tokens.
@@ -83,6 +94,7 @@ impl Metrics {
             s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
         };
         counter("mangrove_requests_total", "Completion requests accepted.", "counter", self.requests.load(Ordering::Relaxed).to_string());
+        counter("mangrove_rejected_total", "Completion requests refused with 429 (queue full).", "counter", self.rejected_total().to_string());
         counter("mangrove_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens.load(Ordering::Relaxed).to_string());
         counter("mangrove_tokens_generated_total", "Tokens generated.", "counter", self.tokens_generated().to_string());
         counter("mangrove_active_sequences", "Sequences in the running batch.", "gauge", self.active().to_string());
@@ -111,6 +123,7 @@ impl Metrics {
         };
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
+            "rejected": self.rejected_total(),
             "prompt_tokens": self.prompt_tokens.load(Ordering::Relaxed),
             "tokens_generated": self.tokens_generated(),
             "active_sequences": self.active(),

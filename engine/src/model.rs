@@ -220,16 +220,20 @@ impl Reader<'_, '_> {
         Ok(t)
     }
 
-    /// A bf16/f16/f32 tensor of the given shape, widened to f32.
+    /// A bf16/f16/f32 tensor of the given shape, widened to f32; every value must be finite.
     fn float(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
         let t = self.view(name, shape)?;
         let d = t.data();
-        Ok(match t.dtype() {
+        let values: Vec<f32> = match t.dtype() {
             Dtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
             Dtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
             other => return Err(LoadError::Dtype { name: name.into(), expected: "bf16, f16 or f32", got: dtype_name(other) }),
-        })
+        };
+        if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+            return Err(LoadError::Value { name: name.into(), value: format!("{v} at element {i}"), problem: "weights must be finite" });
+        }
+        Ok(values)
     }
 
     fn vector(&self, name: &str, len: usize) -> Result<Vec<f64>, LoadError> {

@@ -13,7 +13,7 @@ use mangrove_deploy::provision::{prepare, KernelOptions, KernelReport, Provision
 
 use crate::batcher::BatcherConfig;
 use crate::metrics::Metrics;
-use crate::server::AppState;
+use crate::server::{AppState, ServeOptions};
 use crate::{Engine, EngineError};
 
 /// Errors of starting or running the server.
@@ -71,12 +71,14 @@ pub fn open(model: &Path, backend: &str, name: Option<String>, k: &KernelSetup) 
     Ok((Engine::open(model, backend, name).map_err(loading)?, report))
 }
 
-/// Serves `engine` on `host:port` until SIGINT or SIGTERM; returns the serving counters as JSON.
+/// Serves `engine` on `host:port` with `batcher`'s admission limits and `options`' connection
+/// limits and API key until SIGINT or SIGTERM; returns the serving counters as JSON.
 pub fn serve(
     engine: Engine,
     (host, port): (&str, u16),
     tuning_db: Option<PathBuf>,
     batcher: BatcherConfig,
+    options: &ServeOptions,
     kernels: Option<KernelReport>,
 ) -> Result<serde_json::Value, StartError> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -96,7 +98,7 @@ pub fn serve(
         if let Some(report) = kernels {
             state.set_kernels(report);
         }
-        crate::server::serve(listener, state, shutdown).await?;
+        crate::server::serve_with(listener, state, options, shutdown).await?;
         Ok(metrics.json())
     })
 }

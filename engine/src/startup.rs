@@ -105,7 +105,7 @@ pub fn bench_startup(exe: &Path, catalog: &Catalog, model: &Path, tuning_db: &Pa
     let run = || -> Result<StartupReport, StartupError> {
         let (cold, cold_k) = time_to_ready(exe, &cache, &common)?;
         let (warm, warm_k) = time_to_ready(exe, &cache, &common)?;
-        let req = BlessRequest { tuning_db, model, arch, out: &bundle_dir, max_batch, verify_on_gpu: false };
+        let req = BlessRequest { tuning_db, model, arch, out: &bundle_dir, max_batch, verify_on_gpu: false, sign: None };
         bless(catalog, &cache, &req)?;
         let mut blessed_args = common.clone();
         blessed_args.extend(["--blessed".to_string(), s(&bundle_dir), "--offline".to_string()]);

@@ -10,6 +10,9 @@ use mangrove::arch::Arch;
 use mangrove::bless::{self, BlessRequest};
 use mangrove::cache::{self, Cache};
 use mangrove::engine::batcher::BatcherConfig;
+use mangrove::engine::server::ServeOptions;
+use mangrove::http::HttpLimits;
+use mangrove::service::ServiceOptions;
 use mangrove::engine::start::{self, KernelSetup};
 use mangrove::gpu::Gpu;
 use mangrove::jit::{Jit, KernelRequest};
@@ -84,6 +87,11 @@ enum Cmd {
         /// Tuning DB answered on /v1/tuning/{template}.
         #[arg(long)]
         tuning_db: Option<PathBuf>,
+        /// After each compile, evict least-recently-used kernels until the cache holds at most this.
+        #[arg(long, value_name = "BYTES")]
+        max_cache_bytes: Option<u64>,
+        #[command(flatten)]
+        http: HttpArgs,
     },
     /// Write a random-weight checkpoint (config.json, model.safetensors, tokenizer.json).
     GenModel {
@@ -126,9 +134,57 @@ enum Cmd {
         /// Most prompt tokens a sequence prefills per step (chunked prefill).
         #[arg(long, default_value_t = 512)]
         prefill_chunk: usize,
+        /// Most requests waiting for a sequence slot (--max-batch of them run at once); a request
+        /// beyond it is refused with 429 and Retry-After.
+        #[arg(long, default_value_t = 64)]
+        max_queue: usize,
+        /// Most tokens one forward step feeds over all sequences (decode tokens first, then
+        /// prompt chunks), so one long prompt cannot starve the others.
+        #[arg(long, default_value_t = 2048)]
+        step_tokens: usize,
         #[command(flatten)]
         kernels: KernelArgs,
+        #[command(flatten)]
+        http: HttpArgs,
     },
+}
+
+/// How a server (`serve`, `jitd`) meets its clients: timeouts, caps and an optional API key.
+#[derive(clap::Args, Clone)]
+struct HttpArgs {
+    /// Time a client has to send a request's headers; also the idle keep-alive timeout.
+    #[arg(long, default_value = "10s")]
+    header_timeout: humantime::Duration,
+    /// Longest wait for the next piece of a request body.
+    #[arg(long, default_value = "10s")]
+    body_timeout: humantime::Duration,
+    /// Longest time from a request to its response head (408 beyond; streamed bodies are not cut).
+    #[arg(long, default_value = "10m")]
+    request_timeout: humantime::Duration,
+    /// Most connections open at once (more wait in the listen backlog).
+    #[arg(long, default_value_t = 1024)]
+    max_connections: usize,
+    /// Largest request body in bytes (413 beyond).
+    #[arg(long, default_value_t = 2 << 20)]
+    max_body_bytes: usize,
+    /// Require `Authorization: Bearer KEY` on every route but /health.
+    #[arg(long, env = "MANGROVE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+}
+
+impl HttpArgs {
+    fn limits(&self) -> Result<HttpLimits> {
+        let limits = HttpLimits {
+            header_timeout: *self.header_timeout,
+            body_timeout: *self.body_timeout,
+            request_timeout: *self.request_timeout,
+            max_connections: self.max_connections,
+            max_body_bytes: self.max_body_bytes,
+            ..HttpLimits::default()
+        };
+        limits.validate()?;
+        Ok(limits)
+    }
 }
 
 /// How `serve` obtains its kernels before it answers (all of them, at start).
@@ -137,7 +193,7 @@ struct KernelArgs {
     /// Target architecture of the kernels.
     #[arg(long, default_value = "sm90")]
     arch: Arch,
-    /// Largest batch: every M up to it is prepared.
+    /// Largest batch: every M up to it is prepared; `serve` runs at most this many sequences at once on every backend.
     #[arg(long, default_value_t = 16)]
     max_batch: i64,
     /// Take kernels from this blessed bundle (verified at start).
@@ -146,9 +202,15 @@ struct KernelArgs {
     /// With --blessed: never load NVRTC; refuse to start if the bundle lacks a kernel.
     #[arg(long, requires = "blessed")]
     offline: bool,
+    /// With --blessed: the bundle must be signed by one of these ed25519 public keys.
+    #[arg(long = "trusted-key", value_name = "PUB", requires = "blessed")]
+    trusted_keys: Vec<PathBuf>,
     /// Ask this JIT service (mangrove jitd) for kernels; compile locally if it is down.
     #[arg(long, conflicts_with = "blessed")]
     jit_url: Option<String>,
+    /// API key of the JIT service (its --api-key).
+    #[arg(long, env = "MANGROVE_JITD_API_KEY", hide_env_values = true, requires = "jit_url")]
+    jit_api_key: Option<String>,
     /// Make any fallback (untuned shape, kernel not in the bundle, service down, no kernel for a
     /// shape) an error at start instead of a counted slower path.
     #[arg(long)]
@@ -215,8 +277,16 @@ enum CacheCmd {
     /// (every hash, the manifest digest, no missing or extra file) without opening the cache.
     Verify {
         bundle: Option<PathBuf>,
+        /// The bundle must be signed by one of these ed25519 public keys (`cache keygen`'s .pub).
+        #[arg(long = "trusted-key", value_name = "PUB", requires = "bundle")]
+        trusted_keys: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// Write a new ed25519 signing key to OUT (mode 0600) and its public key to OUT.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Freeze the kernels `mangrove serve` needs for a model, tuning DB and arch into a bundle.
     Bless {
@@ -235,6 +305,9 @@ enum CacheCmd {
         /// Run each kernel once against the CPU reference on this GPU before blessing it.
         #[arg(long)]
         verify_on_gpu: bool,
+        /// Sign the manifest with this ed25519 key (`cache keygen`).
+        #[arg(long, value_name = "KEY")]
+        sign_key: Option<PathBuf>,
     },
     /// Write every cache entry (optionally of one arch) into a bundle.
     Export {
@@ -242,9 +315,17 @@ enum CacheCmd {
         out: PathBuf,
         #[arg(long)]
         arch: Option<Arch>,
+        /// Sign the manifest with this ed25519 key (`cache keygen`).
+        #[arg(long, value_name = "KEY")]
+        sign_key: Option<PathBuf>,
     },
-    /// Insert every kernel of a verified bundle into the cache.
-    Import { bundle: PathBuf },
+    /// Insert every kernel of a verified bundle into the cache (each re-derived from its template).
+    Import {
+        bundle: PathBuf,
+        /// The bundle must be signed by one of these ed25519 public keys.
+        #[arg(long = "trusted-key", value_name = "PUB")]
+        trusted_keys: Vec<PathBuf>,
+    },
     /// Evict least-recently-used entries until the cache holds at most --max-bytes.
     Gc {
         #[arg(long)]
@@ -260,13 +341,19 @@ impl KernelArgs {
             blessed: self.blessed.clone(),
             offline: self.offline,
             jit_url: self.jit_url.clone(),
+            jit_api_key: self.jit_api_key.clone(),
             strict: self.strict,
+            trusted_keys: self.trusted_keys.clone(),
         }
     }
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Templates { .. } | Cmd::Cache { cmd: CacheCmd::Ls { .. } | CacheCmd::Stats { .. } }) {
+        end_quietly_on_closed_pipe();
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -299,13 +386,14 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Jitd { listen, tuning_db } => {
+        Cmd::Jitd { listen, tuning_db, max_cache_bytes, http } => {
+            let options = ServiceOptions { limits: http.limits()?, api_key: http.api_key.clone() };
             let db = match &tuning_db {
                 Some(d) => TuningDb::load(d)?,
                 None => TuningDb::default(),
             };
-            let state = mangrove::service::ServiceState::new(Jit::open(catalog, &cache_dir, false)?, db);
-            Ok(mangrove::service::run(&listen, state, &cache_dir)?)
+            let state = mangrove::service::ServiceState::with_cache_cap(Jit::open(catalog, &cache_dir, false)?, db, max_cache_bytes);
+            Ok(mangrove::service::run(&listen, state, &cache_dir, &options)?)
         }
         Cmd::GenModel { preset, out, seed, layers } => {
             mangrove::engine::genmodel::generate_with(preset, &out, seed, layers)?;
@@ -326,14 +414,14 @@ fn run(cli: Cli) -> Result<()> {
             let report = mangrove::engine::bench::decode_report(engine.backend.as_ref(), &model.display().to_string(), &batch, prompt_tokens, steps, command())?;
             print_report(&report, json)
         }
-        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk, kernels } => {
-            if prefill_chunk == 0 {
-                bail!("--prefill-chunk must be positive");
-            }
+        Cmd::Serve { model, host, port, backend, tuning_db, model_name, prefill_chunk, max_queue, step_tokens, kernels, http } => {
+            let options = ServeOptions { limits: http.limits()?, api_key: http.api_key.clone() };
+            // Every backend runs at most --max-batch sequences (the cuda backend's KV slots).
+            let batcher = BatcherConfig { prefill_chunk, max_seqs: usize::try_from(kernels.max_batch).unwrap_or(0), max_queue, step_tokens };
+            batcher.validate()?;
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let (engine, report) = start::open(&model, &backend, model_name, &setup)?;
-            let max_seqs = if backend == "cuda" { kernels.max_batch as usize } else { usize::MAX };
-            let metrics = start::serve(engine, (&host, port), tuning_db, BatcherConfig { prefill_chunk, max_seqs }, report)?;
+            let metrics = start::serve(engine, (&host, port), tuning_db, batcher, &options, report)?;
             println!("{}", serde_json::to_string_pretty(&metrics)?);
             Ok(())
         }
@@ -344,6 +432,18 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// For the listing commands: a reader that stops early (`mangrove templates | head`) ends the
+/// process the Unix way (SIGPIPE), instead of `println!` panicking on the closed pipe. Only for
+/// commands that open no socket: servers keep Rust's ignored SIGPIPE.
+fn end_quietly_on_closed_pipe() {
+    #[cfg(unix)]
+    // SAFETY: called at the start of main, before any thread exists; SIG_DFL is a valid
+    // disposition for SIGPIPE and no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
 
@@ -377,30 +477,47 @@ fn templates(catalog: &Catalog, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// Reads the trusted public keys named on the command line.
+fn trusted(paths: &[PathBuf]) -> Result<Vec<mangrove::signing::VerifyingKey>> {
+    Ok(paths.iter().map(|p| mangrove::signing::load_verifying_key(p)).collect::<Result<_, _>>()?)
+}
+
 fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
     match cmd {
-        CacheCmd::Verify { bundle: Some(b), json } => {
-            let m = mangrove::bundle::verify(&b)?;
+        CacheCmd::Verify { bundle: Some(b), trusted_keys, json } => {
+            let trusted = trusted(&trusted_keys)?;
+            let m = mangrove::bundle::verify_trusted(&b, &trusted)?;
+            let signed = if trusted.is_empty() { "" } else { ", signed by a trusted key" };
             if json {
-                println!("{}", serde_json::json!({"bundle": b, "kernels": m.kernels.len(), "arch": m.arch.to_string(), "ok": true}));
+                println!("{}", serde_json::json!({"bundle": b, "kernels": m.kernels.len(), "arch": m.arch.to_string(), "signed": !trusted.is_empty(), "ok": true}));
             } else {
-                println!("bundle {} OK: {} kernels for {}, manifest digest and every cubin hash match", b.display(), m.kernels.len(), m.arch);
+                println!("bundle {} OK: {} kernels for {}, manifest digest and every cubin hash match{signed}", b.display(), m.kernels.len(), m.arch);
             }
         }
-        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu } => {
-            let r = bless::bless(catalog, dir, &BlessRequest { tuning_db: &tuning_db, model: &model, arch, out: &out, max_batch, verify_on_gpu })?;
+        CacheCmd::Keygen { out } => {
+            let public = mangrove::signing::generate(&out)?;
+            println!("wrote signing key {} and public key {}", out.display(), public.display());
+        }
+        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu, sign_key } => {
+            let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
+            let req = BlessRequest { tuning_db: &tuning_db, model: &model, arch, out: &out, max_batch, verify_on_gpu, sign: key.as_ref() };
+            let r = bless::bless(catalog, dir, &req)?;
             for u in &r.unavailable {
                 eprintln!("note: no kernel for {u}");
             }
             let n = r.manifest.kernels.len();
             eprintln!("blessed {n} kernels for {arch} into {} ({} from tuned records, {} on template defaults)", out.display(), r.tuned, r.defaults);
         }
-        CacheCmd::Export { out, arch } => {
-            let (n, arch) = bless::export(&Cache::open(dir)?, dir, &out, arch)?;
+        CacheCmd::Export { out, arch, sign_key } => {
+            let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
+            let (n, arch) = bless::export(&Cache::open(dir)?, dir, &out, arch, key.as_ref())?;
             println!("exported {n} kernels for {arch} to {}", out.display());
         }
-        CacheCmd::Import { bundle } => {
-            let n = bless::import(&Cache::open(dir)?, &bundle)?;
+        CacheCmd::Import { bundle, trusted_keys } => {
+            // Verify before opening the cache: a refused bundle touches nothing.
+            let trusted = trusted(&trusted_keys)?;
+            mangrove::bundle::verify_trusted(&bundle, &trusted)?;
+            let n = bless::import(&Cache::open(dir)?, &bundle, catalog, &trusted)?;
             println!("imported {n} kernels from {} into {}", bundle.display(), dir.display());
         }
         CacheCmd::Stats { json } => {
@@ -419,9 +536,15 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
                 list.iter().for_each(|e| println!("{e}"));
             }
         }
-        CacheCmd::Verify { bundle: None, json } => {
+        CacheCmd::Verify { bundle: None, json, .. } => {
             let r = Cache::open(dir)?.verify()?;
             print_report(&r, json)?;
+            if let Some(q) = &r.quarantined {
+                bail!("the cache's sled files were damaged and moved to {}; the cache was reset", q.moved_to.display());
+            }
+            if let Some(l) = &r.lost {
+                bail!("{} cache entries were lost to damaged sled files (they recompile on demand)", l.expected - l.found);
+            }
             if !r.evicted.is_empty() {
                 bail!("{} corrupt entries were evicted", r.evicted.len());
             }

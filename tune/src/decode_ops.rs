@@ -1,6 +1,7 @@
 //! `mangrove-tune decode-ops`: the decode step's row-wise ops of one model — its RMSNorms
-//! (residual add or gated activation, norm, int8 quantization) and attention — tuned at one
-//! token row on exactly the problems the kernel plan asks for, so `serve` picks the winners.
+//! (residual add or gated activation, norm, int8 quantization) at one token row, and attention
+//! over a decode batch (the launches it serves: batch-1 decode runs the fused layer) — tuned on
+//! exactly the problems the kernel plan asks for, so `serve` picks the winners.
 //! RoPE + KV append, the LM head and the MoE combine keep their defaults (no standalone check).
 
 use std::collections::BTreeSet;

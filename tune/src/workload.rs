@@ -154,41 +154,53 @@ impl Workload for NormWorkload {
 /// Contexts (positions attended) of the attention workload's timing mix, at most MAX_POS.
 pub const ATTENTION_CONTEXTS: &[usize] = &[64, 256, 1024, 3072];
 
-/// Layers of the attention workload's KV arena: launches rotate over layers × contexts, so the
-/// keys and values read exceed the L2 as a whole decode step's do.
-const ATTENTION_LAYERS: usize = 8;
+/// Sequences per timed attention launch. The CUDA engine runs `attention_decode` for decode
+/// batches of two or more sequences and for prefill chunks (batch-1 decode runs the fused
+/// layer), so a launch is a batch: one query row per sequence, the contexts cycling through
+/// [`ATTENTION_CONTEXTS`].
+pub const ATTENTION_BATCH: usize = 16;
+
+/// Layers of the attention workload's KV arena: launches rotate over them, so a launch does not
+/// find the previous launch's keys and values in L2.
+const ATTENTION_LAYERS: usize = 2;
 
 /// A decode-step `attention_decode`: checked on [`AttentionCase`]'s three sequences, timed on
-/// one query row per launch over a mix of contexts ([`ATTENTION_CONTEXTS`]: the mean time of
-/// the mix) with the KV cache rotated over layers.
+/// [`ATTENTION_BATCH`] query rows per launch (one per sequence, contexts from
+/// [`ATTENTION_CONTEXTS`]) with the KV cache rotated over layers.
 pub struct AttentionWorkload {
     case: AttentionCase,
     shape: AttnShape,
     arena: KvArena,
-    /// Per context: the row's position and slot.
-    metas: Vec<(DeviceBuffer<i32>, DeviceBuffer<i32>)>,
+    /// The batch's query rows, positions and slots.
+    q: DeviceBuffer<f32>,
+    pos: DeviceBuffer<i32>,
+    slot: DeviceBuffer<i32>,
     out: DeviceBuffer<f32>,
 }
 
 impl AttentionWorkload {
     pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
         let contexts = Self::contexts(shape);
-        let mut arena = KvArena::new(gpu, contexts.len(), ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
-        // Any finite values time the same; a cheap pattern in [-1, 1) fills the arena.
-        let fill: Vec<f32> = (0..arena.data.len()).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 2048) as f32 / 1024.0 - 1.0).collect();
-        gpu.write(&fill, &mut arena.data)?;
-        let metas = contexts
-            .iter()
-            .enumerate()
-            .map(|(slot, &n)| Ok((gpu.upload(&[n as i32 - 1])?, gpu.upload(&[slot as i32])?)))
-            .collect::<Result<_, GpuError>>()?;
-        Ok(Self { case: AttentionCase::new(gpu, shape, seed)?, shape, arena, metas, out: gpu.zeros(shape.q_dim())? })
+        let mut arena = KvArena::new(gpu, ATTENTION_BATCH, ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
+        // Any finite values time the same; a cheap pattern in [-1, 1) fills the arena and queries.
+        let pattern = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 2048) as f32 / 1024.0 - 1.0).collect() };
+        gpu.write(&pattern(arena.data.len()), &mut arena.data)?;
+        let pos: Vec<i32> = contexts.iter().map(|&n| n as i32 - 1).collect();
+        let slot: Vec<i32> = (0..ATTENTION_BATCH as i32).collect();
+        Ok(Self {
+            case: AttentionCase::new(gpu, shape, seed)?,
+            shape,
+            arena,
+            q: gpu.upload(&pattern(ATTENTION_BATCH * shape.q_dim()))?,
+            pos: gpu.upload(&pos)?,
+            slot: gpu.upload(&slot)?,
+            out: gpu.zeros(ATTENTION_BATCH * shape.q_dim())?,
+        })
     }
 
+    /// Each sequence's context: [`ATTENTION_CONTEXTS`] in turn, at most MAX_POS.
     fn contexts(shape: AttnShape) -> Vec<usize> {
-        let mut c: Vec<usize> = ATTENTION_CONTEXTS.iter().map(|&n| n.min(shape.max_pos)).collect();
-        c.dedup();
-        c
+        (0..ATTENTION_BATCH).map(|r| ATTENTION_CONTEXTS[r % ATTENTION_CONTEXTS.len()].min(shape.max_pos)).collect()
     }
 }
 
@@ -199,20 +211,15 @@ impl Workload for AttentionWorkload {
 
     fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
         let op = Attention::new(gpu, entry)?;
-        let mut scratch = op.scratch(gpu, 1)?;
-        let (arena, metas, out) = (&self.arena, &self.metas, &mut self.out);
-        gpu.time_launches(plan, |i| {
-            let (pos, slot) = &metas[i % metas.len()];
-            let layer = (i / metas.len()) % arena.layers;
-            op.launch(gpu, 1, &self.case.q, &RowMeta { pos, slot }, arena, layer, out, &mut scratch)
-        })
+        let mut scratch = op.scratch(gpu, ATTENTION_BATCH)?;
+        let (arena, out, meta) = (&self.arena, &mut self.out, RowMeta { pos: &self.pos, slot: &self.slot });
+        gpu.time_launches(plan, |i| op.launch(gpu, ATTENTION_BATCH, &self.q, &meta, arena, i % arena.layers, out, &mut scratch))
     }
 
     fn min_bytes(&self) -> usize {
-        // Mean over the mix: keys and values of every attended position, plus q in and out.
-        let contexts = Self::contexts(self.shape);
-        let kv: usize = contexts.iter().map(|&n| 2 * n * self.shape.kv_dim() * 4).sum();
-        kv / contexts.len() + 8 * self.shape.q_dim()
+        // Keys and values of every attended position of the batch, plus q in and out.
+        let kv: usize = Self::contexts(self.shape).iter().map(|&n| 2 * n * self.shape.kv_dim() * 4).sum();
+        kv + 8 * ATTENTION_BATCH * self.shape.q_dim()
     }
 }
 

@@ -8,7 +8,7 @@ mod storage;
 use std::path::{Path, PathBuf};
 
 pub use entry::{CacheEntry, Toolchain};
-pub use storage::{Counters, EntrySummary, Lookup, MissReason, SledStorage, Storage};
+pub use storage::{Counters, EntrySummary, Lookup, LostEntries, MissReason, Quarantined, SledStorage, Storage};
 
 use crate::key::KernelKey;
 
@@ -38,10 +38,24 @@ pub fn resolve_dir(flag: Option<&Path>) -> PathBuf {
 /// Result of `cache verify`.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct VerifyReport {
+    /// Entries read back.
     pub checked: usize,
     pub intact: usize,
     /// Keys found corrupt and evicted, with the reason.
     pub evicted: Vec<(String, String)>,
+    /// The damaged sled folder moved aside when the cache was opened (its entries are gone and
+    /// recompile on demand).
+    pub quarantined: Option<Quarantined>,
+    /// Entries that vanished from the sled files since the last write (they recompile on demand).
+    pub lost: Option<LostEntries>,
+}
+
+impl VerifyReport {
+    /// Whether verification found any damage (an evicted entry, a quarantined folder or vanished
+    /// entries).
+    pub fn found_damage(&self) -> bool {
+        !self.evicted.is_empty() || self.quarantined.is_some() || self.lost.is_some()
+    }
 }
 
 /// Result of `cache gc`.
@@ -71,6 +85,12 @@ impl std::fmt::Display for CacheStats {
 
 impl std::fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(q) = &self.quarantined {
+            writeln!(f, "the sled files were damaged ({}); moved to {}, the cache started empty", q.reason, q.moved_to.display())?;
+        }
+        if let Some(l) = &self.lost {
+            writeln!(f, "the sled files were damaged: {} of the {} entries of the last write are gone", l.expected - l.found, l.expected)?;
+        }
         writeln!(f, "checked {}  intact {}  evicted {}", self.checked, self.intact, self.evicted.len())?;
         for (k, why) in &self.evicted {
             writeln!(f, "  evicted {k}: {why}")?;
@@ -121,6 +141,11 @@ impl<S: Storage> Cache<S> {
         self.store.put(key, entry)
     }
 
+    /// Removes the entry under `key`; says whether there was one.
+    pub fn evict(&self, key: &KernelKey) -> Result<bool, CacheError> {
+        self.store.remove(key)
+    }
+
     pub fn list(&self) -> Result<Vec<EntrySummary>, CacheError> {
         self.store.list()
     }
@@ -137,7 +162,7 @@ impl<S: Storage> Cache<S> {
 
     /// Reads every entry back through the integrity check; corrupt ones are evicted.
     pub fn verify(&self) -> Result<VerifyReport, CacheError> {
-        let mut r = VerifyReport::default();
+        let mut r = VerifyReport { quarantined: self.store.quarantined().cloned(), lost: self.store.lost(), ..VerifyReport::default() };
         for s in self.store.list()? {
             r.checked += 1;
             let key = KernelKey::from_hex(&s.key).expect("listed keys are hex");

@@ -104,7 +104,11 @@ impl Compiler {
             call: "source",
             reason: e.to_string(),
         })?;
-        let name = CString::new(format!("{}.cu", kernel.template)).expect("template names have no NUL");
+        // An absolute, fixed program name: the line table then names this file and never the
+        // process's working directory, so one key gives the same cubin bytes from any folder or
+        // machine (and bundles leak no build paths).
+        let file = format!("{PROGRAM_DIR}/{}.cu", kernel.template);
+        let name = CString::new(file.as_str()).expect("template names have no NUL");
         let prog = nv::create_program(&src, Some(&name)).map_err(|e| nv_err("nvrtcCreateProgram", e))?;
         let program = Program(prog);
         // SAFETY: `program` holds a live program created above and destroyed only on drop.
@@ -116,7 +120,7 @@ impl Compiler {
                 template: kernel.template.clone(),
                 arch,
                 options: options.to_vec(),
-                excerpt: source_excerpt(&log, kernel.body(), &format!("{}.cu", kernel.template)),
+                excerpt: source_excerpt(&log, kernel.body(), &file),
                 log,
             });
         }
@@ -146,6 +150,9 @@ impl Compiler {
         jobs.par_iter().map(|(k, a)| self.compile(k, *a, &Self::options(*a), keep_ptx)).collect()
     }
 }
+
+/// The folder every program is named in (it need not exist): see [`Compiler::compile`].
+pub const PROGRAM_DIR: &str = "/mangrove/kernel_templates";
 
 /// Destroys the NVRTC program on every exit path.
 struct Program(sys::nvrtcProgram);

@@ -5,7 +5,8 @@
 
 use std::ffi::c_int;
 
-use cudarc::cublas::{sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{result, sys, CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut};
 
 use super::{DeviceBuffer, Gpu, GpuError};
 
@@ -21,6 +22,7 @@ pub struct DenseGroup {
 /// A cuBLAS handle bound to the [`Gpu`]'s stream (so it is timed by the same events).
 pub struct Blas {
     inner: CudaBlas,
+    stream: std::sync::Arc<cudarc::driver::CudaStream>,
     version: i32,
 }
 
@@ -45,7 +47,7 @@ impl Blas {
         if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
             version = 0;
         }
-        Ok(Self { inner, version })
+        Ok(Self { inner, stream: gpu.stream().clone(), version })
     }
 
     /// cuBLAS's version number (e.g. 130100 for 13.1.0), 0 where it reports none.
@@ -103,5 +105,67 @@ impl Blas {
                 .map_err(|e| GpuError::Cuda { context: format!("cuBLAS GemmEx for group {g:?}"), reason: format!("{e:?}") })?;
         }
         Ok(())
+    }
+
+    /// `y[rows, n] = x[rows, k] · Wᵀ` with bf16 `w` [n, k] and `x` (bits, row-major), f32 `y`,
+    /// f32 accumulation (cublasGemmEx, the TN GEMM of [`Blas::grouped_linear`]): the LM head of
+    /// a decode batch, whose logits stay f32.
+    pub fn linear_f32_out(
+        &self,
+        w: &DeviceBuffer<u16>,
+        x: &DeviceBuffer<u16>,
+        y: &mut DeviceBuffer<f32>,
+        (n, k): (usize, usize),
+        rows: usize,
+    ) -> Result<(), GpuError> {
+        let shape_err = |what: String| GpuError::Shape { kernel: "cublas_gemm_f32".into(), what };
+        let int = |v: usize, what: &str| c_int::try_from(v).map_err(|_| shape_err(format!("{what} = {v} exceeds a C int")));
+        let (ni, ki, ri) = (int(n, "n")?, int(k, "k")?, int(rows, "rows")?);
+        if n * k > w.len() || rows * k > x.len() || rows * n > y.len() {
+            return Err(shape_err(format!(
+                "rows={rows} n={n} k={k} needs w {}, x {}, y {} elements; buffers hold {}, {}, {}",
+                n * k,
+                rows * k,
+                rows * n,
+                w.len(),
+                x.len(),
+                y.len()
+            )));
+        }
+        if rows == 0 {
+            return Ok(());
+        }
+        let stream = &self.stream;
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (wp, _w) = w.device_ptr(stream);
+        let (xp, _x) = x.device_ptr(stream);
+        let (yp, _y) = y.device_ptr_mut(stream);
+        // SAFETY: the pointers cover the [n, k], [rows, k] and [rows, n] elements of the TN GEMM
+        // (lda = ldb = k, ldc = n; checked above) on the handle's stream; alpha and beta are f32,
+        // as CUBLAS_COMPUTE_32F requires, and outlive the call (cuBLAS reads them at enqueue).
+        unsafe {
+            result::gemm_ex(
+                *self.inner.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_T,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                ri,
+                ki,
+                (&alpha) as *const f32 as *const _,
+                wp as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                xp as *const _,
+                sys::cudaDataType_t::CUDA_R_16BF,
+                ki,
+                (&beta) as *const f32 as *const _,
+                yp as *mut _,
+                sys::cudaDataType_t::CUDA_R_32F,
+                ni,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| GpuError::Cuda { context: format!("cuBLAS GemmEx (bf16 -> f32) rows={rows} n={n} k={k}"), reason: format!("{e:?}") })
     }
 }

@@ -41,6 +41,8 @@ pub enum NormOut<'a> {
     F32(&'a mut DeviceBuffer<f32>),
     /// Both: the int8 rows with their scales and the f32 rows (MoE: experts and router).
     QuantF32 { q: &'a mut DeviceBuffer<i8>, scale: &'a mut DeviceBuffer<f32>, xn: &'a mut DeviceBuffer<f32> },
+    /// bf16 normalized rows [rows, H] (bits; round to nearest even): the cuBLAS LM head's input.
+    Bf16(&'a mut DeviceBuffer<u16>),
 }
 
 /// A loaded `rmsnorm_quant` kernel.
@@ -123,21 +125,25 @@ impl RmsNormQuant {
             NormOut::Quant { q, scale } => {
                 need(name, "q", q.len(), rows * h)?;
                 need(name, "x_scale", scale.len(), rows)?;
-                b.arg(q).arg(scale).arg(&null);
+                b.arg(q).arg(scale).arg(&null).arg(&null);
             }
             NormOut::F32(xn) => {
                 need(name, "xn", xn.len(), rows * h)?;
-                b.arg(&null).arg(&null).arg(xn);
+                b.arg(&null).arg(&null).arg(xn).arg(&null);
             }
             NormOut::QuantF32 { q, scale, xn } => {
                 need(name, "q", q.len(), rows * h)?;
                 need(name, "x_scale", scale.len(), rows)?;
                 need(name, "xn", xn.len(), rows * h)?;
-                b.arg(q).arg(scale).arg(xn);
+                b.arg(q).arg(scale).arg(xn).arg(&null);
+            }
+            NormOut::Bf16(xb) => {
+                need(name, "xb", xb.len(), rows * h)?;
+                b.arg(&null).arg(&null).arg(&null).arg(xb);
             }
         }
         // SAFETY: the arguments follow rmsnorm_quant.cu.tera's signature (x, tokens, embed, delta,
-        // delta_factor, gu, gate_factor, up_factor, row_factors, weight, eps, q, x_scale, xn); absent pointers
+        // delta_factor, gu, gate_factor, up_factor, row_factors, weight, eps, q, x_scale, xn, xb); absent pointers
         // are null, which the kernel tests before use (x is not read with GLU=1, nor the weight
         // with NORM=0); every present buffer holds the rows × H
         // elements the launch touches (checked above), and embedding ids were range-checked by the caller.

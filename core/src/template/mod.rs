@@ -255,6 +255,10 @@ const EMBEDDED: &[(&str, &str)] = &[
         include_str!("../../../kernel_templates/rmsnorm_quant.cu.tera"),
     ),
     (
+        include_str!("../../../kernel_templates/sample_tokens.toml"),
+        include_str!("../../../kernel_templates/sample_tokens.cu.tera"),
+    ),
+    (
         include_str!("../../../kernel_templates/rope_kv.toml"),
         include_str!("../../../kernel_templates/rope_kv.cu.tera"),
     ),

@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::CheckedRun;
-use crate::check::{Deltas, POISON_F32};
+use crate::check::{Deltas, POISON_BF16, POISON_F32};
 use crate::gpu::{AttnShape, Attention, DeviceBuffer, NormShape, Gpu, GpuError, KvArena, NormOut, NormSource, RmsNormQuant, RowMeta};
 use crate::reference::decode_ops::{attend_head, relu2, rmsnorm};
 use crate::reference::moe::silu;
@@ -14,6 +14,8 @@ use crate::reference::moe::silu;
 /// int8 poison of quantized outputs: a correct kernel clamps to ±127 (|q| ≤ 127 since the scale
 /// maps max|x| to 127), so -128 marks an element it never wrote.
 const POISON_I8: i8 = i8::MIN;
+
+
 
 fn poison_f32(n: usize) -> Vec<f32> {
     vec![f32::from_bits(POISON_F32); n]
@@ -43,6 +45,7 @@ pub struct NormCase {
     q: DeviceBuffer<i8>,
     scale: DeviceBuffer<f32>,
     xn: DeviceBuffer<f32>,
+    xb: DeviceBuffer<u16>,
     /// The row before the norm (the residual stream after the add, GLU = 0), the normalized
     /// row, and the per-row quantization scale.
     pre: Vec<f64>,
@@ -86,6 +89,7 @@ impl NormCase {
             q: gpu.zeros(rows * h)?,
             scale: gpu.zeros(rows)?,
             xn: gpu.zeros(rows * h)?,
+            xb: gpu.zeros(rows * h)?,
             x0,
             factors,
             eps,
@@ -125,6 +129,15 @@ impl NormCase {
         let q_deltas = Deltas::of_f64(&q.iter().map(|&v| v as f64).collect::<Vec<_>>(), &rounded, rel_floor);
         let unwritten = q.iter().filter(|&&v| v == POISON_I8).count();
         deltas = deltas.worst(Deltas { unwritten, ..q_deltas });
+        // The bf16 rows (the cuBLAS LM head's input), from a second launch over the same rows:
+        // the kernel's own f32 rows rounded to nearest even, so any difference is a bug.
+        gpu.write(&self.x0, &mut self.x)?;
+        gpu.write(&vec![POISON_BF16; rows * h], &mut self.xb)?;
+        let source = norm_source(self.shape.glu, &mut self.x, &self.input, self.factors);
+        op.launch(gpu, rows, source, Some(&self.weight), self.eps, NormOut::Bf16(&mut self.xb))?;
+        gpu.sync()?;
+        let rounded: Vec<f64> = xn.iter().map(|&v| half::bf16::from_f32(v).to_f64()).collect();
+        deltas = deltas.worst(Deltas::of_bf16(&gpu.download(&self.xb)?, &rounded, rel_floor));
         Ok(CheckedRun { deltas, output: xn.iter().map(|v| v.to_bits()).collect() })
     }
 }

@@ -4,6 +4,7 @@
 //! ops); [`check_entry`] picks by template.
 
 pub mod decode_ops;
+pub mod sample;
 
 use rand::{Rng, SeedableRng};
 
@@ -312,7 +313,10 @@ pub fn check_moe_gateup(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64
 /// ops, RoPE + KV append, the LM head and the MoE combine, are validated end to end, through the
 /// engine's logits).
 pub fn has_validator(template: &str) -> bool {
-    matches!(template, "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8" | "ternary_gemm_w2a8" | "rmsnorm_quant" | "attention_decode")
+    matches!(
+        template,
+        "moe_gateup" | "ternary_gemv" | "ternary_gemv_w2a8" | "ternary_gemm_w2a8" | "rmsnorm_quant" | "attention_decode" | "sample_tokens"
+    )
 }
 
 /// Checks any cache entry against its reference on random data, by its template.
@@ -322,6 +326,7 @@ pub fn check_entry(gpu: &Gpu, entry: &CacheEntry, seed: u64, rel_floor: f64) -> 
         "ternary_gemv" | "ternary_gemv_w2a8" | "ternary_gemm_w2a8" => Ok(check_ternary_gemv(gpu, entry, seed, 1, rel_floor)?.remove(0)),
         "rmsnorm_quant" => decode_ops::check_rmsnorm_quant(gpu, entry, seed, rel_floor),
         "attention_decode" => decode_ops::check_attention(gpu, entry, seed, rel_floor),
+        "sample_tokens" => sample::check_sample_tokens(gpu, entry, seed, rel_floor),
         other => Err(GpuError::Shape { kernel: other.into(), what: "no validator for this template".into() }),
     }
 }

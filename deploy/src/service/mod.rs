@@ -18,7 +18,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tokio::sync::OnceCell;
+use futures::future::{BoxFuture, FutureExt, Shared};
 
 use mangrove_core::cache::{CacheEntry, Lookup};
 use mangrove_core::jit::{Jit, JitError, KernelRequest, Outcome};
@@ -26,16 +26,21 @@ use mangrove_core::key::KernelKey;
 use mangrove_core::template::Params;
 use mangrove_core::tuning_db::TuningDb;
 
-use crate::http::ApiError;
+use crate::http::{guard, ApiError, HttpLimits};
 
-/// One in-flight compile that every request for the same key awaits.
-type Flight = Arc<OnceCell<Result<Arc<Served>, String>>>;
+/// One in-flight compile that every request for the same key awaits. It runs as a task of its
+/// own, so a requester that goes away does not cancel it (and the next one does not compile again).
+type Flight = Shared<BoxFuture<'static, Result<Arc<Served>, String>>>;
 
 /// Shared state of the service.
 pub struct ServiceState {
     pub jit: Jit,
     pub db: TuningDb,
     inflight: Mutex<HashMap<KernelKey, Flight>>,
+    /// Lookups and compiles running at once (NVRTC's memory grows with each concurrent compile).
+    slots: tokio::sync::Semaphore,
+    /// After a compile, least-recently-used entries are evicted down to this many bytes.
+    max_cache_bytes: Option<u64>,
     /// Kernels compiled (misses) since start.
     pub compiles: AtomicU64,
     pub requests: AtomicU64,
@@ -49,8 +54,24 @@ pub struct Served {
 }
 
 impl ServiceState {
+    /// The service over `jit` and `db`, its cache unbounded.
     pub fn new(jit: Jit, db: TuningDb) -> Arc<Self> {
-        Arc::new(Self { jit, db, inflight: Mutex::new(HashMap::new()), compiles: AtomicU64::new(0), requests: AtomicU64::new(0) })
+        Self::with_cache_cap(jit, db, None)
+    }
+
+    /// The service over `jit` and `db`; after each compile the cache is collected down to
+    /// `max_cache_bytes` (least recently used first).
+    pub fn with_cache_cap(jit: Jit, db: TuningDb, max_cache_bytes: Option<u64>) -> Arc<Self> {
+        let parallel = std::thread::available_parallelism().map_or(4, usize::from);
+        Arc::new(Self {
+            jit,
+            db,
+            inflight: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(parallel),
+            max_cache_bytes,
+            compiles: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+        })
     }
 }
 
@@ -73,14 +94,26 @@ pub fn decode_entry(bytes: &[u8]) -> Result<CacheEntry, String> {
     bincode::serde::decode_from_slice::<CacheEntry, _>(bytes, bincode::config::standard()).map(|(e, _)| e).map_err(|e| e.to_string())
 }
 
-/// The service's routes.
+/// The service's routes, open to anyone (JSON bodies only).
 pub fn app(state: Arc<ServiceState>) -> Router {
-    Router::new()
-        .route("/v1/kernels", post(compile))
+    app_with(state, None)
+}
+
+/// The service's routes; with `api_key`, every route but `/health` needs
+/// `Authorization: Bearer <key>`.
+pub fn app_with(state: Arc<ServiceState>, api_key: Option<&str>) -> Router {
+    let mut guarded = Router::new()
+        .route("/v1/kernels", post(compile).route_layer(guard::json_body()))
         .route("/v1/kernels/{key}", get(by_key))
         .route("/v1/tuning/{template}", get(tuning))
+        .route("/metrics", get(metrics));
+    if let Some(key) = api_key {
+        guarded = guarded.route_layer(guard::api_key(key));
+    }
+    Router::new()
+        .merge(guarded)
         .route("/health", get(|| async { "ok" }))
-        .route("/metrics", get(metrics))
+        .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
         .with_state(state)
 }
 
@@ -111,25 +144,41 @@ async fn compile(State(st): State<Arc<ServiceState>>, body: axum::body::Bytes) -
             .await
             .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??
     };
-    let cell = st.inflight.lock().expect("inflight lock").entry(key).or_default().clone();
-    let served = cell
-        .get_or_init(|| {
+    let flight = st
+        .inflight
+        .lock()
+        .expect("inflight lock")
+        .entry(key)
+        .or_insert_with(|| {
             let st = st.clone();
-            async move {
-                let r = tokio::task::spawn_blocking(move || {
-                    let f = st.jit.get(&req).map_err(|e| mangrove_core::error_chain(&e))?;
-                    if matches!(f.outcome, Outcome::Compiled(_)) {
-                        st.compiles.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Arc::new(Served { key: f.key, outcome: f.outcome, body: encode_entry(&f.entry) }))
-                })
-                .await;
-                r.unwrap_or_else(|e| Err(e.to_string()))
-            }
+            let task = tokio::spawn(async move {
+                let served = {
+                    let _slot = st.slots.acquire().await.expect("the compile semaphore is never closed");
+                    let st = st.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let f = st.jit.get(&req).map_err(|e| mangrove_core::error_chain(&e))?;
+                        if matches!(f.outcome, Outcome::Compiled(_)) {
+                            st.compiles.fetch_add(1, Ordering::Relaxed);
+                            if let Some(cap) = st.max_cache_bytes {
+                                match st.jit.cache.gc(cap) {
+                                    Ok(r) if r.removed > 0 => eprintln!("jitd: cache over {cap} bytes: {r}"),
+                                    Ok(_) => {}
+                                    Err(e) => eprintln!("jitd: cache gc failed: {}", mangrove_core::error_chain(&e)),
+                                }
+                            }
+                        }
+                        Ok(Arc::new(Served { key: f.key, outcome: f.outcome, body: encode_entry(&f.entry) }))
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+                };
+                st.inflight.lock().expect("inflight lock").remove(&key);
+                served
+            });
+            async move { task.await.unwrap_or_else(|e| Err(e.to_string())) }.boxed().shared()
         })
-        .await
         .clone();
-    st.inflight.lock().expect("inflight lock").remove(&key);
+    let served = flight.await;
     match served {
         Ok(s) => Ok(kernel_response(&s)),
         Err(msg) => Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, msg)),
@@ -177,8 +226,17 @@ async fn metrics(State(st): State<Arc<ServiceState>>) -> String {
     )
 }
 
-/// Serves `state` on `listen` until SIGINT or SIGTERM (`mangrove jitd`).
-pub fn run(listen: &str, state: Arc<ServiceState>, cache_dir: &std::path::Path) -> std::io::Result<()> {
+/// How `jitd` meets its clients: connection and time limits, and an optional API key.
+#[derive(Debug, Clone, Default)]
+pub struct ServiceOptions {
+    /// Timeouts, connection cap and body limit.
+    pub limits: HttpLimits,
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
+
+/// Serves `state` on `listen` under `options` until SIGINT or SIGTERM (`mangrove jitd`).
+pub fn run(listen: &str, state: Arc<ServiceState>, cache_dir: &std::path::Path, options: &ServiceOptions) -> std::io::Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let shutdown = crate::http::shutdown_signal()?;
@@ -186,6 +244,6 @@ pub fn run(listen: &str, state: Arc<ServiceState>, cache_dir: &std::path::Path) 
             .await
             .map_err(|e| std::io::Error::new(e.kind(), format!("binding {listen}: {e}")))?;
         eprintln!("jitd listening on http://{} (cache {})", listener.local_addr()?, cache_dir.display());
-        axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+        crate::http::serve(listener, app_with(state, options.api_key.as_deref()), options.limits, shutdown).await
     })
 }

@@ -6,7 +6,7 @@
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::step::{Family, MAX_GEMV_M};
 use mangrove_deploy::provision::KernelEntries;
-use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, TernaryGemv};
+use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, Blas, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, SampleTokens, TernaryGemv};
 
 /// Errors of assembling the step's kernels.
 #[derive(Debug, thiserror::Error)]
@@ -131,6 +131,18 @@ pub struct StepKernels {
     pub fused: Option<DecodeLayer>,
     /// Why the plan's fused layer cannot run on this GPU, when it cannot (a counted fallback).
     pub fused_unavailable: Option<String>,
+    /// The LM head of steps whose rows are all last rows (decode batches of two or more
+    /// sequences): one cuBLAS bf16 GEMM reads the head once, where `lm_head` reads it once per
+    /// chunk of at most [`MAX_GEMV_M`] rows. None with MANGROVE_LM_HEAD_KERNEL set (the A/B
+    /// switch) or where libcublas cannot be loaded.
+    pub blas_head: Option<Blas>,
+    /// Why cuBLAS could not be opened, when it could not (a counted fallback).
+    pub blas_unavailable: Option<String>,
+    /// The GPU sampler; None with MANGROVE_HOST_SAMPLING set (the A/B switch) or for a plan made
+    /// before it (tokens are then picked on the host).
+    pub sample: Option<SampleTokens>,
+    /// The plan has no sampler (a counted fallback, unlike the switch).
+    pub sample_unavailable: bool,
 }
 
 impl StepKernels {
@@ -177,6 +189,13 @@ impl StepKernels {
             },
             None => (None, None),
         };
+        let (blas_head, blas_unavailable) = match std::env::var_os("MANGROVE_LM_HEAD_KERNEL") {
+            Some(_) => (None, None), // the A/B switch: not a fallback
+            None => match Blas::open(gpu) {
+                Ok(b) => (Some(b), None),
+                Err(e) => (None, Some(e.to_string())),
+            },
+        };
         Ok(Self {
             qkv: linear(Family::AttnQkv)?,
             o: linear(Family::AttnO)?,
@@ -207,6 +226,13 @@ impl StepKernels {
             lm_head: gathered(Family::LmHead)?,
             fused,
             fused_unavailable,
+            blas_head,
+            blas_unavailable,
+            sample: match std::env::var_os("MANGROVE_HOST_SAMPLING") {
+                Some(_) => None,
+                None => entries.get(&(Family::Sample, 1)).map(|e| SampleTokens::new(gpu, e).map_err(load_err(Family::Sample, 1))).transpose()?,
+            },
+            sample_unavailable: !entries.contains_key(&(Family::Sample, 1)),
         })
     }
 }

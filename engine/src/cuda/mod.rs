@@ -20,7 +20,8 @@ use rayon::prelude::*;
 use mangrove_core::model_config::ModelConfig;
 use crate::model::Model;
 use crate::slots::SlotPool;
-use crate::backend::{check_batch, Backend, ForwardError, SeqInput, StepReport};
+use crate::backend::{check_batch, check_draws, Backend, ForwardError, SeqInput, StepReport};
+use crate::sampling::Draw;
 use mangrove_core::gpu::{Gpu, GpuError, Graph, KvArena, SpanTotal};
 use mangrove_core::step::Family;
 use mangrove_deploy::provision::{FallbackReason, KernelEntries};
@@ -78,6 +79,9 @@ impl CudaBackend {
         if let Some(why) = &kernels.fused_unavailable {
             eprintln!("mangrove: the fused decode layer cannot run here ({why}); batch-1 steps run the unfused kernels");
         }
+        if let Some(why) = &kernels.blas_unavailable {
+            eprintln!("mangrove: cuBLAS is unavailable ({why}); the LM head of decode batches runs the lm_head kernel");
+        }
         let weights = DeviceWeights::upload(&gpu, model)?;
         let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
         let work = Workspace::new(&gpu, &config, &kernels, max_seqs.max(1))?;
@@ -126,10 +130,31 @@ struct Rows {
     last: Vec<i32>,
 }
 
+impl Rows {
+    fn shape(&self, sample: bool) -> StepShape {
+        StepShape { rows: self.tokens.len(), seqs: self.last.len(), sample }
+    }
+}
+
+/// What a step brings back from the device.
+enum StepOut {
+    /// f32 logits [seqs, vocab].
+    Logits(Vec<f32>),
+    /// Each sequence's sampled token.
+    Tokens(Vec<i32>),
+}
+
+/// Each sequence's draw as the GPU sampler reads it: rule rows [seqs, 4] and uniforms [seqs].
+struct DrawRows {
+    rules: Vec<f32>,
+    u: Vec<f64>,
+}
+
 impl Inner {
-    /// Runs one step and returns the logits [seqs, vocab].
-    fn run(&mut self, c: &ModelConfig, r: &Rows, use_graph: bool) -> Result<Vec<f32>, GpuError> {
-        let (rows, seqs) = (r.tokens.len(), r.last.len());
+    /// Runs one step; with `draws` (and a sampler loaded) samples on the device.
+    fn run(&mut self, c: &ModelConfig, r: &Rows, use_graph: bool, draws: Option<&DrawRows>) -> Result<StepOut, GpuError> {
+        let shape = r.shape(draws.is_some() && self.kernels.sample.is_some());
+        let StepShape { rows, seqs, .. } = shape;
         if rows > self.work.rows {
             // Grow to the new largest step; captured graphs point at the old buffers.
             self.graphs.clear();
@@ -140,7 +165,10 @@ impl Inner {
         gpu.write(&r.pos, &mut work.pos)?;
         gpu.write(&r.slot, &mut work.slot)?;
         gpu.write(&r.last, &mut work.last)?;
-        let shape = StepShape { rows, seqs };
+        if let (true, Some(d)) = (shape.sample, draws) {
+            gpu.write(&d.rules, &mut work.rules)?;
+            gpu.write(&d.u, &mut work.u)?;
+        }
         if let Some(last) = profile {
             // Profiling: direct launches, an event after each.
             let mut spans = gpu.spans()?;
@@ -154,7 +182,94 @@ impl Inner {
         } else {
             step::enqueue(gpu, kernels, weights, work, kv, c, shape, None)?;
         }
-        gpu.download_prefix(&work.logits, seqs * c.vocab)
+        match shape.sample {
+            true => Ok(StepOut::Tokens(gpu.download_prefix(&work.picked, seqs)?)),
+            false => Ok(StepOut::Logits(gpu.download_prefix(&work.logits, seqs * c.vocab)?)),
+        }
+    }
+}
+
+/// How a step ran, for its [`StepReport`].
+struct Ran {
+    fused: bool,
+    fused_unavailable: bool,
+    blas_head: bool,
+    no_blas: bool,
+    sampled: bool,
+    no_sampler: bool,
+}
+
+impl CudaBackend {
+    /// Checks the batch, leases KV slots to new sequences and lays out the step's rows.
+    fn rows(&self, batch: &mut [SeqInput]) -> Result<Rows, ForwardError> {
+        check_batch(&self.config, batch)?;
+        for (s, seq) in batch.iter().enumerate() {
+            if seq.cache.slot.as_ref().is_some_and(|l| !self.slots.owns(l)) {
+                return Err(ForwardError::Device(format!("sequence {s}: its KV cache belongs to another backend")));
+            }
+        }
+        for (s, seq) in batch.iter_mut().enumerate() {
+            if seq.cache.slot.is_none() {
+                seq.cache.slot = Some(self.slots.lease().ok_or(ForwardError::NoKvSlot { seq: s, slots: self.slots.total() })?);
+            }
+        }
+        let mut r = Rows { tokens: Vec::new(), pos: Vec::new(), slot: Vec::new(), last: Vec::new() };
+        for seq in batch.iter() {
+            let slot = seq.cache.slot.as_ref().map_or(0, |l| l.id()) as i32;
+            for (i, &t) in seq.tokens.iter().enumerate() {
+                r.tokens.push(t as i32);
+                r.pos.push((seq.cache.len + i) as i32);
+                r.slot.push(slot);
+            }
+            r.last.push(r.tokens.len() as i32 - 1);
+        }
+        Ok(r)
+    }
+
+    /// Runs the step of `batch` and advances its caches.
+    fn step(&self, batch: &mut [SeqInput], draws: Option<&DrawRows>) -> Result<(StepOut, Ran), ForwardError> {
+        let r = self.rows(batch)?;
+        let shape = r.shape(false);
+        let batch1 = shape.rows == 1;
+        let (out, ran) = {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let out = inner.run(&self.config, &r, self.graphs_enabled, draws).map_err(|e| ForwardError::Device(mangrove_core::error_chain(&e)))?;
+            let k = &inner.kernels;
+            let decode_batch = shape.seqs >= 2 && shape.rows == shape.seqs;
+            let ran = Ran {
+                fused: batch1 && k.fused.is_some(),
+                fused_unavailable: batch1 && k.fused_unavailable.is_some(),
+                blas_head: !(batch1 && k.fused.is_some()) && shape.blas_head(k),
+                no_blas: decode_batch && k.blas_unavailable.is_some(),
+                sampled: matches!(out, StepOut::Tokens(_)),
+                no_sampler: k.sample_unavailable,
+            };
+            (out, ran)
+        };
+        for seq in batch.iter_mut() {
+            seq.cache.len += seq.tokens.len();
+        }
+        Ok((out, ran))
+    }
+}
+
+impl Ran {
+    fn report(&self, c: &ModelConfig, wanted_sample: bool) -> StepReport {
+        let mut paths = if self.fused { fused_paths() } else { paths(c, self.blas_head) };
+        if self.sampled {
+            paths.push((Family::Sample, "cuda_op"));
+        }
+        let mut fallbacks = Vec::new();
+        if self.fused_unavailable {
+            fallbacks.push((Family::DecodeLayer, FallbackReason::KernelUnavailable));
+        }
+        if self.no_blas {
+            fallbacks.push((Family::LmHead, FallbackReason::KernelUnavailable));
+        }
+        if wanted_sample && self.no_sampler {
+            fallbacks.push((Family::Sample, FallbackReason::KernelUnavailable));
+        }
+        StepReport { paths, fallbacks }
     }
 }
 
@@ -176,42 +291,28 @@ impl Backend for CudaBackend {
     }
 
     fn forward(&self, batch: &mut [SeqInput]) -> Result<(Vec<Vec<f64>>, StepReport), ForwardError> {
-        let c = &self.config;
-        check_batch(c, batch)?;
-        for (s, seq) in batch.iter().enumerate() {
-            if seq.cache.slot.as_ref().is_some_and(|l| !self.slots.owns(l)) {
-                return Err(ForwardError::Device(format!("sequence {s}: its KV cache belongs to another backend")));
-            }
-        }
-        for (s, seq) in batch.iter_mut().enumerate() {
-            if seq.cache.slot.is_none() {
-                seq.cache.slot = Some(self.slots.lease().ok_or(ForwardError::NoKvSlot { seq: s, slots: self.slots.total() })?);
-            }
-        }
-        let mut r = Rows { tokens: Vec::new(), pos: Vec::new(), slot: Vec::new(), last: Vec::new() };
-        for seq in batch.iter() {
-            let slot = seq.cache.slot.as_ref().map_or(0, |l| l.id()) as i32;
-            for (i, &t) in seq.tokens.iter().enumerate() {
-                r.tokens.push(t as i32);
-                r.pos.push((seq.cache.len + i) as i32);
-                r.slot.push(slot);
-            }
-            r.last.push(r.tokens.len() as i32 - 1);
-        }
-        let batch1 = r.tokens.len() == 1;
-        let (logits, fused, unavailable) = {
-            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            let logits = inner.run(c, &r, self.graphs_enabled).map_err(|e| ForwardError::Device(mangrove_core::error_chain(&e)))?;
-            (logits, batch1 && inner.kernels.fused.is_some(), batch1 && inner.kernels.fused_unavailable.is_some())
-        };
-        for seq in batch.iter_mut() {
-            seq.cache.len += seq.tokens.len();
-        }
+        let (out, ran) = self.step(batch, None)?;
+        let StepOut::Logits(logits) = out else { unreachable!("a step without draws returns logits") };
         // Widening 16 × 128k logits to f64 costs milliseconds on one core: one row per thread.
-        let out = logits.par_chunks_exact(c.vocab).map(|l| l.iter().map(|&v| v as f64).collect()).collect();
-        let paths = if fused { fused_paths() } else { paths(c) };
-        let fallbacks = if unavailable { vec![(Family::DecodeLayer, FallbackReason::KernelUnavailable)] } else { Vec::new() };
-        Ok((out, StepReport { paths, fallbacks }))
+        let out = logits.par_chunks_exact(self.config.vocab).map(|l| l.iter().map(|&v| v as f64).collect()).collect();
+        Ok((out, ran.report(&self.config, false)))
+    }
+
+    /// Samples on the GPU (`sample_tokens`, in the step's graph): only token ids come back.
+    /// Without the kernel (a plan from before it), the logits come back and are picked on the host.
+    fn forward_sample(&self, batch: &mut [SeqInput], draws: &[Draw]) -> Result<(Vec<u32>, StepReport), ForwardError> {
+        check_draws(batch, draws)?;
+        let rows = DrawRows { rules: draws.iter().flat_map(|d| d.params.rule().as_row()).collect(), u: draws.iter().map(|d| d.u).collect() };
+        let (out, ran) = self.step(batch, Some(&rows))?;
+        let tokens = match out {
+            StepOut::Tokens(t) => t.into_iter().map(|t| t as u32).collect(),
+            StepOut::Logits(logits) => logits
+                .par_chunks_exact(self.config.vocab)
+                .zip(draws)
+                .map(|(l, d)| crate::sampling::pick(&l.iter().map(|&v| v as f64).collect::<Vec<_>>(), d))
+                .collect(),
+        };
+        Ok((tokens, ran.report(&self.config, true)))
     }
 }
 
@@ -220,11 +321,15 @@ pub fn fused_paths() -> Vec<(Family, &'static str)> {
     vec![(Family::Embedding, "cuda_op"), (Family::DecodeLayer, "cuda_fused"), (Family::LmHead, "cuda_op")]
 }
 
-/// The (layer family, kernel variant) pairs one forward of this backend runs (unfused).
-pub fn paths(c: &ModelConfig) -> Vec<(Family, &'static str)> {
+/// The (layer family, kernel variant) pairs one forward of this backend runs (unfused), the LM
+/// head on cuBLAS with `blas_head`.
+pub fn paths(c: &ModelConfig, blas_head: bool) -> Vec<(Family, &'static str)> {
     use Family::*;
     let mut linear = vec![AttnQkv, AttnO];
-    let mut ops = vec![Embedding, Rmsnorm, Rope, Attention, LmHead];
+    let mut ops = vec![Embedding, Rmsnorm, Rope, Attention];
+    if !blas_head {
+        ops.push(LmHead);
+    }
     match c.moe {
         None => linear.extend([MlpGateUp, MlpDown]),
         Some(_) => {
@@ -232,5 +337,6 @@ pub fn paths(c: &ModelConfig) -> Vec<(Family, &'static str)> {
             ops.extend([MoeRouter, MoeCombine]);
         }
     }
-    linear.into_iter().map(|f| (f, "cuda_w2a8")).chain(ops.into_iter().map(|f| (f, "cuda_op"))).collect()
+    let head = blas_head.then_some((LmHead, "cublas_bf16"));
+    linear.into_iter().map(|f| (f, "cuda_w2a8")).chain(ops.into_iter().map(|f| (f, "cuda_op"))).chain(head).collect()
 }

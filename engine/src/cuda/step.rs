@@ -29,6 +29,8 @@ pub struct Workspace {
     attn: DeviceBuffer<f32>,
     /// f32 final-norm rows [rows, H].
     xn: DeviceBuffer<f32>,
+    /// bf16 final-norm rows [rows, H]: the cuBLAS LM head's input.
+    xb: DeviceBuffer<u16>,
     /// Split-K workspace of the attention kernel.
     attn_scratch: AttnScratch,
     pub tokens: DeviceBuffer<i32>,
@@ -38,6 +40,10 @@ pub struct Workspace {
     pub last: DeviceBuffer<i32>,
     /// f32 logits [sequences ≤ rows, vocab].
     pub logits: DeviceBuffer<f32>,
+    /// The GPU sampler's inputs (rule rows [rows, 4], uniforms [rows]) and picks [rows].
+    pub rules: DeviceBuffer<f32>,
+    pub u: DeviceBuffer<f64>,
+    pub picked: DeviceBuffer<i32>,
     /// MoE models: the per-pair buffers.
     moe: Option<MoeWork>,
     /// The fused layer's cross-block buffers, when it is loaded.
@@ -59,23 +65,37 @@ impl Workspace {
             q_rot: gpu.zeros(rows * qd)?,
             attn: gpu.zeros(rows * qd)?,
             xn: gpu.zeros(rows * h)?,
+            xb: gpu.zeros(rows * h)?,
             attn_scratch: k.attention.scratch(gpu, rows)?,
             tokens: gpu.zeros(rows)?,
             pos: gpu.zeros(rows)?,
             slot: gpu.zeros(rows)?,
             last: gpu.zeros(rows)?,
             logits: gpu.zeros(rows * c.vocab)?,
+            rules: gpu.zeros(rows * 4)?,
+            u: gpu.zeros(rows)?,
+            picked: gpu.zeros(rows)?,
             moe: c.moe.map(|m| MoeWork::new(gpu, c, &m, rows)).transpose()?,
             layer: k.fused.as_ref().map(|f| f.scratch(gpu)).transpose()?,
         })
     }
 }
 
-/// How many token rows a step runs and how many sequences they belong to (one logits row each).
+/// How many token rows a step runs, how many sequences they belong to (one logits row each),
+/// and whether it ends with the GPU sampler.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StepShape {
     pub rows: usize,
     pub seqs: usize,
+    pub sample: bool,
+}
+
+impl StepShape {
+    /// Whether the LM head runs on cuBLAS: two or more sequences of one row each (every row is a
+    /// last row, in order, so no gather), and `k` has a handle.
+    pub fn blas_head(self, k: &StepKernels) -> bool {
+        k.blas_head.is_some() && self.seqs >= 2 && self.rows == self.seqs
+    }
 }
 
 /// Queues the whole forward of a step's token rows on the GPU's stream:
@@ -92,7 +112,7 @@ pub fn enqueue(
     ws: &mut Workspace,
     kv: &mut KvArena,
     c: &ModelConfig,
-    StepShape { rows, seqs }: StepShape,
+    shape: StepShape,
     mut spans: Option<&mut Spans>,
 ) -> Result<(), GpuError> {
     let mut mark = |label: &'static str| -> Result<(), GpuError> {
@@ -103,10 +123,12 @@ pub fn enqueue(
     };
     let eps = c.rms_eps as f32;
     let theta = c.rope_theta as f32;
+    let StepShape { rows, seqs, .. } = shape;
+    let blas_head = shape.blas_head(k);
     let first = w.layers.first().map_or(&w.norm, |l| &l.input_norm);
     k.norm.launch(gpu, rows, NormSource::Embed { x: &mut ws.x, tokens: &ws.tokens, table: &w.embed }, Some(first), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?;
     mark("embedding+rmsnorm")?;
-    if let (Some(fused), Some(scratch), StepShape { rows: 1, seqs: 1 }) = (&k.fused, ws.layer.as_mut(), StepShape { rows, seqs }) {
+    if let (Some(fused), Some(scratch), (1, 1)) = (&k.fused, ws.layer.as_mut(), (rows, seqs)) {
         // Batch-1 decode: each layer is one persistent kernel; the residual row stays in ws.x.
         for (li, l) in w.layers.iter().enumerate() {
             let DeviceFfn::Dense { mlp: DeviceMlp { gate_up, gate_up_factors: [fg, fu], down, down_factor }, sub_norm } = &l.ffn else {
@@ -130,7 +152,8 @@ pub fn enqueue(
         k.norm.launch(gpu, 1, NormSource::Rows { x: &ws.x }, Some(&w.norm), eps, NormOut::F32(&mut ws.xn))?;
         mark("final rmsnorm")?;
         k.lm_head.launch(gpu, w.head(), &ws.xn, &ws.last, 1, &mut ws.logits)?;
-        return mark(Family::LmHead.as_str());
+        mark(Family::LmHead.as_str())?;
+        return sample(gpu, k, ws, shape, &mut mark);
     }
     for (li, l) in w.layers.iter().enumerate() {
         let meta = RowMeta { pos: &ws.pos, slot: &ws.slot };
@@ -174,11 +197,26 @@ pub fn enqueue(
         let residual = NormSource::Residual { x: &mut ws.x, delta: &ws.down, factor: down_factor };
         match w.layers.get(li + 1) {
             Some(next) => k.norm.launch(gpu, rows, residual, Some(&next.input_norm), eps, NormOut::Quant { q: &mut ws.q, scale: &mut ws.x_scale })?,
+            None if blas_head => k.norm.launch(gpu, rows, residual, Some(&w.norm), eps, NormOut::Bf16(&mut ws.xb))?,
             None => k.norm.launch(gpu, rows, residual, Some(&w.norm), eps, NormOut::F32(&mut ws.xn))?,
         }
         mark("residual+rmsnorm")?;
     }
-    k.lm_head.launch(gpu, w.head(), &ws.xn, &ws.last, seqs, &mut ws.logits)?;
+    match k.blas_head.as_ref().filter(|_| blas_head) {
+        Some(blas) => blas.linear_f32_out(w.head(), &ws.xb, &mut ws.logits, (c.vocab, c.hidden), seqs)?,
+        None => k.lm_head.launch(gpu, w.head(), &ws.xn, &ws.last, seqs, &mut ws.logits)?,
+    }
     mark(Family::LmHead.as_str())?;
-    Ok(())
+    sample(gpu, k, ws, shape, &mut mark)
+}
+
+/// The GPU sampler over the step's logits, when the step samples.
+fn sample(gpu: &Gpu, k: &StepKernels, ws: &mut Workspace, shape: StepShape, mark: &mut impl FnMut(&'static str) -> Result<(), GpuError>) -> Result<(), GpuError> {
+    match (shape.sample, &k.sample) {
+        (true, Some(sampler)) => {
+            sampler.launch(gpu, shape.seqs, &ws.logits, &ws.rules, &ws.u, &mut ws.picked)?;
+            mark(Family::Sample.as_str())
+        }
+        _ => Ok(()),
+    }
 }

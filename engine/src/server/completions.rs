@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use mangrove_deploy::http::ApiError;
 use super::AppState;
-use crate::batcher::{Finish, GenEvent, GenRequest};
+use crate::batcher::{Finish, GenEvent, GenRequest, SubmitError};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::{chat_prompt, ChatMessage};
 
@@ -50,6 +50,12 @@ struct Common {
     top_p: Option<f64>,
     #[serde(default)]
     seed: Option<u64>,
+    /// vLLM's sampling extensions: keep the k likeliest tokens (-1 or 0: all) ...
+    #[serde(default)]
+    top_k: Option<i64>,
+    /// ... and tokens at least min_p times as likely as the likeliest.
+    #[serde(default)]
+    min_p: Option<f64>,
     #[serde(default)]
     stop: Option<Stop>,
     #[serde(default)]
@@ -75,6 +81,9 @@ struct ChatBody {
 /// Default `max_tokens` when the request gives none.
 const DEFAULT_MAX_TOKENS: usize = 16;
 const MAX_STOPS: usize = 4;
+/// Prompt text longer than this many bytes per context position is refused before tokenizing
+/// (real tokenizers average 3–5 bytes per token; one token rarely spans more than a few dozen).
+const MAX_BYTES_PER_TOKEN: usize = 64;
 
 /// A request body: unreadable (e.g. too large) or invalid JSON is a 4xx ApiError.
 type Body = Result<Bytes, BytesRejection>;
@@ -183,6 +192,18 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     }
     let cfg = engine.config();
     let ids = match prompt {
+        // No tokenizer spends seconds on a prompt that cannot fit whatever it tokenizes to.
+        Prompt::Text(t) if t.len() > cfg.max_positions.saturating_mul(MAX_BYTES_PER_TOKEN) => {
+            return Err(ApiError::invalid(
+                format!(
+                    "The prompt is {} bytes; the context window is {} tokens (at most {} bytes of text)",
+                    t.len(),
+                    cfg.max_positions,
+                    cfg.max_positions.saturating_mul(MAX_BYTES_PER_TOKEN)
+                ),
+                Some("prompt"),
+            ))
+        }
         Prompt::Text(t) => {
             let tok = st.clone();
             tokio::task::spawn_blocking(move || tok.engine().tokenizer.encode(&t))
@@ -223,6 +244,15 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(ApiError::invalid(format!("top_p must be in (0, 1], got {top_p}"), Some("top_p")));
     }
+    let top_k = match c.top_k.unwrap_or(0) {
+        k if k == -1 || k == 0 => 0,
+        k if k >= 1 && k <= u32::MAX as i64 => k as u32,
+        k => return Err(ApiError::invalid(format!("top_k must be -1, 0 or at least 1, got {k}"), Some("top_k"))),
+    };
+    let min_p = c.min_p.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&min_p) {
+        return Err(ApiError::invalid(format!("min_p must be in [0, 1], got {min_p}"), Some("min_p")));
+    }
     let stop = match c.stop {
         None => Vec::new(),
         Some(Stop::One(s)) => vec![s],
@@ -233,8 +263,14 @@ async fn start(st: &AppState, kind: Kind, prompt: Prompt, c: Common) -> Result<R
     }
     let (tx, rx) = mpsc::unbounded_channel();
     let prompt_tokens = ids.len();
-    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed }, stop, events: tx };
-    st.inner.batcher.submit(req).map_err(|_| ApiError::unavailable())?;
+    let req = GenRequest { prompt: ids, max_tokens, sampling: SamplingParams { temperature, top_p, seed: c.seed, top_k, min_p }, stop, events: tx };
+    st.inner.batcher.submit(req).map_err(|e| match e {
+        SubmitError::QueueFull { .. } => {
+            st.metrics().rejected();
+            ApiError::overloaded(format!("{e}; retry later"), 1)
+        }
+        SubmitError::Stopped => ApiError::unavailable(),
+    })?;
     st.metrics().request(prompt_tokens);
     let ctx = Ctx {
         kind,

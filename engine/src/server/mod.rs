@@ -2,6 +2,8 @@
 //! [`app`] builds the router from an [`AppState`] (testable without a socket); the areas are
 //! [`completions`] (`/v1/completions`, `/v1/chat/completions`, SSE streaming) and [`ops`]
 //! (`/v1/models`, `/health`, `/metrics`); every failure is a `mangrove_deploy::http::ApiError`.
+//! [`app_with`] adds the guards of [`ServeOptions`]: JSON bodies only, and with an API key a
+//! Bearer check on every route but `/health`; [`serve_with`] applies its [`HttpLimits`].
 
 pub mod completions;
 pub mod ops;
@@ -15,8 +17,17 @@ use axum::Router;
 use crate::batcher::{self, BatcherConfig, BatcherHandle};
 use crate::metrics::Metrics;
 use crate::Engine;
-use mangrove_deploy::http::ApiError;
+use mangrove_deploy::http::{guard, ApiError, HttpLimits};
 use mangrove_deploy::provision::KernelReport;
+
+/// How the server meets its clients: connection and time limits, and an optional API key.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Timeouts, connection cap and body limit.
+    pub limits: HttpLimits,
+    /// When set, every route but `/health` needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+}
 
 /// Shared state of all handlers.
 #[derive(Clone)]
@@ -69,20 +80,39 @@ impl AppState {
     }
 }
 
-/// The whole API.
+/// The whole API, open to anyone (JSON bodies only).
 pub fn app(state: AppState) -> Router {
+    app_with(state, None)
+}
+
+/// The whole API; with `api_key`, every route but `/health` needs `Authorization: Bearer <key>`.
+pub fn app_with(state: AppState, api_key: Option<&str>) -> Router {
+    let mut guarded = Router::new().merge(completions::routes().route_layer(guard::json_body())).merge(ops::routes());
+    if let Some(key) = api_key {
+        guarded = guarded.route_layer(guard::api_key(key));
+    }
     Router::new()
-        .merge(completions::routes())
-        .merge(ops::routes())
+        .merge(guarded)
+        .merge(ops::health_routes())
         .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
         .with_state(state)
 }
 
-/// Serves `state` on `listener` until `shutdown` resolves.
+/// Serves `state` on `listener` with the default limits and no API key until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(shutdown).await
+    serve_with(listener, state, &ServeOptions::default(), shutdown).await
+}
+
+/// Serves `state` on `listener` under `options` until `shutdown` resolves.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    options: &ServeOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    mangrove_deploy::http::serve(listener, app_with(state, options.api_key.as_deref()), options.limits, shutdown).await
 }

@@ -9,9 +9,14 @@ use axum::{Json, Router};
 
 use super::AppState;
 
-/// Routes of this area.
+/// Routes of this area behind the API key (when there is one).
 pub fn routes() -> Router<AppState> {
-    Router::new().route("/v1/models", get(models)).route("/health", get(health)).route("/metrics", get(metrics))
+    Router::new().route("/v1/models", get(models)).route("/metrics", get(metrics))
+}
+
+/// `/health`, always open (load balancers and probes carry no key).
+pub fn health_routes() -> Router<AppState> {
+    Router::new().route("/health", get(health))
 }
 
 async fn models(State(st): State<AppState>) -> impl IntoResponse {
@@ -30,6 +35,8 @@ async fn health(State(st): State<AppState>) -> impl IntoResponse {
         "kernels": st.inner.kernels.get(),
         "max_position_embeddings": c.max_positions,
         "active_sequences": st.metrics().active(),
+        "queued_requests": st.inner.batcher.queued(),
+        "rejected_requests": st.metrics().rejected_total(),
     }))
 }
 
