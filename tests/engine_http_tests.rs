@@ -10,6 +10,11 @@ use mangrove::engine::server::{self, AppState};
 use mangrove::engine::Engine;
 use serde_json::{json, Value};
 
+/// The kernel variant the default CPU backend (`--backend cpu`) reports on this machine.
+fn cpu_variant() -> &'static str {
+    mangrove::engine::cpu_simd::Isa::from_env().unwrap().variant()
+}
+
 struct Server {
     base: String,
     client: reqwest::Client,
@@ -101,7 +106,7 @@ async fn chat_completion_and_moe_model() {
     assert_eq!(last["choices"][0]["finish_reason"], "length");
     assert_eq!(last["usage"]["completion_tokens"], 5);
     let (_, m) = s.get("/metrics").await;
-    assert!(m.contains("mangrove_path_total{family=\"moe_gate_up\",variant=\"cpu_reference\"} 10"), "{m}");
+    assert!(m.contains(&format!("mangrove_path_total{{family=\"moe_gate_up\",variant=\"{}\"}} 10", cpu_variant())), "{m}");
     assert!(!m.contains("family=\"mlp_gate_up\""), "{m}");
 }
 
@@ -140,12 +145,13 @@ async fn concurrent_requests_batch_and_match_sequential_results() {
     assert_eq!(st, 200);
     assert!(m.contains("mangrove_requests_total 12"), "{m}");
     assert!(m.contains("mangrove_tokens_generated_total 96"), "{m}");
-    assert!(m.contains("mangrove_path_total{family=\"attention\",variant=\"cpu_reference\"}"), "{m}");
+    let attention = format!("mangrove_path_total{{family=\"attention\",variant=\"{}\"}} ", cpu_variant());
+    assert!(m.contains(&attention), "{m}");
     assert!(m.contains("mangrove_active_sequences 0"), "{m}");
     // 96 tokens took fewer than 96 forward steps: concurrent requests shared steps.
     let steps: u64 = m
         .lines()
-        .find_map(|l| l.strip_prefix("mangrove_path_total{family=\"attention\",variant=\"cpu_reference\"} "))
+        .find_map(|l| l.strip_prefix(attention.as_str()))
         .unwrap()
         .parse()
         .unwrap();
@@ -244,7 +250,7 @@ async fn models_health_and_metrics() {
         format!("mangrove_tokens_generated_total {n}"),
         "# TYPE mangrove_fallback_total counter".into(),
         format!("mangrove_forward_steps_total {n}"),
-        format!("mangrove_path_total{{family=\"lm_head\",variant=\"cpu_reference\"}} {n}"),
+        format!("mangrove_path_total{{family=\"lm_head\",variant=\"{}\"}} {n}", cpu_variant()),
     ] {
         assert!(t.contains(&needle), "{needle}: {t}");
     }

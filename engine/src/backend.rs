@@ -28,11 +28,16 @@ pub enum ForwardError {
 }
 
 /// Keys and values of one sequence: per layer, [positions, kv_heads * head_dim] on the host
-/// (CPU backend), or a slot of a device backend's KV cache.
+/// (f64 for the reference CPU backend, f32 for the SIMD one), or a slot of a device backend's
+/// KV cache.
 #[derive(Debug, Default)]
 pub struct KvCache {
     pub(crate) k: Vec<Vec<f64>>,
     pub(crate) v: Vec<Vec<f64>>,
+    /// f32 keys per layer (SIMD CPU backend; reserved in blocks, see `cpu_simd::backend::KV_BLOCK`).
+    pub(crate) k32: Vec<Vec<f32>>,
+    /// f32 values per layer (SIMD CPU backend).
+    pub(crate) v32: Vec<Vec<f32>>,
     pub(crate) len: usize,
     /// The device slot holding this sequence (device backends only).
     pub(crate) slot: Option<crate::slots::SlotLease>,
@@ -41,7 +46,7 @@ pub struct KvCache {
 impl KvCache {
     /// An empty cache for `cfg`.
     pub fn new(cfg: &ModelConfig) -> Self {
-        KvCache { k: vec![Vec::new(); cfg.layers], v: vec![Vec::new(); cfg.layers], len: 0, slot: None }
+        KvCache { k: vec![Vec::new(); cfg.layers], v: vec![Vec::new(); cfg.layers], k32: Vec::new(), v32: Vec::new(), len: 0, slot: None }
     }
 
     /// Positions cached so far.

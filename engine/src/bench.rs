@@ -144,16 +144,22 @@ pub struct DecodeReport {
     pub runs: Vec<DecodeBench>,
 }
 
-/// Runs [`bench_decode`] at each of `batches` on `backend` (the GPU's copy bandwidth, when there
-/// is one, gives the bound); `command` is recorded in the provenance.
+/// Runs [`bench_decode`] at each of `batches` on `backend` (the GPU's copy bandwidth, or on a
+/// CPU backend the host's streaming-read bandwidth, gives the bound); `command` is recorded in the provenance.
 pub fn decode_report(backend: &dyn Backend, model: &str, batches: &[usize], prompt_tokens: usize, steps: usize, command: String) -> Result<DecodeReport, BenchError> {
     if batches.is_empty() || batches.contains(&0) || prompt_tokens == 0 {
         return Err(BenchError::Input);
     }
     // The NVRTC version only where this run loaded it (an offline bundle never does).
     let nvrtc = if nvrtc_loaded() { Compiler::open().map(|c| c.version()).unwrap_or((0, 0)) } else { (0, 0) };
-    let gpu = Gpu::open(0).ok();
-    let copy_gbs = gpu.as_ref().map(|g| g.copy_bandwidth_gbs(1 << 30)).transpose()?;
+    // A CPU backend is bounded by this machine's memory: a streaming read of 1 GiB on all cores.
+    let cpu = backend.name().starts_with("cpu");
+    let gpu = if cpu { None } else { Gpu::open(0).ok() };
+    let copy_gbs = match &gpu {
+        Some(g) => Some(g.copy_bandwidth_gbs(1 << 30)?),
+        None if cpu => crate::cpu_simd::pool::Pool::new(0).ok().map(|p| crate::cpu_simd::pool::read_bandwidth_gbs(&p, 1 << 30)),
+        None => None,
+    };
     let provenance = Provenance::collect(gpu.as_ref(), nvrtc, command);
     let runs = batches.iter().map(|&b| bench_decode(backend, b, prompt_tokens, steps, copy_gbs)).collect::<Result<_, _>>()?;
     Ok(DecodeReport { model: model.to_string(), copy_gbs, provenance, runs })
@@ -177,7 +183,8 @@ impl std::fmt::Display for DecodeReport {
             }
         }
         if let (Some(gbs), Some(r)) = (self.copy_gbs, self.runs.first()) {
-            writeln!(f, "weights {:.1} MB per step; copy bandwidth {gbs:.0} GB/s", r.weight_bytes as f64 / 1e6)?;
+            let what = if r.backend.starts_with("cpu") { "memory read bandwidth" } else { "copy bandwidth" };
+            writeln!(f, "weights {:.1} MB per step; {what} {gbs:.1} GB/s", r.weight_bytes as f64 / 1e6)?;
         }
         Ok(())
     }

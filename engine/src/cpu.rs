@@ -1,4 +1,5 @@
-//! The CPU backend: the engine's reference and embedded default. Takes a [`Model`] and a
+//! The f64 reference CPU backend (`--backend cpu-ref`): the oracle the SIMD backend
+//! ([`crate::cpu_simd`], `--backend cpu`) is tested against. Takes a [`Model`] and a
 //! batch of sequences, each with its own [`KvCache`] and new tokens (a prompt chunk or one
 //! decoded token); gives the next-token logits of every sequence. f64 activations, exact
 //! integer ternary products through [`mangrove_core::reference::ternary_linear`], rayon inside.
@@ -35,7 +36,7 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        "cpu"
+        "cpu-ref"
     }
 
     fn config(&self) -> &ModelConfig {
@@ -50,6 +51,11 @@ impl Backend for CpuBackend {
 
 /// The (layer family, kernel variant) pairs one forward of this backend runs.
 pub fn paths(cfg: &ModelConfig) -> Vec<(Family, &'static str)> {
+    families(cfg).into_iter().map(|f| (f, VARIANT)).collect()
+}
+
+/// The layer families one forward of a CPU backend runs, in order.
+pub fn families(cfg: &ModelConfig) -> Vec<Family> {
     use Family::*;
     let mut fams = vec![Embedding, Rmsnorm, AttnQkv, Rope, Attention, AttnO];
     match cfg.moe {
@@ -57,7 +63,7 @@ pub fn paths(cfg: &ModelConfig) -> Vec<(Family, &'static str)> {
         Some(_) => fams.extend([MoeRouter, MoeGateUp, MoeDown]),
     }
     fams.push(LmHead);
-    fams.into_iter().map(|f| (f, VARIANT)).collect()
+    fams
 }
 
 /// The kernel variant name this backend reports for every family.

@@ -1,7 +1,8 @@
 //! mangrove-engine: the decode engine, the last stages of the pipeline. A Hugging Face BitNet
 //! checkpoint ([`model`], [`tokenizer`]; its `config.json` through
-//! [`mangrove_core::model_config`]) runs on a [`Backend`] ([`backend`] is the contract, [`cpu`]
-//! the reference and embedded default, [`cuda`] the tuned kernels of a provisioned plan);
+//! [`mangrove_core::model_config`]) runs on a [`Backend`] ([`backend`] is the contract,
+//! [`cpu_simd`] the SIMD CPU backend and default, [`cpu`] the f64 reference it is tested
+//! against, [`cuda`] the tuned kernels of a provisioned plan);
 //! [`sampling`] picks tokens; [`batcher`] runs continuous batching on a background task;
 //! [`server`] exposes it over an OpenAI-compatible HTTP API; [`metrics`] counts requests, tokens
 //! and which kernel path each layer family ran; [`slots`] hands out KV-cache slots; [`start`]
@@ -14,6 +15,7 @@ pub mod backend;
 pub mod batcher;
 pub mod bench;
 pub mod cpu;
+pub mod cpu_simd;
 pub mod cuda;
 pub mod genmodel;
 pub mod metrics;
@@ -43,8 +45,10 @@ pub enum EngineError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
-    #[error("backend '{0}' is not known (available: cpu, cuda)")]
+    #[error("backend '{0}' is not known (available: cpu, cpu-ref, cuda)")]
     UnknownBackend(String),
+    #[error(transparent)]
+    Cpu(#[from] cpu_simd::SimdError),
     #[error("the cuda backend needs its kernels provisioned first (Engine::open_cuda; `mangrove serve --backend cuda` does it)")]
     CudaNeedsKernels,
     #[error("cuda backend")]
@@ -71,14 +75,36 @@ impl std::fmt::Debug for Engine {
 }
 
 impl Engine {
-    /// Loads the checkpoint in `dir` onto the CPU backend (`backend` must be `"cpu"`; the CUDA
-    /// backend needs its kernels: [`Engine::open_cuda`]).
+    /// Loads the checkpoint in `dir` onto a CPU backend: `"cpu"` (SIMD, default tunables for
+    /// this CPU) or `"cpu-ref"` (the f64 reference). The CUDA backend needs its kernels:
+    /// [`Engine::open_cuda`].
     pub fn open(dir: &Path, backend: &str, name: Option<String>) -> Result<Self, EngineError> {
         match backend {
-            "cpu" => Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model))))),
+            "cpu" => {
+                let tunables = cpu_simd::CpuTunables::detect().map_err(cpu_simd::SimdError::Tunables)?;
+                Self::open_cpu(dir, name, tunables)
+            }
+            "cpu-ref" => Self::load(dir, name, |model| Ok(Arc::new(CpuBackend::new(Arc::new(model))))),
             "cuda" => Err(EngineError::CudaNeedsKernels),
             other => Err(EngineError::UnknownBackend(other.into())),
         }
+    }
+
+    /// Loads the checkpoint in `dir` onto the SIMD CPU backend with `tunables` (the model is
+    /// repacked, then its loaded form dropped).
+    pub fn open_cpu(dir: &Path, name: Option<String>, tunables: cpu_simd::CpuTunables) -> Result<Self, EngineError> {
+        Self::load(dir, name, |model| Ok(Arc::new(cpu_simd::SimdCpuBackend::new(&model, tunables)?)))
+    }
+
+    /// Loads the checkpoint in `dir` onto the SIMD CPU backend tuned by the `mangrove-tune cpu`
+    /// records of `db` (the defaults where it has none for this model).
+    pub fn open_cpu_tuned(dir: &Path, name: Option<String>, db: &mangrove_core::tuning_db::TuningDb) -> Result<Self, EngineError> {
+        let base = cpu_simd::CpuTunables::detect().map_err(cpu_simd::SimdError::Tunables)?;
+        Self::load(dir, name, |model| {
+            let (t, per_m) = cpu_simd::sweep::tunables_from_db(db, &model.config, base);
+            let per_m: Vec<cpu_simd::CpuTunables> = per_m.into_iter().map(|(t, _)| t).collect();
+            Ok(Arc::new(cpu_simd::SimdCpuBackend::with_splits(&model, t, &per_m)?))
+        })
     }
 
     /// Loads the checkpoint in `dir` onto GPU 0 with the provisioned plan kernels `entries`

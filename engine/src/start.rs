@@ -29,6 +29,8 @@ pub enum StartError {
     Bind { addr: String, source: std::io::Error },
     #[error("serving")]
     Io(#[from] std::io::Error),
+    #[error("reading the tuning DB")]
+    Db(#[from] mangrove_core::tuning_db::DbError),
 }
 
 /// Where an engine's kernels come from and which catalog and cache they use.
@@ -39,9 +41,10 @@ pub struct KernelSetup<'a> {
     pub options: &'a KernelOptions,
 }
 
-/// Loads `model` on `backend` (`cpu` or `cuda`). The CUDA backend provisions every kernel of the
-/// plan first; the CPU backend provisions only when a tuning DB, bundle or service is named (the
-/// report then shows in `/health`). Returns the engine and the provisioning report, if any.
+/// Loads `model` on `backend` (`cpu`, `cpu-ref` or `cuda`). The CUDA backend provisions every
+/// kernel of the plan first; `cpu` with a tuning DB holding `mangrove-tune cpu` records runs
+/// with those tunables; otherwise a CPU backend provisions only when a tuning DB, bundle or
+/// service is named (the report then shows in `/health`). Returns the engine and the provisioning report, if any.
 pub fn open(model: &Path, backend: &str, name: Option<String>, k: &KernelSetup) -> Result<(Engine, Option<KernelReport>), StartError> {
     let loading = |source| StartError::Engine { path: model.to_path_buf(), source };
     let o = k.options;
@@ -51,6 +54,14 @@ pub fn open(model: &Path, backend: &str, name: Option<String>, k: &KernelSetup) 
         let p = prepare(k.catalog, model, k.tuning_db, o, k.cache_dir)?;
         let engine = Engine::open_cuda(model, name, &p.entries, o.max_batch as usize).map_err(loading)?;
         return Ok((engine, Some(p.report)));
+    }
+    // The SIMD CPU backend takes its tunables from a DB that holds `mangrove-tune cpu` records
+    // (tuning_db/<cpu>/); no GPU kernel is provisioned for it.
+    if let (true, Some(dir)) = (backend == "cpu", k.tuning_db) {
+        let db = mangrove_core::tuning_db::TuningDb::load(dir)?;
+        if db.templates.contains_key(crate::cpu_simd::sweep::TEMPLATE) {
+            return Ok((Engine::open_cpu_tuned(model, name, &db).map_err(loading)?, None));
+        }
     }
     let report = if k.tuning_db.is_some() || o.blessed.is_some() || o.jit_url.is_some() {
         Some(prepare(k.catalog, model, k.tuning_db, o, k.cache_dir)?.report)

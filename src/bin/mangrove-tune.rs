@@ -97,6 +97,37 @@ enum Cmd {
         #[arg(long)]
         report: Option<PathBuf>,
     },
+    /// The SIMD CPU backend on this machine: instruction set, threads, rows per task and the
+    /// AVX2 K block for one model's decode layer (q|k|v, o, gate|up, down) at each M, every
+    /// candidate checked against the f64 reference first, timed over weights rotated beyond the
+    /// last-level cache; winners go to tuning_db/<cpu>/cpu_ternary.json (`--backend cpu
+    /// --tuning-db` reads them).
+    Cpu {
+        /// Shapes of a gen-model preset.
+        #[arg(long, default_value = "bitnet-2b", conflicts_with = "model")]
+        preset: Preset,
+        /// A model folder whose config.json gives the shapes (instead of --preset).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Token rows per step (M buckets).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1i64, 4, 8])]
+        m: Vec<i64>,
+        /// Thread counts (default: half the cores and all of them).
+        #[arg(long, value_delimiter = ',')]
+        threads: Vec<usize>,
+        /// Byte rows (4 output rows each) per task.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![2usize, 4, 8, 16, 32, 64])]
+        rows_per_task: Vec<usize>,
+        /// Timed passes per candidate.
+        #[arg(long, default_value_t = 9)]
+        iters: usize,
+        /// Tuning DB folder (default: tuning_db/<cpu slug>, e.g. tuning_db/amd-epyc-avx512-vnni).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Do not write the tuning DB.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
     Merge {
         /// DB folders to merge, in order.
@@ -116,9 +147,60 @@ fn main() {
         Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => command::probe_mgt1(common, m, shapes, reference, out_dir),
         Cmd::Bench { common, jobs, report } => command::bench(common, jobs, report),
         Cmd::Merge { inputs, out } => command::merge(inputs, out),
+        Cmd::Cpu { preset, model, m, threads, rows_per_task, iters, db, dry_run } => {
+            if let Err(e) = cpu(preset, model, m, threads, rows_per_task, iters, db, dry_run) {
+                eprintln!("error: {e:#}");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     };
     if let Err(e) = done {
         eprintln!("error: {:#}", anyhow::Error::from(e));
         std::process::exit(1);
     }
+}
+
+/// `mangrove-tune cpu`: sweep, print, and record the winners under this CPU's slug.
+#[allow(clippy::too_many_arguments)]
+fn cpu(
+    preset: Preset,
+    model: Option<PathBuf>,
+    m: Vec<i64>,
+    threads: Vec<usize>,
+    rows_per_task: Vec<usize>,
+    iters: usize,
+    db: Option<PathBuf>,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    use mangrove::engine::cpu_simd::sweep;
+    let cfg = match model {
+        Some(dir) => mangrove::model_config::ModelConfig::from_model_dir(&dir)?,
+        None => mangrove::model_config::ModelConfig::of_preset(preset),
+    };
+    let mut opts = sweep::SweepOptions { m, rows_per_task, iters, ..Default::default() };
+    if !threads.is_empty() {
+        opts.threads = threads;
+    }
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let records = sweep::sweep(&cfg, &opts, command, &mut |line| eprintln!("{line}")).map_err(anyhow::Error::msg)?;
+    for r in &records {
+        let w = &r.winner;
+        let default = r.default_us.map_or("-".to_string(), |d| format!("{d:.0} µs, tuned {:.2}x", d / w.median_us));
+        println!(
+            "m {:>2}: {:?} {:.0} µs per layer ({:.1} GB/s, {:.0}% of {:.1} GB/s read); default {default}; {} candidates, {} pruned, {} rejected",
+            r.m, w.params, w.median_us, w.gb_s, 100.0 * w.frac_copy_bw, r.copy_bw_gbs, r.candidates, r.pruned, r.rejected
+        );
+    }
+    if dry_run {
+        return Ok(());
+    }
+    let dir = db.unwrap_or_else(|| PathBuf::from("tuning_db").join(sweep::cpu_slug()));
+    let mut tdb = mangrove::tuning_db::TuningDb::load(&dir)?;
+    for r in records {
+        tdb.upsert(sweep::TEMPLATE, r);
+    }
+    tdb.save(&dir)?;
+    println!("wrote {}", dir.join(format!("{}.json", sweep::TEMPLATE)).display());
+    Ok(())
 }

@@ -121,7 +121,8 @@ enum Cmd {
         host: String,
         #[arg(long, default_value_t = 8000)]
         port: u16,
-        /// Compute backend: cpu (the f64 reference) or cuda (the tuned kernels of the plan).
+        /// Compute backend: cpu (SIMD ternary kernels; MANGROVE_CPU_ISA forces a path), cpu-ref (the
+        /// f64 reference) or cuda (the tuned kernels of the plan).
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Tuning DB folder the cuda backend picks its kernels from (reported in /health).
@@ -223,7 +224,7 @@ enum BenchCmd {
     Decode {
         #[arg(long)]
         model: PathBuf,
-        /// cpu or cuda (kernels from --tuning-db / --blessed / --jit-url, as for serve).
+        /// cpu, cpu-ref or cuda (kernels from --tuning-db / --blessed / --jit-url, as for serve).
         #[arg(long, default_value = "cpu")]
         backend: String,
         /// Batch sizes to run, e.g. 1,4,16.
