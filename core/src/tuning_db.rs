@@ -31,7 +31,12 @@ pub enum DbError {
 pub struct Provenance {
     pub gpu_name: String,
     pub sm_count: i32,
+    /// The CUDA version the driver supports (cuDriverGetVersion, e.g. 13000 for 13.0).
     pub driver_version: i32,
+    /// The kernel driver's release (e.g. "580.65.06", from /proc/driver/nvidia/version); empty
+    /// where it cannot be read, and in records made before mangrove wrote this field.
+    #[serde(default)]
+    pub driver_release: String,
     pub nvrtc_version: (i32, i32),
     pub mangrove_version: String,
     pub git_sha: String,
@@ -246,6 +251,10 @@ impl TuningDb {
             t.records.push(rec);
             return None;
         };
+        if *old == rec {
+            // The same record again (`merge A A`, a journal replayed): nothing new was timed.
+            return None;
+        }
         let conflict = (old.winner.params != rec.winner.params).then(|| {
             let (kept, dropped) = if rec.winner.median_us < old.winner.median_us { (&rec, &*old) } else { (&*old, &rec) };
             Conflict {
@@ -344,6 +353,14 @@ fn timing_method(gpu: &crate::gpu::Gpu) -> String {
     format!("cuda-graph replays{pdl}")
 }
 
+/// The release in the first line of /proc/driver/nvidia/version ("NVRM version: NVIDIA UNIX
+/// x86_64 Kernel Module  580.65.06  Sun Jul 27 …"): the first dotted number after "Module".
+pub fn driver_release(text: &str) -> Option<String> {
+    let line = text.lines().next()?;
+    let after = &line[line.find("Module")? + "Module".len()..];
+    after.split_whitespace().find(|w| w.contains('.') && w.chars().all(|c| c.is_ascii_digit() || c == '.')).map(str::to_string)
+}
+
 impl Provenance {
     /// Reproducibility metadata for records made now on `gpu` (none: compile-only).
     pub fn collect(gpu: Option<&crate::gpu::Gpu>, nvrtc_version: (i32, i32), command: String) -> Provenance {
@@ -352,6 +369,10 @@ impl Provenance {
             gpu_name: info.as_ref().map(|i| i.name.clone()).unwrap_or_else(|| "none".into()),
             sm_count: info.as_ref().map(|i| i.sm_count).unwrap_or(0),
             driver_version: info.as_ref().map(|i| i.driver_version).unwrap_or(0),
+            driver_release: match gpu {
+                Some(_) => std::fs::read_to_string("/proc/driver/nvidia/version").ok().and_then(|t| driver_release(&t)).unwrap_or_default(),
+                None => String::new(),
+            },
             nvrtc_version,
             mangrove_version: env!("CARGO_PKG_VERSION").into(),
             git_sha: env!("MANGROVE_GIT_SHA").into(),
@@ -452,6 +473,25 @@ mod tests {
         let other: Params = [("N".to_string(), 8), ("K".to_string(), 8)].into();
         assert_eq!(db.lookup("t", &other, 1).rule, LookupRule::Default);
         assert_eq!(db.lookup("nope", &p, 1).rule, LookupRule::Default);
+    }
+
+    #[test]
+    fn driver_release_is_read_from_the_nvrm_line() {
+        let text = "NVRM version: NVIDIA UNIX x86_64 Kernel Module  580.65.06  Sun Jul 27 07:09:18 UTC 2025\nGCC version:  gcc 12\n";
+        assert_eq!(driver_release(text).as_deref(), Some("580.65.06"));
+        let open = "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  550.54.14  Release Build\n";
+        assert_eq!(driver_release(open).as_deref(), Some("550.54.14"));
+        assert_eq!(driver_release("garbage"), None);
+    }
+
+    #[test]
+    fn merging_a_db_into_itself_changes_nothing() {
+        let mut a = TuningDb::default();
+        a.upsert("t", rec(256, 1, 64, 3.0));
+        a.upsert("t", rec(512, 2, 128, 2.0));
+        let before = a.clone();
+        assert!(a.merge(before.clone()).is_empty());
+        assert_eq!(a, before, "counts must not double");
     }
 
     #[test]
