@@ -232,17 +232,24 @@ pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig
 }
 
 fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
-    Seq {
-        cache: KvCache::new(engine.config()),
-        pending: req.prompt.clone(),
-        fed: 0,
-        generated: Vec::new(),
-        sampler: Sampler::new(req.sampling),
-        stream: TextStream::default(),
-        emitted: 0,
-        order,
-        take: 0,
-        req,
+    Seq::new(req, KvCache::new(engine.config()), order)
+}
+
+impl Seq {
+    /// A sequence of `req` over `cache`, the `order`-th admitted, nothing fed yet.
+    fn new(req: GenRequest, cache: KvCache, order: u64) -> Self {
+        Seq {
+            cache,
+            pending: req.prompt.clone(),
+            fed: 0,
+            generated: Vec::new(),
+            sampler: Sampler::new(req.sampling),
+            stream: TextStream::default(),
+            emitted: 0,
+            order,
+            take: 0,
+            req,
+        }
     }
 }
 
@@ -415,18 +422,7 @@ mod tests {
     fn seq(order: u64, remaining: usize) -> Seq {
         let (events, _) = mpsc::unbounded_channel();
         let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
-        Seq {
-            cache: KvCache::default(),
-            pending: req.prompt.clone(),
-            fed: 0,
-            generated: Vec::new(),
-            sampler: Sampler::new(req.sampling),
-            stream: TextStream::default(),
-            emitted: 0,
-            order,
-            take: 0,
-            req,
-        }
+        Seq::new(req, KvCache::default(), order)
     }
 
     #[test]

@@ -78,26 +78,26 @@ pub fn bench_decode(
     let draws = vec![Draw::GREEDY; batch];
     let (mut next, _) = backend.forward_sample(&mut inputs, &draws)?;
     let ttft_ms = t.elapsed().as_secs_f64() * 1e3;
+    // One decode step: each sequence's last pick is its next token.
+    let mut decode = |next: &[u32]| -> Result<Vec<u32>, ForwardError> {
+        let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
+        let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
+        Ok(backend.forward_sample(&mut inputs, &draws)?.0)
+    };
     // One untimed decode step: a device backend captures its step graph for this shape here,
     // which is set-up, not a decode step's cost.
-    let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
-    let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
-    next = backend.forward_sample(&mut inputs, &draws)?.0;
+    next = decode(&next)?;
     let mut step_ms = Vec::with_capacity(steps);
     let t_all = Instant::now();
     for _ in 0..steps {
         let t = Instant::now();
-        let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
-        let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
-        next = backend.forward_sample(&mut inputs, &draws)?.0;
+        next = decode(&next)?;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let secs = t_all.elapsed().as_secs_f64();
     // One more step with per-launch events: where the step's GPU time goes.
     backend.set_profiling(true);
-    let feed: Vec<[u32; 1]> = next.iter().map(|&n| [n]).collect();
-    let mut inputs: Vec<SeqInput> = feed.iter().zip(caches.iter_mut()).map(|(n, c)| SeqInput { tokens: n, cache: c }).collect();
-    let profiled = backend.forward_sample(&mut inputs, &draws).map(|_| backend.last_profile());
+    let profiled = decode(&next).map(|_| backend.last_profile());
     backend.set_profiling(false);
     let step_profile = profiled?;
     let tokens_per_s = if secs > 0.0 { (batch * steps) as f64 / secs } else { 0.0 };
