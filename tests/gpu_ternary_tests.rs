@@ -105,9 +105,18 @@ fn shape_mismatch_is_an_error_not_a_crash() {
     assert!(err.to_string().contains("x has 256 elements"), "{err}");
 }
 
+/// Whether a GEMM request is valid for its schema and its shared memory fits `limit` bytes.
+fn bulk_fits(req: &KernelRequest, limit: i64) -> bool {
+    let t = mangrove::template::Catalog::embedded();
+    let t = t.get("ternary_gemm_w2a8").unwrap();
+    let Ok(params) = t.resolve(&req.params) else { return false };
+    t.eval_int(&t.schema.launch.shared_bytes, &params).is_ok_and(|b| b <= limit)
+}
+
 /// Tensor-core GEMM configs: buckets × shapes, cycling the tunables (every value of each; a
-/// cp.async ring too deep for the config's warps falls back to a shallower one).
-fn gemm_cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
+/// cp.async ring too deep for the config's warps falls back to a shallower one), every other
+/// one also with the bulk tile (BULK = 1) where it fits `shared_limit`.
+fn gemm_cases(arch: mangrove::arch::Arch, shared_limit: i64) -> Vec<KernelRequest> {
     let mut out = Vec::new();
     let mut i = 0usize;
     for m in [2, 8, 16, 33, 64, 256] {
@@ -133,6 +142,14 @@ fn gemm_cases(arch: mangrove::arch::Arch) -> Vec<KernelRequest> {
                     mangrove::template::Catalog::embedded().get("ternary_gemm_w2a8").unwrap().resolve(&req.params).is_ok()
                 });
                 out.extend(valid);
+                // Every other case again with the bulk (TMA) tile, where it fits shared memory.
+                if i % 2 == 0 {
+                    let bulk = format!(
+                        "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL=1 PREFETCH=0 STAGES=0 BULK=1",
+                        (i / 2) % 2
+                    );
+                    out.extend(Some(common::request(arch, "ternary_gemm_w2a8", &bulk)).filter(|req| bulk_fits(req, shared_limit)));
+                }
                 i += 1;
             }
         }
@@ -145,7 +162,7 @@ fn w2a8_gemm_matches_f64_reference_and_is_bit_identical() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let dir = tempfile::tempdir().unwrap();
     let jit = common::jit_in(dir.path());
-    let reqs = gemm_cases(gpu.info().arch);
+    let reqs = gemm_cases(gpu.info().arch, i64::from(gpu.info().max_shared_per_block_optin));
     assert!(reqs.len() >= 60, "only {} valid configs generated", reqs.len());
     let failures = repeated_check_failures(&gpu, &jit, &reqs, 9000, "gemm");
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
@@ -163,8 +180,8 @@ fn w2a8_gemm_takes_fewer_rows_and_equals_the_m1_gemv() {
     for (n, k, out_f32) in [(3840, 2560, 1), (2560, 6912, 0)] {
         let one = jit.get(&common::request(arch, "ternary_gemv_w2a8", &format!("M=1 N={n} K={k} OUT_F32={out_f32}"))).unwrap();
         let mut one = mangrove::gpu::TernaryGemv::new(&gpu, &one.entry).unwrap();
-        for (m, rows, stages) in [(16, 1, 0), (16, 9, 3), (64, 37, 0), (64, 37, 2), (256, 200, 4)] {
-            let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 ROW_WARPS=2 K_WARPS=2 UNROLL=1 SPLIT_K=4 STAGES={stages}");
+        for (m, rows, path) in [(16, 1, "STAGES=0"), (16, 9, "STAGES=3"), (64, 37, "STAGES=0"), (64, 37, "STAGES=2"), (256, 200, "STAGES=4"), (16, 9, "BULK=1 PREFETCH=0"), (64, 37, "BULK=1 PREFETCH=0")] {
+            let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 ROW_WARPS=2 K_WARPS=2 UNROLL=1 SPLIT_K=4 {path}");
             let f = jit.get(&common::request(arch, "ternary_gemm_w2a8", &p)).unwrap();
             let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();
             let mut case = TernaryCase::new(&gpu, m, n as usize, k as usize, 31 + m as u64).unwrap();
