@@ -115,7 +115,7 @@ fn bulk_fits(req: &KernelRequest, limit: i64) -> bool {
 
 /// Tensor-core GEMM configs: buckets × shapes, cycling the tunables (every value of each; a
 /// cp.async ring too deep for the config's warps falls back to a shallower one), every other
-/// one also with the bulk tile (BULK = 1) where it fits `shared_limit`.
+/// one also with the bulk tile (BULK = 1, cycling its pieces) where it fits `shared_limit`.
 fn gemm_cases(arch: mangrove::arch::Arch, shared_limit: i64) -> Vec<KernelRequest> {
     let mut out = Vec::new();
     let mut i = 0usize;
@@ -145,8 +145,9 @@ fn gemm_cases(arch: mangrove::arch::Arch, shared_limit: i64) -> Vec<KernelReques
                 // Every other case again with the bulk (TMA) tile, where it fits shared memory.
                 if i % 2 == 0 {
                     let bulk = format!(
-                        "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL=1 PREFETCH=0 STAGES=0 BULK=1",
-                        (i / 2) % 2
+                        "M={m} N={n} K={k} OUT_F32={} BLOCK_T={block_t} ROW_TILES={row_tiles} ROW_WARPS={row_warps} K_WARPS={k_warps} SPLIT_K={split} UNROLL=1 PREFETCH=0 STAGES={} BULK=1",
+                        (i / 2) % 2,
+                        [0, 2, 3, 4, 6][(i / 2) % 5]
                     );
                     out.extend(Some(common::request(arch, "ternary_gemm_w2a8", &bulk)).filter(|req| bulk_fits(req, shared_limit)));
                 }
@@ -180,7 +181,7 @@ fn w2a8_gemm_takes_fewer_rows_and_equals_the_m1_gemv() {
     for (n, k, out_f32) in [(3840, 2560, 1), (2560, 6912, 0)] {
         let one = jit.get(&common::request(arch, "ternary_gemv_w2a8", &format!("M=1 N={n} K={k} OUT_F32={out_f32}"))).unwrap();
         let mut one = mangrove::gpu::TernaryGemv::new(&gpu, &one.entry).unwrap();
-        for (m, rows, path) in [(16, 1, "STAGES=0"), (16, 9, "STAGES=3"), (64, 37, "STAGES=0"), (64, 37, "STAGES=2"), (256, 200, "STAGES=4"), (16, 9, "BULK=1 PREFETCH=0"), (64, 37, "BULK=1 PREFETCH=0")] {
+        for (m, rows, path) in [(16, 1, "STAGES=0"), (16, 9, "STAGES=3"), (64, 37, "STAGES=0"), (64, 37, "STAGES=2"), (256, 200, "STAGES=4"), (16, 9, "BULK=1 PREFETCH=0"), (64, 37, "BULK=1 PREFETCH=0 STAGES=3")] {
             let p = format!("M={m} N={n} K={k} OUT_F32={out_f32} BLOCK_T=16 ROW_TILES=2 ROW_WARPS=2 K_WARPS=2 UNROLL=1 SPLIT_K=4 {path}");
             let f = jit.get(&common::request(arch, "ternary_gemm_w2a8", &p)).unwrap();
             let mut op = mangrove::gpu::TernaryGemv::new(&gpu, &f.entry).unwrap();

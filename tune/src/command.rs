@@ -19,7 +19,7 @@ use crate::decode_ops::{tune_decode_ops, OpOutcome};
 use crate::gateup::tune_gateup;
 use crate::gemv::{tune_gemv, BITNET_2B_SHAPES};
 use crate::probe::{probe_case, ProbeReference};
-use crate::space::Shard;
+use crate::space::{Shard, SubSpace};
 use crate::strategy::Strategy;
 use crate::sweep::{SweepOutcome, SweepSettings, TuneError};
 
@@ -126,6 +126,10 @@ pub struct Common {
     /// Run only shard i of n (0-based), e.g. for Slurm arrays: --shard $SLURM_ARRAY_TASK_ID/$N.
     #[arg(long, default_value = "0/1")]
     pub shard: Shard,
+    /// Sweep only these values of a tunable (repeatable), e.g. --space BULK=1 --space STAGES=0,2,4;
+    /// the template's default is still timed as the baseline.
+    #[arg(long = "space", value_name = "NAME=V1,V2")]
+    pub space: Vec<String>,
     /// Compile and resource-check every candidate; time nothing.
     #[arg(long)]
     pub compile_only: bool,
@@ -372,6 +376,7 @@ fn context(c: &Common) -> Result<TuneContext, CommandError> {
         arch: c.arch,
         strategy,
         shard: c.shard,
+        space: SubSpace::parse(&c.space).map_err(CommandError::Input)?,
         gate: Gate { max_abs: c.max_abs, max_rel: c.max_rel, rel_floor: c.rel_floor },
         plan: TimingPlan { warmup: 3, samples: c.samples, batch: c.batch },
         runner_ups: c.runner_ups,

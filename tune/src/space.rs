@@ -1,12 +1,14 @@
 //! The search space of one template for one problem: every combination of its tunable
 //! values, minus what violates a constraint (before compiling) or the device's limits (after,
-//! from the cubin's resource report) — each pruned config with its reason. Also sharding.
+//! from the cubin's resource report) — each pruned config with its reason. Also a sub-space
+//! restriction (`--space`) and sharding.
 
+use std::collections::BTreeMap;
 use std::str::FromStr;
 
 use mangrove_core::arch::Arch;
 use mangrove_core::cache::CacheEntry;
-use mangrove_core::template::{format_params, ParamRole, Params, Template};
+use mangrove_core::template::{format_params, ParamRole, ParamSpec, Params, Template};
 
 /// Why a config was not timed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -84,13 +86,64 @@ impl DeviceLimits {
     }
 }
 
-/// Every tunable combination for `problem` (problem params fixed), in a deterministic order:
-/// the valid ones, and the pruned ones with the violated constraint.
-pub fn enumerate(template: &Template, problem: &Params) -> (Vec<Params>, Vec<(Params, PruneReason)>) {
+/// A restriction of a sweep to some values of some tunables (`--space BULK=1 --space
+/// STAGES=0,2,4`): the other tunables keep their whole range, the default is still timed as
+/// the baseline.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SubSpace {
+    pub only: BTreeMap<String, Vec<i64>>,
+}
+
+impl SubSpace {
+    /// Parses `NAME=V1,V2,…` items; a name given twice is an error.
+    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<Self, String> {
+        let mut only = BTreeMap::new();
+        for item in items {
+            let item = item.as_ref();
+            let bad = |why: &str| format!("bad --space '{item}': {why} (expected NAME=V1,V2,…, e.g. BULK=1)");
+            let (name, values) = item.split_once('=').ok_or_else(|| bad("no '='"))?;
+            let values = values.split(',').map(|v| v.trim().parse::<i64>()).collect::<Result<Vec<_>, _>>().map_err(|_| bad("a value is not an integer"))?;
+            if only.insert(name.trim().to_string(), values).is_some() {
+                return Err(bad("the name is given twice"));
+            }
+        }
+        Ok(Self { only })
+    }
+
+    /// Checks that every restricted name is a tunable of `template` and every value one it allows.
+    pub fn check(&self, template: &Template) -> Result<(), String> {
+        for (name, values) in &self.only {
+            let spec = template.param(name).filter(|p| p.role == ParamRole::Tunable).ok_or_else(|| {
+                format!("--space {name}: not a tunable of {} (tunables: {})", template.name(), tunable_names(template))
+            })?;
+            if let Some(v) = values.iter().find(|&&v| !spec.allows(v)) {
+                return Err(format!("--space {name}={v}: {} allows {}", template.name(), spec.allowed_text()));
+            }
+        }
+        Ok(())
+    }
+
+    /// The values of `spec` this sub-space keeps.
+    fn values(&self, spec: &ParamSpec) -> Vec<i64> {
+        let all = spec.values.clone().unwrap_or_else(|| vec![spec.default]);
+        match self.only.get(&spec.name) {
+            Some(keep) => all.into_iter().filter(|v| keep.contains(v)).collect(),
+            None => all,
+        }
+    }
+}
+
+fn tunable_names(t: &Template) -> String {
+    t.schema.params.iter().filter(|p| p.role == ParamRole::Tunable).map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// Every tunable combination for `problem` (problem params fixed) within `space`, in a
+/// deterministic order: the valid ones, and the pruned ones with the violated constraint.
+pub fn enumerate(template: &Template, problem: &Params, space: &SubSpace) -> (Vec<Params>, Vec<(Params, PruneReason)>) {
     let tunables: Vec<_> = template.schema.params.iter().filter(|p| p.role == ParamRole::Tunable).collect();
     let mut combos: Vec<Params> = vec![problem.clone()];
     for spec in tunables {
-        let values = spec.values.clone().unwrap_or_else(|| vec![spec.default]);
+        let values = space.values(spec);
         combos = combos
             .into_iter()
             .flat_map(|c| {
@@ -165,7 +218,7 @@ mod tests {
     #[test]
     fn enumeration_prunes_by_constraint_with_reason() {
         let problem = parse_params(&["M=1", "N=3000", "K=1000"]).unwrap();
-        let (valid, pruned) = enumerate(&gemv(), &problem);
+        let (valid, pruned) = enumerate(&gemv(), &problem, &SubSpace::default());
         assert_eq!(valid.len() + pruned.len(), 4 * 3 * 3 * 4 * 3);
         assert!(valid.iter().all(|p| p["VEC"] != 16 && p["N"] == 3000));
         assert!(!pruned.is_empty());
@@ -173,8 +226,25 @@ mod tests {
     }
 
     #[test]
+    fn a_sub_space_keeps_only_its_values() {
+        let problem = parse_params(&["M=1", "N=3000", "K=1000"]).unwrap();
+        let space = SubSpace::parse(&["THREADS=128,256", "UNROLL=1"]).unwrap();
+        space.check(&gemv()).unwrap();
+        let (valid, pruned) = enumerate(&gemv(), &problem, &space);
+        let (all, all_pruned) = enumerate(&gemv(), &problem, &SubSpace::default());
+        assert!(!valid.is_empty() && valid.len() < all.len() && pruned.len() < all_pruned.len());
+        assert!(valid.iter().all(|p| [128, 256].contains(&p["THREADS"]) && p["UNROLL"] == 1));
+        let kept: Vec<_> = all.into_iter().filter(|p| [128, 256].contains(&p["THREADS"]) && p["UNROLL"] == 1).collect();
+        assert_eq!(valid, kept);
+        assert!(SubSpace::parse(&["M=1"]).unwrap().check(&gemv()).unwrap_err().contains("not a tunable"));
+        assert!(SubSpace::parse(&["THREADS=100"]).unwrap().check(&gemv()).unwrap_err().contains("allows"));
+        assert!(SubSpace::parse(&["THREADS"]).unwrap_err().contains("no '='"));
+        assert!(SubSpace::parse(&["THREADS=1", "THREADS=2"]).unwrap_err().contains("twice"));
+    }
+
+    #[test]
     fn shards_cover_every_config_exactly_once() {
-        let (valid, _) = enumerate(&gemv(), &parse_params(&["N=2560", "K=2560"]).unwrap());
+        let (valid, _) = enumerate(&gemv(), &parse_params(&["N=2560", "K=2560"]).unwrap(), &SubSpace::default());
         for n in [1, 2, 3, 7] {
             let mut seen = std::collections::BTreeMap::new();
             for i in 0..n {

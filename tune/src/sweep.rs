@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use indicatif::ProgressBar;
 
-use super::space::{enumerate, DeviceLimits, PruneReason, Shard};
+use super::space::{enumerate, DeviceLimits, PruneReason, Shard, SubSpace};
 use super::strategy::{search, Evaluator, Strategy};
 use super::workload::Workload;
 use mangrove_core::arch::Arch;
@@ -36,6 +36,8 @@ pub struct SweepSettings {
     pub arch: Arch,
     pub strategy: Strategy,
     pub shard: Shard,
+    /// The part of each template's space swept (all of it by default).
+    pub space: SubSpace,
     pub gate: Gate,
     pub plan: TimingPlan,
     pub runner_ups: usize,
@@ -149,7 +151,8 @@ pub fn sweep(
     progress: &ProgressBar,
 ) -> Result<SweepOutcome, TuneError> {
     let t = jit.catalog.get(template)?;
-    let (valid, constraint_pruned) = enumerate(t, problem);
+    settings.space.check(t).map_err(TuneError::Input)?;
+    let (valid, constraint_pruned) = enumerate(t, problem, &settings.space);
     let candidates = valid.len() + constraint_pruned.len();
     let mine = settings.shard.take(valid);
     let (Some(gpu), Some(work), false) = (gpu, workload, settings.compile_only) else {
