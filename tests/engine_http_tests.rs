@@ -201,7 +201,8 @@ async fn bad_requests_are_openai_style_4xx() {
         ("/v1/completions", json!({"prompt": "x", "min_p": 1.5}).to_string(), 400, Some("min_p")),
         ("/v1/completions", json!({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).to_string(), 400, Some("stop")),
         ("/v1/completions", json!({"prompt": "x", "model": "gpt-9"}).to_string(), 404, Some("model")),
-        ("/v1/completions", json!({"prompt": "x", "n": 2}).to_string(), 400, Some("n")),
+        ("/v1/completions", json!({"prompt": "x", "n": 2, "temperature": 0}).to_string(), 400, Some("n")),
+        ("/v1/completions", json!({"prompt": "x", "n": 17}).to_string(), 400, Some("n")),
         ("/v1/chat/completions", json!({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}).to_string(), 400, Some("max_tokens")),
         ("/v1/nope", "{}".into(), 404, None),
     ];

@@ -16,8 +16,10 @@ use rayon::prelude::*;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::backend::{KvCache, SeqInput};
+use crate::logits::LogitsProcessing;
+use crate::logprobs::{token_logprob, TokenLogprob};
 use super::metrics::Metrics;
-use super::sampling::{Draw, Sampler, SamplingParams};
+use super::sampling::{self, Draw, Sampler, SamplingParams};
 use super::tokenizer::TextStream;
 use super::Engine;
 
@@ -34,6 +36,38 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Where deltas and the final [`Finish`] go.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// Logit changes, logprobs and end tokens beyond the defaults.
+    pub options: GenOptions,
+}
+
+/// What a request asks beyond plain sampling; the default asks nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenOptions {
+    /// Penalties, `logit_bias`, `min_tokens`.
+    pub processing: LogitsProcessing,
+    /// Log-probabilities of each generated token with this many alternatives ([`GenEvent::Tokens`]).
+    pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt tokens too ([`GenEvent::Prompt`]; top alternatives as `logprobs`).
+    pub prompt_logprobs: bool,
+    /// Tokens that end the sequence besides EOS (`stop_token_ids`).
+    pub stop_ids: Vec<u32>,
+    /// EOS does not end the sequence (`ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions { processing: LogitsProcessing::none(), logprobs: None, prompt_logprobs: false, stop_ids: Vec::new(), ignore_eos: false }
+    }
+}
+
+impl GenRequest {
+    /// Whether its tokens must be picked from logits on the host: logprobs are wanted or the
+    /// logits change before the pick. The one place that decides between `Backend::forward`
+    /// and the device's own sampler (`Backend::forward_sample`).
+    pub fn needs_host_logits(&self) -> bool {
+        self.options.logprobs.is_some() || self.options.prompt_logprobs || !self.options.processing.is_identity()
+    }
 }
 
 /// Why a sequence ended (OpenAI `finish_reason`).
@@ -68,9 +102,14 @@ pub struct Finish {
     pub error: Option<String>,
 }
 
-/// What a request's receiver gets: text deltas, then one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a request's receiver gets: the prompt's logprobs (if asked), text deltas each after the
+/// logprobs of the tokens it holds (if asked), then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// Per prompt position its token's logprob (`None` at the first, which nothing predicts).
+    Prompt(Vec<Option<TokenLogprob>>),
+    /// Logprobs of the tokens whose text the next `Delta` (or the `Done`) carries.
+    Tokens(Vec<TokenLogprob>),
     /// New text (possibly several tokens' worth, or none held back yet).
     Delta(String),
     /// The sequence ended; nothing follows.
@@ -178,11 +217,40 @@ struct Seq {
     order: u64,
     /// Tokens of `pending` this step feeds (set by [`schedule`]; 0 = sits this step out).
     take: usize,
+    /// Prompt logprobs so far (with `prompt_logprobs`; the prompt is then fed one token a step,
+    /// each step's logits scoring the next prompt token).
+    prompt_lps: Vec<Option<TokenLogprob>>,
+    /// Logprobs of generated tokens whose text is not sent yet.
+    unsent_lps: Vec<TokenLogprob>,
 }
 
 impl Seq {
     fn remaining(&self) -> usize {
         self.pending.len() - self.fed
+    }
+
+    /// Most prompt tokens one step may feed: one when each prompt position must be scored.
+    fn chunk(&self, chunk: usize) -> usize {
+        if self.req.options.prompt_logprobs {
+            1
+        } else {
+            chunk
+        }
+    }
+
+    /// Whether this step feeds the last pending token (its logits pick the next token).
+    fn finishes_pending(&self) -> bool {
+        self.fed + self.take >= self.pending.len()
+    }
+
+    /// How it ended, for its receiver.
+    fn finish(&self, reason: FinishReason) -> Finish {
+        Finish { reason, prompt_tokens: self.req.prompt.len(), completion_tokens: self.generated.len(), error: None }
+    }
+
+    /// Whether the prompt is still being fed (nothing generated yet).
+    fn in_prompt(&self) -> bool {
+        self.generated.is_empty()
     }
 }
 
@@ -204,19 +272,19 @@ fn schedule(active: &mut [Seq], budget: usize, chunk: usize) {
     }
     for i in prompts {
         let s = &mut active[i];
-        s.take = s.remaining().min(chunk).min(left);
+        s.take = s.remaining().min(s.chunk(chunk)).min(left);
         left -= s.take;
     }
     if active.iter().all(|s| s.take == 0) {
         if let Some(s) = active.first_mut() {
-            s.take = s.remaining().min(chunk).max(1);
+            s.take = s.remaining().min(s.chunk(chunk)).max(1);
         }
     }
 }
 
-/// A sequence after a step: the token its draw picked, then that token again once accepted (none
-/// while its prompt is still being fed).
-type StepItem = (Seq, u32, Option<u32>);
+/// A sequence after a step: the token its draw picked with its logprob (where asked), then that
+/// token again once accepted (none while its prompt is still being fed).
+type StepItem = (Seq, u32, Option<TokenLogprob>, Option<u32>);
 
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
@@ -248,6 +316,8 @@ impl Seq {
             emitted: 0,
             order,
             take: 0,
+            prompt_lps: Vec::new(),
+            unsent_lps: Vec::new(),
             req,
         }
     }
@@ -304,22 +374,26 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         let backend = engine.backend.clone();
         let (mut seqs, resting): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut active).into_iter().partition(|s| s.take > 0);
         active = resting;
+        // The one decision of where tokens are picked: from logits on the host when any
+        // sequence of the step needs them (logprobs, logit changes), else by the device.
+        let host = seqs.iter().any(|s| s.req.needs_host_logits());
         let step = tokio::task::spawn_blocking(move || {
             // Sequences that finish their prompt this step draw their next token (greedy draws
             // elsewhere: mid-prefill picks are dropped and consume no randomness).
-            let draws: Vec<Draw> = seqs
-                .iter_mut()
-                .map(|s| if s.fed + s.take >= s.pending.len() { s.sampler.next_draw() } else { Draw::GREEDY })
-                .collect();
+            let draws: Vec<Draw> = seqs.iter_mut().map(|s| if s.finishes_pending() { s.sampler.next_draw() } else { Draw::GREEDY }).collect();
             let mut inputs: Vec<SeqInput> = seqs
                 .iter_mut()
                 .map(|s| SeqInput { tokens: &s.pending[s.fed..s.fed + s.take], cache: &mut s.cache })
                 .collect();
             let fed: usize = inputs.iter().map(|i| i.tokens.len()).sum();
             let t = std::time::Instant::now();
-            let out = backend.forward_sample(&mut inputs, &draws);
-            let timing = (fed, t.elapsed());
+            let out = match host {
+                true => backend.forward(&mut inputs).map(|(logits, r)| (Picked::Logits(logits), r)),
+                false => backend.forward_sample(&mut inputs, &draws).map(|(tokens, r)| (Picked::Tokens(tokens), r)),
+            };
             drop(inputs);
+            let out = out.map(|(picked, r)| (pick_on_host(&mut seqs, picked, &draws), r));
+            let timing = (fed, t.elapsed());
             if out.is_ok() {
                 seqs.iter_mut().for_each(|s| s.fed += s.take);
             }
@@ -354,24 +428,38 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             metrics.fallback(*family, *reason);
         }
         // Detokenize every sequence that finished its prompt, in parallel (the step's sequences
-        // are independent).
-        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, t)| (s, t, None)).collect();
-        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, tok, picked)| {
+        // are independent). A prompt scored for `max_tokens: 0` ends without a token.
+        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, (t, lp))| (s, t, lp, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _, _)| s.fed >= s.pending.len() && s.req.max_tokens > 0).for_each(|(s, tok, lp, picked)| {
+            if s.in_prompt() && s.req.options.prompt_logprobs {
+                let _ = s.req.events.send(GenEvent::Prompt(std::mem::take(&mut s.prompt_lps)));
+            }
             s.generated.push(*tok);
+            s.unsent_lps.extend(lp.take());
             // A tokenizer error leaves the text as it was; the token still counts.
             let _ = engine.tokenizer.step(&mut s.stream, *tok);
             *picked = Some(*tok);
         });
-        for (mut s, _, picked) in items {
+        for (mut s, _, _, picked) in items {
             let Some(tok) = picked else {
+                if s.fed >= s.pending.len() {
+                    // Scored, nothing to generate (max_tokens 0).
+                    if s.req.options.prompt_logprobs {
+                        let _ = s.req.events.send(GenEvent::Prompt(std::mem::take(&mut s.prompt_lps)));
+                    }
+                    let _ = s.req.events.send(GenEvent::Done(s.finish(FinishReason::Length)));
+                    continue;
+                }
                 // Mid-prefill: these logits are not the last prompt position's.
                 active.push(s);
                 continue;
             };
             metrics.generated(1);
             if let Some(reason) = advance(&engine, &mut s, tok) {
-                let f = Finish { reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: None };
-                let _ = s.req.events.send(GenEvent::Done(f));
+                if !s.unsent_lps.is_empty() {
+                    let _ = s.req.events.send(GenEvent::Tokens(std::mem::take(&mut s.unsent_lps)));
+                }
+                let _ = s.req.events.send(GenEvent::Done(s.finish(reason)));
             } else {
                 s.pending = vec![tok];
                 s.fed = 0;
@@ -380,6 +468,47 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         }
         metrics.set_active(active.len());
     }
+}
+
+/// What a step's forward gave: the device's picks, or every sequence's logits.
+enum Picked {
+    Tokens(Vec<u32>),
+    Logits(Vec<Vec<f64>>),
+}
+
+/// Each sequence's token of this step with its logprob where asked. From logits (on the host):
+/// the request's logit changes, then the draw's pick; a prompt being scored records the
+/// logprob of its next prompt token instead.
+fn pick_on_host(seqs: &mut [Seq], picked: Picked, draws: &[Draw]) -> Vec<(u32, Option<TokenLogprob>)> {
+    let logits = match picked {
+        Picked::Tokens(t) => return t.into_iter().map(|t| (t, None)).collect(),
+        Picked::Logits(l) => l,
+    };
+    seqs.par_iter_mut()
+        .zip(logits)
+        .zip(draws)
+        .map(|((s, mut row), draw)| {
+            let o = &s.req.options;
+            let top = o.logprobs.unwrap_or(0);
+            if !s.finishes_pending() {
+                if o.prompt_logprobs {
+                    let next = s.pending[s.fed + s.take];
+                    if s.prompt_lps.is_empty() {
+                        s.prompt_lps.push(None);
+                    }
+                    s.prompt_lps.push(Some(token_logprob(&row, 1.0, next, top)));
+                }
+                return (0, None);
+            }
+            if s.in_prompt() && o.prompt_logprobs && s.prompt_lps.is_empty() {
+                // A one-token prompt: nothing to score but its first position.
+                s.prompt_lps.push(None);
+            }
+            o.processing.apply(&mut row, &s.req.prompt, &s.generated);
+            let tok = sampling::pick(&row, draw);
+            (tok, o.logprobs.map(|n| token_logprob(&row, s.req.sampling.temperature, tok, n)))
+        })
+        .collect()
 }
 
 /// Length of the longest suffix of `text` that starts some stop string.
@@ -396,7 +525,8 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
 /// held back), so only that part is searched.
 fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
     let text = s.stream.text.as_str();
-    let eos = engine.eos.contains(&tok);
+    let o = &s.req.options;
+    let eos = (engine.eos.contains(&tok) && !o.ignore_eos) || o.stop_ids.contains(&tok);
     let unsent = text.get(s.emitted..).unwrap_or_default();
     let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| unsent.find(st.as_str())).min().map(|i| s.emitted + i);
     let length = s.generated.len() >= s.req.max_tokens || s.cache.len() + 1 >= engine.config().max_positions;
@@ -408,6 +538,9 @@ fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
         (None, false, false) => (text.trim_end_matches('\u{FFFD}').len().saturating_sub(partial_stop(text, &s.req.stop)), None),
     };
     if end > s.emitted && text.is_char_boundary(s.emitted) && text.is_char_boundary(end) {
+        if !s.unsent_lps.is_empty() {
+            let _ = s.req.events.send(GenEvent::Tokens(std::mem::take(&mut s.unsent_lps)));
+        }
         let _ = s.req.events.send(GenEvent::Delta(text[s.emitted..end].to_string()));
         s.emitted = end;
     }
@@ -421,7 +554,7 @@ mod tests {
     /// A sequence with `remaining` tokens to feed, admitted `order`-th.
     fn seq(order: u64, remaining: usize) -> Seq {
         let (events, _) = mpsc::unbounded_channel();
-        let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+        let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events, options: GenOptions::default() };
         Seq::new(req, KvCache::default(), order)
     }
 
@@ -448,7 +581,7 @@ mod tests {
         let place = || Arc::new(Semaphore::new(8)).try_acquire_owned().unwrap();
         let w = |len: usize, passed_over: usize| {
             let (events, _) = mpsc::unbounded_channel();
-            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events, options: GenOptions::default() };
             Waiting { queued: Queued { req, _place: place() }, passed_over }
         };
         let mut q: VecDeque<Waiting> = [w(400, 0), w(500, 0), w(3, 0), w(3, 0)].into();
