@@ -50,7 +50,7 @@ pub enum Fallback {
 /// The chat format of a checkpoint.
 pub enum ChatTemplate {
     /// The checkpoint's Jinja template with its special tokens.
-    Jinja { env: minijinja::Environment<'static>, bos: String, eos: String },
+    Jinja { env: Box<minijinja::Environment<'static>>, bos: String, eos: String },
     /// No template in the checkpoint.
     Fallback(Fallback),
 }
@@ -122,7 +122,7 @@ impl ChatTemplate {
         });
         env.add_function("strftime_now", |fmt: String| strftime_now(&fmt));
         env.add_template_owned(TEMPLATE, source).map_err(ChatTemplateError::Compile)?;
-        Ok(ChatTemplate::Jinja { env, bos, eos })
+        Ok(ChatTemplate::Jinja { env: Box::new(env), bos, eos })
     }
 
     /// The prompt for `messages`; with `add_generation_prompt`, ending where the assistant's

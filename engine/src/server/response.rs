@@ -56,12 +56,20 @@ impl Ctx {
         json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
     }
 
+    /// How logprobs name token `id`: its text, or `token_id:{id}` when asked.
+    fn name(&self, tok: &Tokenizer, id: u32) -> String {
+        match self.req.token_ids_as_text {
+            true => format!("token_id:{id}"),
+            false => tok.token_text(id),
+        }
+    }
+
     /// Completions' logprobs of the prompt (if echoed with logprobs) and `tokens`, offsets from `offset`.
     fn text_logprobs(&self, tok: &Tokenizer, prompt: Option<(&[u32], &[Option<TokenLogprob>])>, tokens: &[TokenLogprob], mut offset: usize) -> Value {
         let (mut strs, mut lps, mut tops, mut offsets) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let top_map = |t: &TokenLogprob| -> Value { Value::Object(t.top.iter().map(|&(id, lp)| (tok.token_text(id), json!(lp))).collect()) };
+        let top_map = |t: &TokenLogprob| -> Value { Value::Object(t.top.iter().map(|&(id, lp)| (self.name(tok, id), json!(lp))).collect()) };
         let mut push = |id: u32, lp: Option<&TokenLogprob>| {
-            let s = tok.token_text(id);
+            let s = self.name(tok, id);
             offsets.push(offset);
             offset += s.chars().count();
             strs.push(s);
@@ -82,7 +90,7 @@ impl Ctx {
     /// Chat's logprobs of `tokens`.
     fn chat_logprobs(&self, tok: &Tokenizer, tokens: &[TokenLogprob]) -> Value {
         let entry = |id: u32, lp: f64| {
-            let s = tok.token_text(id);
+            let s = self.name(tok, id);
             json!({"token": s, "logprob": lp, "bytes": s.as_bytes()})
         };
         let content: Vec<Value> = tokens

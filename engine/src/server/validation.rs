@@ -89,6 +89,9 @@ struct Common {
     stream: Option<bool>,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    /// vLLM's extension: logprobs name tokens `token_id:{id}` instead of by their text.
+    #[serde(default)]
+    return_tokens_as_token_ids: Option<bool>,
     /// An end-user id for abuse tracking: accepted, not used.
     #[serde(default, rename = "user")]
     _user: Option<String>,
@@ -185,6 +188,8 @@ pub struct ValidRequest {
     pub stream: bool,
     /// Streaming: a last chunk with empty `choices` and the usage.
     pub include_usage: bool,
+    /// Logprobs name tokens `token_id:{id}`.
+    pub token_ids_as_text: bool,
 }
 
 impl ValidRequest {
@@ -499,5 +504,6 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
     }
     let include_usage = c.stream_options.is_some_and(|o| o.include_usage);
     let options = GenOptions { processing, logprobs: None, prompt_logprobs: false, stop_ids, ignore_eos };
-    Ok(ValidRequest { kind, prompts, n, max_tokens, sampling, stop, options, echo: false, stream, include_usage })
+    let token_ids_as_text = c.return_tokens_as_token_ids.unwrap_or(false);
+    Ok(ValidRequest { kind, prompts, n, max_tokens, sampling, stop, options, echo: false, stream, include_usage, token_ids_as_text })
 }
