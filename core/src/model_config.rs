@@ -53,12 +53,19 @@ pub struct ConfigFile {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    /// Absent: `num_attention_heads` (no GQA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    /// Absent: `hidden_size / num_attention_heads`. Written by `gen-model`: transformers reads
+    /// `head_dim` as given and fails on null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
+    /// Absent: 2048, transformers' `BitNetConfig` default.
+    #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
+    /// Absent: 1e-5, transformers' `BitNetConfig` default.
+    #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
@@ -102,6 +109,12 @@ impl TokenIds {
     }
 }
 
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_rms_eps() -> f64 {
+    1e-5
+}
 fn default_theta() -> f64 {
     10000.0
 }
@@ -376,7 +389,7 @@ impl Preset {
             num_hidden_layers: l,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: None,
+            head_dim: Some(h / heads),
             vocab_size: v,
             max_position_embeddings: maxp,
             rms_norm_eps: 1e-5,
@@ -428,6 +441,34 @@ mod tests {
             "tie_word_embeddings": true, "hidden_act": "relu2",
             "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
         })
+    }
+
+    /// What `gen-model` writes has no nulls (transformers chokes on `"head_dim": null`) and
+    /// reads back the same; the keys transformers defaults may be left out.
+    #[test]
+    fn preset_configs_have_no_nulls_and_absent_keys_take_defaults() {
+        fn nulls(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::Null => true,
+                serde_json::Value::Array(a) => a.iter().any(nulls),
+                serde_json::Value::Object(o) => o.values().any(nulls),
+                _ => false,
+            }
+        }
+        for p in Preset::ALL {
+            let v = serde_json::to_value(p.config()).unwrap();
+            assert!(!nulls(&v), "{p}: {v}");
+            assert_eq!(v["head_dim"], 16 * (1 + 7 * usize::from(p == Preset::Bitnet2b)), "{p}");
+            assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap(), ModelConfig::of_preset(p));
+        }
+        let mut c = base();
+        let o = c.as_object_mut().unwrap();
+        for k in ["max_position_embeddings", "rms_norm_eps", "rope_theta", "num_key_value_heads", "hidden_act", "tie_word_embeddings"] {
+            o.remove(k);
+        }
+        o.insert("head_dim".into(), serde_json::Value::Null);
+        let m = ModelConfig::from_json(&c.to_string()).unwrap();
+        assert_eq!((m.max_positions, m.rms_eps, m.kv_heads, m.head_dim), (2048, 1e-5, 4, 16));
     }
 
     #[test]
