@@ -249,7 +249,9 @@ async fn models_health_and_metrics() {
     for needle in [
         "mangrove_requests_total 1".to_string(),
         format!("mangrove_tokens_generated_total {n}"),
-        "# TYPE mangrove_fallback_total counter".into(),
+        // (the fallback family shows once a fallback is counted: the client omits empty families)
+        "# TYPE mangrove_time_to_first_token_seconds histogram".into(),
+        "mangrove_time_to_first_token_seconds_count 1".into(),
         format!("mangrove_forward_steps_total {n}"),
         format!("mangrove_path_total{{family=\"lm_head\",variant=\"{}\"}} {n}", cpu_variant()),
     ] {

@@ -368,3 +368,34 @@ async fn the_checkpoints_chat_template_makes_the_prompt() {
     assert_eq!(st, 400, "{v}");
     assert!(v["error"]["message"].as_str().unwrap().contains("Unknown role: tool"), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_latency_and_length_histograms() {
+    let s = start("cpu").await;
+    s.ok("/v1/completions", json!({"prompt": "abc", "max_tokens": 4, "n": 2, "temperature": 1.0, "ignore_eos": true})).await;
+    s.ok("/v1/completions", json!({"prompt": "abcdef", "max_tokens": 3, "temperature": 0, "ignore_eos": true})).await;
+    let text = s.client.get(format!("{}/metrics", s.base)).send().await.unwrap().text().await.unwrap();
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    let one = |name: &str| -> &prometheus_parse::Value {
+        &scrape.samples.iter().find(|x| x.metric == name).unwrap_or_else(|| panic!("{name} missing: {text}")).value
+    };
+    // Total observations of a histogram: its +Inf bucket.
+    let observed = |name: &str| match one(name) {
+        prometheus_parse::Value::Histogram(b) => b.iter().find(|b| b.less_than.is_infinite()).map(|b| b.count).unwrap(),
+        other => panic!("{name} is not a histogram: {other:?}"),
+    };
+    for name in ["mangrove_e2e_request_latency_seconds", "mangrove_time_to_first_token_seconds", "mangrove_request_queue_time_seconds",
+        "mangrove_request_prompt_tokens", "mangrove_request_generation_tokens"] {
+        assert_eq!(observed(name), 3.0, "{name}: three sequences");
+    }
+    // 4 + 4 + 3 tokens: all but each sequence's first have an inter-token time.
+    assert_eq!(observed("mangrove_time_per_output_token_seconds"), 8.0);
+    let gauge = |name: &str| match one(name) {
+        prometheus_parse::Value::Gauge(v) => *v,
+        other => panic!("{name} is not a gauge: {other:?}"),
+    };
+    assert_eq!(gauge("mangrove_active_sequences"), 0.0);
+    assert_eq!(gauge("mangrove_num_requests_waiting"), 0.0);
+    assert_eq!(gauge("mangrove_kv_slots_total"), 16.0);
+    assert!(matches!(one("mangrove_requests_total"), prometheus_parse::Value::Counter(v) if *v == 2.0));
+}

@@ -11,6 +11,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
@@ -140,6 +141,8 @@ pub struct BatcherHandle {
 struct Queued {
     req: GenRequest,
     _place: OwnedSemaphorePermit,
+    /// When it was submitted (queue time, TTFT and end-to-end latency count from here).
+    arrived: Instant,
 }
 
 impl BatcherHandle {
@@ -150,7 +153,7 @@ impl BatcherHandle {
             TryAcquireError::NoPermits => SubmitError::QueueFull { limit: self.max_queue },
             TryAcquireError::Closed => SubmitError::Stopped,
         })?;
-        self.tx.send(Queued { req, _place: place }).map_err(|_| SubmitError::Stopped)
+        self.tx.send(Queued { req, _place: place, arrived: Instant::now() }).map_err(|_| SubmitError::Stopped)
     }
 
     /// Requests waiting for a sequence slot.
@@ -222,6 +225,9 @@ struct Seq {
     prompt_lps: Vec<Option<TokenLogprob>>,
     /// Logprobs of generated tokens whose text is not sent yet.
     unsent_lps: Vec<TokenLogprob>,
+    /// When its request arrived, and when its last token was generated (latency metrics).
+    arrived: Instant,
+    last_token: Option<Instant>,
 }
 
 impl Seq {
@@ -299,8 +305,11 @@ pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig
     (handle, tokio::spawn(run(engine, metrics, cfg, rx)))
 }
 
-fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
-    Seq::new(req, KvCache::new(engine.config()), order)
+fn admit(engine: &Engine, metrics: &Metrics, queued: Queued, order: u64) -> Seq {
+    metrics.admitted(queued.arrived.elapsed());
+    let mut s = Seq::new(queued.req, KvCache::new(engine.config()), order);
+    s.arrived = queued.arrived;
+    s
 }
 
 impl Seq {
@@ -318,6 +327,8 @@ impl Seq {
             take: 0,
             prompt_lps: Vec::new(),
             unsent_lps: Vec::new(),
+            arrived: Instant::now(),
+            last_token: None,
             req,
         }
     }
@@ -363,10 +374,10 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             waiting.iter_mut().take(i).for_each(|w| w.passed_over += 1);
             let w = waiting.remove(i).expect("next_admission picks an index in range");
             // Admitted: its place in the queue is given back here.
-            active.push(admit(&engine, w.queued.req, admitted));
+            active.push(admit(&engine, &metrics, w.queued, admitted));
             admitted += 1;
         }
-        metrics.set_active(active.len());
+        gauges(&engine, &metrics, &active, waiting.len(), max_seqs);
         if active.is_empty() {
             continue;
         }
@@ -416,8 +427,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             Ok(v) => v,
             Err(e) => {
                 for s in seqs {
-                    let f = Finish { reason: FinishReason::Stop, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: Some(e.to_string()) };
-                    let _ = s.req.events.send(GenEvent::Done(f));
+                    retire(&metrics, &s, Finish { error: Some(e.to_string()), ..s.finish(FinishReason::Stop) });
                 }
                 metrics.set_active(active.len());
                 continue;
@@ -447,7 +457,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
                     if s.req.options.prompt_logprobs {
                         let _ = s.req.events.send(GenEvent::Prompt(std::mem::take(&mut s.prompt_lps)));
                     }
-                    let _ = s.req.events.send(GenEvent::Done(s.finish(FinishReason::Length)));
+                    retire(&metrics, &s, s.finish(FinishReason::Length));
                     continue;
                 }
                 // Mid-prefill: these logits are not the last prompt position's.
@@ -455,19 +465,36 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
                 continue;
             };
             metrics.generated(1);
+            let now = Instant::now();
+            metrics.token_latency(s.last_token.is_none(), now - s.last_token.unwrap_or(s.arrived));
+            s.last_token = Some(now);
             if let Some(reason) = advance(&engine, &mut s, tok) {
                 if !s.unsent_lps.is_empty() {
                     let _ = s.req.events.send(GenEvent::Tokens(std::mem::take(&mut s.unsent_lps)));
                 }
-                let _ = s.req.events.send(GenEvent::Done(s.finish(reason)));
+                retire(&metrics, &s, s.finish(reason));
             } else {
                 s.pending = vec![tok];
                 s.fed = 0;
                 active.push(s);
             }
         }
-        metrics.set_active(active.len());
+        gauges(&engine, &metrics, &active, waiting.len(), max_seqs);
     }
+}
+
+/// Sends a sequence's end to its receiver and records its latency and lengths.
+fn retire(metrics: &Metrics, s: &Seq, f: Finish) {
+    metrics.finished(s.arrived.elapsed(), f.prompt_tokens, f.completion_tokens);
+    let _ = s.req.events.send(GenEvent::Done(f));
+}
+
+/// Running, waiting and KV-cache gauges.
+fn gauges(engine: &Engine, metrics: &Metrics, active: &[Seq], waiting: usize, max_seqs: usize) {
+    metrics.set_active(active.len());
+    metrics.set_waiting(waiting);
+    let positions: usize = active.iter().map(|s| s.cache.len()).sum();
+    metrics.set_kv(active.len(), max_seqs, positions, max_seqs * engine.config().max_positions);
 }
 
 /// What a step's forward gave: the device's picks, or every sequence's logits.
@@ -582,7 +609,7 @@ mod tests {
         let w = |len: usize, passed_over: usize| {
             let (events, _) = mpsc::unbounded_channel();
             let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events, options: GenOptions::default() };
-            Waiting { queued: Queued { req, _place: place() }, passed_over }
+            Waiting { queued: Queued { req, _place: place(), arrived: Instant::now() }, passed_over }
         };
         let mut q: VecDeque<Waiting> = [w(400, 0), w(500, 0), w(3, 0), w(3, 0)].into();
         assert_eq!(next_admission(&q, 2), Some(2), "the shortest, the oldest of equals");
