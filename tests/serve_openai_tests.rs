@@ -399,3 +399,18 @@ async fn metrics_parse_with_latency_and_length_histograms() {
     assert_eq!(gauge("mangrove_kv_slots_total"), 16.0);
     assert!(matches!(one("mangrove_requests_total"), prometheus_parse::Value::Counter(v) if *v == 2.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_config_defaults_apply_where_the_request_is_silent() {
+    let s = start_with("cpu", |dir| {
+        std::fs::write(dir.join("generation_config.json"), r#"{"do_sample": false, "temperature": 0.0, "max_new_tokens": 3, "transformers_version": "4.57"}"#).unwrap();
+    })
+    .await;
+    let a = s.ok("/v1/completions", json!({"prompt": "abc", "ignore_eos": true})).await;
+    let b = s.ok("/v1/completions", json!({"prompt": "abc", "ignore_eos": true})).await;
+    assert_eq!(a["usage"]["completion_tokens"], 3, "max_new_tokens is the default max_tokens");
+    assert_eq!(a["choices"][0]["text"], b["choices"][0]["text"], "temperature 0: greedy");
+    // The request's own values win.
+    let v = s.ok("/v1/completions", json!({"prompt": "abc", "max_tokens": 5, "n": 2, "temperature": 1.0, "ignore_eos": true})).await;
+    assert_eq!(v["usage"]["completion_tokens"], 10);
+}

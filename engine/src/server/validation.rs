@@ -408,8 +408,10 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
         return Err(invalid(format!("The prompt has {longest} tokens; the context window is {}", cfg.max_positions), "prompt"));
     }
     let room = cfg.max_positions - longest;
+    // What the request omits, the checkpoint's generation_config.json may set.
+    let d = &engine.defaults;
     let max_tokens = match c.max_tokens {
-        None => DEFAULT_MAX_TOKENS.min(room),
+        None => d.max_new_tokens.map_or(DEFAULT_MAX_TOKENS, |m| m.max(1) as usize).min(room),
         // Scoring a prompt (lm-eval's loglikelihood): nothing generated.
         Some(0) if echo => 0,
         Some(n) if n < 1 => {
@@ -424,20 +426,20 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
     if room == 0 && max_tokens > 0 {
         return Err(invalid(format!("The prompt has {longest} tokens; the context window is {}", cfg.max_positions), "prompt"));
     }
-    let temperature = c.temperature.unwrap_or(1.0);
+    let temperature = c.temperature.or(d.temperature).unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(invalid(format!("temperature must be in [0, 2], got {temperature}"), "temperature"));
     }
-    let top_p = c.top_p.unwrap_or(1.0);
+    let top_p = c.top_p.or(d.top_p).unwrap_or(1.0);
     if !(top_p > 0.0 && top_p <= 1.0) {
         return Err(invalid(format!("top_p must be in (0, 1], got {top_p}"), "top_p"));
     }
-    let top_k = match c.top_k.unwrap_or(0) {
+    let top_k = match c.top_k.or(d.top_k).unwrap_or(0) {
         k if k == -1 || k == 0 => 0,
         k if k >= 1 && k <= u32::MAX as i64 => k as u32,
         k => return Err(invalid(format!("top_k must be -1, 0 or at least 1, got {k}"), "top_k")),
     };
-    let min_p = c.min_p.unwrap_or(0.0);
+    let min_p = c.min_p.or(d.min_p).unwrap_or(0.0);
     if !(0.0..=1.0).contains(&min_p) {
         return Err(invalid(format!("min_p must be in [0, 1], got {min_p}"), "min_p"));
     }
@@ -458,7 +460,7 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
     };
     let presence = penalty(c.presence_penalty, "presence_penalty")?;
     let frequency = penalty(c.frequency_penalty, "frequency_penalty")?;
-    let repetition = match c.repetition_penalty.unwrap_or(1.0) {
+    let repetition = match c.repetition_penalty.or(d.repetition_penalty).unwrap_or(1.0) {
         p if p > 0.0 && p <= 10.0 => p,
         p => return Err(invalid(format!("repetition_penalty must be in (0, 10], got {p}"), "repetition_penalty")),
     };
