@@ -332,6 +332,10 @@ async fn models_by_id_tokenize_detokenize_and_json_error_bodies() {
     let b = s.ok("/v1/completions", json!({"prompt": "x", "max_tokens": 1})).await;
     assert_ne!(a["id"], b["id"]);
     assert!(a["id"].as_str().unwrap().len() > "cmpl-0".len());
+    // The id is also the x-request-id header (the access log names it).
+    let r = s.client.post(format!("{}/v1/completions", s.base)).json(&json!({"prompt": "x", "max_tokens": 1})).send().await.unwrap();
+    let header = r.headers().get("x-request-id").unwrap().to_str().unwrap().to_string();
+    assert_eq!(r.json::<Value>().await.unwrap()["id"], header);
 }
 
 /// A ChatML-style template of the kind checkpoints ship, with a role check.

@@ -418,7 +418,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             }
             Err(e) => {
                 // The forward panicked; its sequences are lost, their receivers see a closed channel.
-                eprintln!("mangrove engine: forward step failed: {e}");
+                tracing::error!("forward step failed: {e}");
                 metrics.set_active(active.len());
                 continue;
             }

@@ -87,11 +87,16 @@ async fn start(st: &AppState, req: ValidRequest) -> Result<Response, ApiError> {
         model: st.engine().name.clone(),
         req,
     };
-    if ctx.req.stream {
-        Ok(sse(st.clone(), ctx, events).into_response())
+    let id = axum::http::HeaderValue::from_str(&ctx.id).ok();
+    let mut r = if ctx.req.stream {
+        sse(st.clone(), ctx, events).into_response()
     } else {
-        collect(st, &ctx, events).await.map(|v| Json(v).into_response())
+        collect(st, &ctx, events).await.map(|v| Json(v).into_response())?
+    };
+    if let Some(id) = id {
+        r.headers_mut().insert(super::REQUEST_ID, id);
     }
+    Ok(r)
 }
 
 /// Every choice to its end, as one body.
@@ -114,7 +119,14 @@ async fn collect(st: &AppState, ctx: &Ctx, mut events: Events) -> Result<serde_j
             }
         }
     }
+    log_done(ctx, &choices);
     Ok(ctx.full(&st.engine().tokenizer, &choices))
+}
+
+/// The access log's completion line: id and token counts.
+fn log_done(ctx: &Ctx, choices: &[ChoiceAcc]) {
+    let u = ctx.usage(choices);
+    tracing::info!(target: "mangrove::access", id = ctx.id, choices = choices.len(), prompt_tokens = u["prompt_tokens"].as_u64(), completion_tokens = u["completion_tokens"].as_u64(), stream = ctx.req.stream, "completion");
 }
 
 /// A streamed response in progress.
@@ -153,7 +165,7 @@ impl Streaming {
             }
             GenEvent::Done(f) => {
                 if let Some(e) = &f.error {
-                    eprintln!("mangrove server: stream failed: {e}");
+                    tracing::error!(id = self.ctx.id, "stream failed: {e}");
                     let err = serde_json::json!({"error": {"message": "The server had an error while processing the request",
                         "type": "server_error", "param": null, "code": null}});
                     self.out.push_back(err.to_string());
@@ -164,6 +176,7 @@ impl Streaming {
                 self.done += 1;
                 let mut chunk = self.ctx.chunk(tok, i, c, "", None);
                 if self.done == self.choices.len() {
+                    log_done(&self.ctx, &self.choices);
                     if self.ctx.req.include_usage {
                         self.out.push_back(chunk.to_string());
                         chunk = self.ctx.usage_chunk(&self.choices);

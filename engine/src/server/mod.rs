@@ -104,11 +104,26 @@ pub fn app_with(state: AppState, api_key: Option<&str>) -> Router {
     Router::new()
         .merge(guarded)
         .merge(ops::health_routes())
+        .layer(axum::middleware::from_fn(access_log))
         .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
         .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
             ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, format!("Method {method} is not allowed on {}", uri.path()))
         })
         .with_state(state)
+}
+
+/// The header carrying a completion's response id (logged by [`access_log`]).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// One access-log line per request: method, route, status, latency and the response id; a
+/// completion logs its token counts when it ends (`mangrove::access` target).
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t = std::time::Instant::now();
+    let r = next.run(req).await;
+    let id = r.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::info!(target: "mangrove::access", %method, path, status = r.status().as_u16(), latency_ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), id, "request");
+    r
 }
 
 /// Serves `state` on `listener` with the default limits and no API key until `shutdown` resolves.

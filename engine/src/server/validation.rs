@@ -408,12 +408,16 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
         return Err(invalid(format!("The prompt has {longest} tokens; the context window is {}", cfg.max_positions), "prompt"));
     }
     let room = cfg.max_positions - longest;
+    // Scoring a prompt (lm-eval's loglikelihood) generates nothing: it may fill the context.
+    let scoring = echo && c.max_tokens == Some(0);
+    if room == 0 && !scoring {
+        return Err(invalid(format!("The prompt has {longest} tokens; the context window is {}", cfg.max_positions), "prompt"));
+    }
     // What the request omits, the checkpoint's generation_config.json may set.
     let d = &engine.defaults;
     let max_tokens = match c.max_tokens {
         None => d.max_new_tokens.map_or(DEFAULT_MAX_TOKENS, |m| m.max(1) as usize).min(room),
-        // Scoring a prompt (lm-eval's loglikelihood): nothing generated.
-        Some(0) if echo => 0,
+        Some(0) if scoring => 0,
         Some(n) if n < 1 => {
             let hint = if kind == Kind::Text { " (0 only with echo, to score the prompt)" } else { "" };
             return Err(invalid(format!("max_tokens must be at least 1{hint}, got {n}"), "max_tokens"));
@@ -423,9 +427,6 @@ fn common(engine: &Engine, kind: Kind, prompts: Vec<ValidPrompt>, c: Common, ech
         }
         Some(n) => n as usize,
     };
-    if room == 0 && max_tokens > 0 {
-        return Err(invalid(format!("The prompt has {longest} tokens; the context window is {}", cfg.max_positions), "prompt"));
-    }
     let temperature = c.temperature.or(d.temperature).unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(invalid(format!("temperature must be in [0, 2], got {temperature}"), "temperature"));
