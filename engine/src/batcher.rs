@@ -604,6 +604,20 @@ mod tests {
     }
 
     #[test]
+    fn a_scored_prompt_feeds_one_token_a_step_and_needs_host_logits() {
+        let mut scored = seq(0, 40);
+        scored.req.options.prompt_logprobs = true;
+        assert!(scored.req.needs_host_logits());
+        assert!(!seq(1, 40).req.needs_host_logits(), "plain sampling stays on the device");
+        let mut biased = seq(2, 3);
+        biased.req.options.processing.bias = vec![(1, 2.0)];
+        assert!(biased.req.needs_host_logits());
+        let mut a = vec![scored, seq(1, 40)];
+        schedule(&mut a, 600, 512);
+        assert_eq!(a.iter().map(|s| s.take).collect::<Vec<_>>(), vec![1, 40]);
+    }
+
+    #[test]
     fn a_free_slot_goes_to_the_shortest_prompt_until_the_oldest_has_waited_its_turn() {
         let place = || Arc::new(Semaphore::new(8)).try_acquire_owned().unwrap();
         let w = |len: usize, passed_over: usize| {
