@@ -327,12 +327,13 @@ async fn generate_text(engine: Arc<Engine>, prompt: &str, sampling: SamplingPara
     let (handle, _task) = batcher::spawn(engine.clone(), Arc::new(Metrics::default()));
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let prompt = engine.tokenizer.encode(prompt).unwrap();
-    handle.submit(GenRequest { prompt, max_tokens, sampling, stop: vec![], events: tx }).unwrap();
+    handle.submit(GenRequest { prompt, max_tokens, sampling, stop: vec![], events: tx, options: Default::default() }).unwrap();
     let mut text = String::new();
     loop {
         match rx.recv().await.unwrap() {
             GenEvent::Delta(d) => text.push_str(&d),
             GenEvent::Done(f) => return (text, f.completion_tokens),
+            GenEvent::Prompt(_) | GenEvent::Tokens(_) => {}
         }
     }
 }
@@ -460,7 +461,7 @@ async fn requests_submitted_together_share_decode_steps() {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let prompt = engine.tokenizer.encode(p).unwrap();
         let sampling = SamplingParams { temperature: 0.7, top_p: 1.0, seed: Some(i as u64), ..SamplingParams::default() };
-        handle.submit(GenRequest { prompt, max_tokens: 4, sampling, stop: vec![], events: tx }).unwrap();
+        handle.submit(GenRequest { prompt, max_tokens: 4, sampling, stop: vec![], events: tx, options: Default::default() }).unwrap();
         rxs.push(rx);
     }
     for mut rx in rxs {
@@ -515,7 +516,7 @@ async fn chunked_prefill_gives_the_same_tokens() {
             let (handle, _task) = batcher::spawn_with(engine, metrics.clone(), batcher::BatcherConfig { prefill_chunk: chunk, ..Default::default() });
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
             let sampling = SamplingParams { temperature: 0.9, top_p: 1.0, seed: Some(77), ..SamplingParams::default() };
-            handle.submit(GenRequest { prompt, max_tokens: 5, sampling, stop: vec![], events: tx }).unwrap();
+            handle.submit(GenRequest { prompt, max_tokens: 5, sampling, stop: vec![], events: tx, options: Default::default() }).unwrap();
             let mut text = String::new();
             while let Some(e) = rx.recv().await {
                 match e {
@@ -524,6 +525,7 @@ async fn chunked_prefill_gives_the_same_tokens() {
                         assert_eq!(f.completion_tokens, 5);
                         break;
                     }
+                    GenEvent::Prompt(_) | GenEvent::Tokens(_) => {}
                 }
             }
             let steps = metrics.json()["paths"].as_array().unwrap().iter().find(|p| p["family"] == "attention").unwrap()["count"].as_u64().unwrap();

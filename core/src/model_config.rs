@@ -53,12 +53,19 @@ pub struct ConfigFile {
     pub intermediate_size: usize,
     pub num_hidden_layers: usize,
     pub num_attention_heads: usize,
-    #[serde(default)]
+    /// Absent: `num_attention_heads` (no GQA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<usize>,
-    #[serde(default)]
+    /// Absent: `hidden_size / num_attention_heads`. Written by `gen-model`: transformers reads
+    /// `head_dim` as given and fails on null.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<usize>,
     pub vocab_size: usize,
+    /// Absent: 2048, transformers' `BitNetConfig` default.
+    #[serde(default = "default_max_positions")]
     pub max_position_embeddings: usize,
+    /// Absent: 1e-5, transformers' `BitNetConfig` default.
+    #[serde(default = "default_rms_eps")]
     pub rms_norm_eps: f64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
@@ -80,7 +87,15 @@ pub struct ConfigFile {
     pub moe_intermediate_size: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub norm_topk_prob: Option<bool>,
+    /// Must be absent or `{"rope_type": "default"}`: scaled RoPE (llama3, yarn, linear…) is not
+    /// implemented, and running it as plain RoPE would be silently wrong.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
 }
+
+/// The `architectures` the engine runs: BitNet's layout (sub-norms before `o_proj` and
+/// `down_proj`), dense or with Qwen3-MoE experts. Empty means unstated, taken as BitNet.
+pub const ARCHITECTURES: [&str; 2] = ["BitNetForCausalLM", "BitNetMoeForCausalLM"];
 
 /// A token id field that HF configs write as one id or a list (`eos_token_id`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -102,6 +117,12 @@ impl TokenIds {
     }
 }
 
+fn default_max_positions() -> usize {
+    2048
+}
+fn default_rms_eps() -> f64 {
+    1e-5
+}
 fn default_theta() -> f64 {
     10000.0
 }
@@ -212,6 +233,15 @@ impl ModelConfig {
 
     /// Validates an on-disk config.
     pub fn from_file(f: &ConfigFile) -> Result<Self, ConfigError> {
+        if let Some(a) = f.architectures.iter().find(|a| !ARCHITECTURES.contains(&a.as_str())) {
+            return Err(invalid("architectures", format!("'{a}' is not supported (supported: {})", ARCHITECTURES.join(", "))));
+        }
+        if let Some(r) = f.rope_scaling.as_ref().filter(|r| !r.is_null()) {
+            let kind = r.get("rope_type").or_else(|| r.get("type")).and_then(|t| t.as_str()).unwrap_or("(none)");
+            if kind != "default" {
+                return Err(invalid("rope_scaling", format!("type '{kind}' is not supported (plain RoPE only)")));
+            }
+        }
         let positive = |key, v: usize| if v == 0 { Err(invalid(key, "must be positive")) } else { Ok(v) };
         let hidden = positive("hidden_size", f.hidden_size)?;
         let heads = positive("num_attention_heads", f.num_attention_heads)?;
@@ -376,7 +406,7 @@ impl Preset {
             num_hidden_layers: l,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: None,
+            head_dim: Some(h / heads),
             vocab_size: v,
             max_position_embeddings: maxp,
             rms_norm_eps: 1e-5,
@@ -396,6 +426,7 @@ impl Preset {
             num_experts_per_tok: moe.then_some(2),
             moe_intermediate_size: moe.then_some(64),
             norm_topk_prob: moe.then_some(true),
+            rope_scaling: None,
         }
     }
 }
@@ -428,6 +459,54 @@ mod tests {
             "tie_word_embeddings": true, "hidden_act": "relu2",
             "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "offline"}
         })
+    }
+
+    /// What `gen-model` writes has no nulls (transformers chokes on `"head_dim": null`) and
+    /// reads back the same; the keys transformers defaults may be left out.
+    #[test]
+    fn preset_configs_have_no_nulls_and_absent_keys_take_defaults() {
+        fn nulls(v: &serde_json::Value) -> bool {
+            match v {
+                serde_json::Value::Null => true,
+                serde_json::Value::Array(a) => a.iter().any(nulls),
+                serde_json::Value::Object(o) => o.values().any(nulls),
+                _ => false,
+            }
+        }
+        for p in Preset::ALL {
+            let v = serde_json::to_value(p.config()).unwrap();
+            assert!(!nulls(&v), "{p}: {v}");
+            assert_eq!(v["head_dim"], 16 * (1 + 7 * usize::from(p == Preset::Bitnet2b)), "{p}");
+            assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap(), ModelConfig::of_preset(p));
+        }
+        let mut c = base();
+        let o = c.as_object_mut().unwrap();
+        for k in ["max_position_embeddings", "rms_norm_eps", "rope_theta", "num_key_value_heads", "hidden_act", "tie_word_embeddings"] {
+            o.remove(k);
+        }
+        o.insert("head_dim".into(), serde_json::Value::Null);
+        let m = ModelConfig::from_json(&c.to_string()).unwrap();
+        assert_eq!((m.max_positions, m.rms_eps, m.kv_heads, m.head_dim), (2048, 1e-5, 4, 16));
+    }
+
+    /// A Llama-layout 1.58-bit checkpoint (no sub-norms) or scaled RoPE is refused by key, not
+    /// run wrong or failed later on a missing tensor.
+    #[test]
+    fn other_architectures_and_rope_scaling_are_refused_by_name() {
+        let mut c = base();
+        c["architectures"] = serde_json::json!(["LlamaForCausalLM"]);
+        let e = ModelConfig::from_json(&c.to_string()).unwrap_err().to_string();
+        assert!(e.contains("`architectures`") && e.contains("LlamaForCausalLM"), "{e}");
+        let mut c = base();
+        c["rope_scaling"] = serde_json::json!({"rope_type": "llama3", "factor": 8.0});
+        let e = ModelConfig::from_json(&c.to_string()).unwrap_err().to_string();
+        assert!(e.contains("`rope_scaling`") && e.contains("llama3"), "{e}");
+        for ok in [serde_json::Value::Null, serde_json::json!({"rope_type": "default"})] {
+            let mut c = base();
+            c["rope_scaling"] = ok;
+            c["architectures"] = serde_json::json!(["BitNetForCausalLM"]);
+            ModelConfig::from_json(&c.to_string()).unwrap();
+        }
     }
 
     #[test]

@@ -11,13 +11,16 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rayon::prelude::*;
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 use crate::backend::{KvCache, SeqInput};
+use crate::logits::LogitsProcessing;
+use crate::logprobs::{token_logprob, TokenLogprob};
 use super::metrics::Metrics;
-use super::sampling::{Draw, Sampler, SamplingParams};
+use super::sampling::{self, Draw, Sampler, SamplingParams};
 use super::tokenizer::TextStream;
 use super::Engine;
 
@@ -34,6 +37,38 @@ pub struct GenRequest {
     pub stop: Vec<String>,
     /// Where deltas and the final [`Finish`] go.
     pub events: mpsc::UnboundedSender<GenEvent>,
+    /// Logit changes, logprobs and end tokens beyond the defaults.
+    pub options: GenOptions,
+}
+
+/// What a request asks beyond plain sampling; the default asks nothing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenOptions {
+    /// Penalties, `logit_bias`, `min_tokens`.
+    pub processing: LogitsProcessing,
+    /// Log-probabilities of each generated token with this many alternatives ([`GenEvent::Tokens`]).
+    pub logprobs: Option<usize>,
+    /// Log-probabilities of the prompt tokens too ([`GenEvent::Prompt`]; top alternatives as `logprobs`).
+    pub prompt_logprobs: bool,
+    /// Tokens that end the sequence besides EOS (`stop_token_ids`).
+    pub stop_ids: Vec<u32>,
+    /// EOS does not end the sequence (`ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions { processing: LogitsProcessing::none(), logprobs: None, prompt_logprobs: false, stop_ids: Vec::new(), ignore_eos: false }
+    }
+}
+
+impl GenRequest {
+    /// Whether its tokens must be picked from logits on the host: logprobs are wanted or the
+    /// logits change before the pick. The one place that decides between `Backend::forward`
+    /// and the device's own sampler (`Backend::forward_sample`).
+    pub fn needs_host_logits(&self) -> bool {
+        self.options.logprobs.is_some() || self.options.prompt_logprobs || !self.options.processing.is_identity()
+    }
 }
 
 /// Why a sequence ended (OpenAI `finish_reason`).
@@ -68,9 +103,14 @@ pub struct Finish {
     pub error: Option<String>,
 }
 
-/// What a request's receiver gets: text deltas, then one `Done`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a request's receiver gets: the prompt's logprobs (if asked), text deltas each after the
+/// logprobs of the tokens it holds (if asked), then one `Done`.
+#[derive(Debug, Clone, PartialEq)]
 pub enum GenEvent {
+    /// Per prompt position its token's logprob (`None` at the first, which nothing predicts).
+    Prompt(Vec<Option<TokenLogprob>>),
+    /// Logprobs of the tokens whose text the next `Delta` (or the `Done`) carries.
+    Tokens(Vec<TokenLogprob>),
     /// New text (possibly several tokens' worth, or none held back yet).
     Delta(String),
     /// The sequence ended; nothing follows.
@@ -101,6 +141,8 @@ pub struct BatcherHandle {
 struct Queued {
     req: GenRequest,
     _place: OwnedSemaphorePermit,
+    /// When it was submitted (queue time, TTFT and end-to-end latency count from here).
+    arrived: Instant,
 }
 
 impl BatcherHandle {
@@ -111,7 +153,7 @@ impl BatcherHandle {
             TryAcquireError::NoPermits => SubmitError::QueueFull { limit: self.max_queue },
             TryAcquireError::Closed => SubmitError::Stopped,
         })?;
-        self.tx.send(Queued { req, _place: place }).map_err(|_| SubmitError::Stopped)
+        self.tx.send(Queued { req, _place: place, arrived: Instant::now() }).map_err(|_| SubmitError::Stopped)
     }
 
     /// Requests waiting for a sequence slot.
@@ -178,11 +220,43 @@ struct Seq {
     order: u64,
     /// Tokens of `pending` this step feeds (set by [`schedule`]; 0 = sits this step out).
     take: usize,
+    /// Prompt logprobs so far (with `prompt_logprobs`; the prompt is then fed one token a step,
+    /// each step's logits scoring the next prompt token).
+    prompt_lps: Vec<Option<TokenLogprob>>,
+    /// Logprobs of generated tokens whose text is not sent yet.
+    unsent_lps: Vec<TokenLogprob>,
+    /// When its request arrived, and when its last token was generated (latency metrics).
+    arrived: Instant,
+    last_token: Option<Instant>,
 }
 
 impl Seq {
     fn remaining(&self) -> usize {
         self.pending.len() - self.fed
+    }
+
+    /// Most prompt tokens one step may feed: one when each prompt position must be scored.
+    fn chunk(&self, chunk: usize) -> usize {
+        if self.req.options.prompt_logprobs {
+            1
+        } else {
+            chunk
+        }
+    }
+
+    /// Whether this step feeds the last pending token (its logits pick the next token).
+    fn finishes_pending(&self) -> bool {
+        self.fed + self.take >= self.pending.len()
+    }
+
+    /// How it ended, for its receiver.
+    fn finish(&self, reason: FinishReason) -> Finish {
+        Finish { reason, prompt_tokens: self.req.prompt.len(), completion_tokens: self.generated.len(), error: None }
+    }
+
+    /// Whether the prompt is still being fed (nothing generated yet).
+    fn in_prompt(&self) -> bool {
+        self.generated.is_empty()
     }
 }
 
@@ -204,19 +278,19 @@ fn schedule(active: &mut [Seq], budget: usize, chunk: usize) {
     }
     for i in prompts {
         let s = &mut active[i];
-        s.take = s.remaining().min(chunk).min(left);
+        s.take = s.remaining().min(s.chunk(chunk)).min(left);
         left -= s.take;
     }
     if active.iter().all(|s| s.take == 0) {
         if let Some(s) = active.first_mut() {
-            s.take = s.remaining().min(chunk).max(1);
+            s.take = s.remaining().min(s.chunk(chunk)).max(1);
         }
     }
 }
 
-/// A sequence after a step: the token its draw picked, then that token again once accepted (none
-/// while its prompt is still being fed).
-type StepItem = (Seq, u32, Option<u32>);
+/// A sequence after a step: the token its draw picked with its logprob (where asked), then that
+/// token again once accepted (none while its prompt is still being fed).
+type StepItem = (Seq, u32, Option<TokenLogprob>, Option<u32>);
 
 /// Starts the engine task on the current tokio runtime with default settings.
 pub fn spawn(engine: Arc<Engine>, metrics: Arc<Metrics>) -> (BatcherHandle, tokio::task::JoinHandle<()>) {
@@ -231,8 +305,11 @@ pub fn spawn_with(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig
     (handle, tokio::spawn(run(engine, metrics, cfg, rx)))
 }
 
-fn admit(engine: &Engine, req: GenRequest, order: u64) -> Seq {
-    Seq::new(req, KvCache::new(engine.config()), order)
+fn admit(engine: &Engine, metrics: &Metrics, queued: Queued, order: u64) -> Seq {
+    metrics.admitted(queued.arrived.elapsed());
+    let mut s = Seq::new(queued.req, KvCache::new(engine.config()), order);
+    s.arrived = queued.arrived;
+    s
 }
 
 impl Seq {
@@ -248,6 +325,10 @@ impl Seq {
             emitted: 0,
             order,
             take: 0,
+            prompt_lps: Vec::new(),
+            unsent_lps: Vec::new(),
+            arrived: Instant::now(),
+            last_token: None,
             req,
         }
     }
@@ -293,10 +374,10 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             waiting.iter_mut().take(i).for_each(|w| w.passed_over += 1);
             let w = waiting.remove(i).expect("next_admission picks an index in range");
             // Admitted: its place in the queue is given back here.
-            active.push(admit(&engine, w.queued.req, admitted));
+            active.push(admit(&engine, &metrics, w.queued, admitted));
             admitted += 1;
         }
-        metrics.set_active(active.len());
+        gauges(&engine, &metrics, &active, waiting.len(), max_seqs);
         if active.is_empty() {
             continue;
         }
@@ -304,22 +385,26 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
         let backend = engine.backend.clone();
         let (mut seqs, resting): (Vec<Seq>, Vec<Seq>) = std::mem::take(&mut active).into_iter().partition(|s| s.take > 0);
         active = resting;
+        // The one decision of where tokens are picked: from logits on the host when any
+        // sequence of the step needs them (logprobs, logit changes), else by the device.
+        let host = seqs.iter().any(|s| s.req.needs_host_logits());
         let step = tokio::task::spawn_blocking(move || {
             // Sequences that finish their prompt this step draw their next token (greedy draws
             // elsewhere: mid-prefill picks are dropped and consume no randomness).
-            let draws: Vec<Draw> = seqs
-                .iter_mut()
-                .map(|s| if s.fed + s.take >= s.pending.len() { s.sampler.next_draw() } else { Draw::GREEDY })
-                .collect();
+            let draws: Vec<Draw> = seqs.iter_mut().map(|s| if s.finishes_pending() { s.sampler.next_draw() } else { Draw::GREEDY }).collect();
             let mut inputs: Vec<SeqInput> = seqs
                 .iter_mut()
                 .map(|s| SeqInput { tokens: &s.pending[s.fed..s.fed + s.take], cache: &mut s.cache })
                 .collect();
             let fed: usize = inputs.iter().map(|i| i.tokens.len()).sum();
             let t = std::time::Instant::now();
-            let out = backend.forward_sample(&mut inputs, &draws);
-            let timing = (fed, t.elapsed());
+            let out = match host {
+                true => backend.forward(&mut inputs).map(|(logits, r)| (Picked::Logits(logits), r)),
+                false => backend.forward_sample(&mut inputs, &draws).map(|(tokens, r)| (Picked::Tokens(tokens), r)),
+            };
             drop(inputs);
+            let out = out.map(|(picked, r)| (pick_on_host(&mut seqs, picked, &draws), r));
+            let timing = (fed, t.elapsed());
             if out.is_ok() {
                 seqs.iter_mut().for_each(|s| s.fed += s.take);
             }
@@ -333,7 +418,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             }
             Err(e) => {
                 // The forward panicked; its sequences are lost, their receivers see a closed channel.
-                eprintln!("mangrove engine: forward step failed: {e}");
+                tracing::error!("forward step failed: {e}");
                 metrics.set_active(active.len());
                 continue;
             }
@@ -342,8 +427,7 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             Ok(v) => v,
             Err(e) => {
                 for s in seqs {
-                    let f = Finish { reason: FinishReason::Stop, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: Some(e.to_string()) };
-                    let _ = s.req.events.send(GenEvent::Done(f));
+                    retire(&metrics, &s, Finish { error: Some(e.to_string()), ..s.finish(FinishReason::Stop) });
                 }
                 metrics.set_active(active.len());
                 continue;
@@ -354,32 +438,104 @@ async fn run(engine: Arc<Engine>, metrics: Arc<Metrics>, cfg: BatcherConfig, mut
             metrics.fallback(*family, *reason);
         }
         // Detokenize every sequence that finished its prompt, in parallel (the step's sequences
-        // are independent).
-        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, t)| (s, t, None)).collect();
-        items.par_iter_mut().filter(|(s, _, _)| s.fed >= s.pending.len()).for_each(|(s, tok, picked)| {
+        // are independent). A prompt scored for `max_tokens: 0` ends without a token.
+        let mut items: Vec<StepItem> = seqs.into_iter().zip(tokens).map(|(s, (t, lp))| (s, t, lp, None)).collect();
+        items.par_iter_mut().filter(|(s, _, _, _)| s.fed >= s.pending.len() && s.req.max_tokens > 0).for_each(|(s, tok, lp, picked)| {
+            if s.in_prompt() && s.req.options.prompt_logprobs {
+                let _ = s.req.events.send(GenEvent::Prompt(std::mem::take(&mut s.prompt_lps)));
+            }
             s.generated.push(*tok);
+            s.unsent_lps.extend(lp.take());
             // A tokenizer error leaves the text as it was; the token still counts.
             let _ = engine.tokenizer.step(&mut s.stream, *tok);
             *picked = Some(*tok);
         });
-        for (mut s, _, picked) in items {
+        for (mut s, _, _, picked) in items {
             let Some(tok) = picked else {
+                if s.fed >= s.pending.len() {
+                    // Scored, nothing to generate (max_tokens 0).
+                    if s.req.options.prompt_logprobs {
+                        let _ = s.req.events.send(GenEvent::Prompt(std::mem::take(&mut s.prompt_lps)));
+                    }
+                    retire(&metrics, &s, s.finish(FinishReason::Length));
+                    continue;
+                }
                 // Mid-prefill: these logits are not the last prompt position's.
                 active.push(s);
                 continue;
             };
             metrics.generated(1);
+            let now = Instant::now();
+            metrics.token_latency(s.last_token.is_none(), now - s.last_token.unwrap_or(s.arrived));
+            s.last_token = Some(now);
             if let Some(reason) = advance(&engine, &mut s, tok) {
-                let f = Finish { reason, prompt_tokens: s.req.prompt.len(), completion_tokens: s.generated.len(), error: None };
-                let _ = s.req.events.send(GenEvent::Done(f));
+                if !s.unsent_lps.is_empty() {
+                    let _ = s.req.events.send(GenEvent::Tokens(std::mem::take(&mut s.unsent_lps)));
+                }
+                retire(&metrics, &s, s.finish(reason));
             } else {
                 s.pending = vec![tok];
                 s.fed = 0;
                 active.push(s);
             }
         }
-        metrics.set_active(active.len());
+        gauges(&engine, &metrics, &active, waiting.len(), max_seqs);
     }
+}
+
+/// Sends a sequence's end to its receiver and records its latency and lengths.
+fn retire(metrics: &Metrics, s: &Seq, f: Finish) {
+    metrics.finished(s.arrived.elapsed(), f.prompt_tokens, f.completion_tokens);
+    let _ = s.req.events.send(GenEvent::Done(f));
+}
+
+/// Running, waiting and KV-cache gauges.
+fn gauges(engine: &Engine, metrics: &Metrics, active: &[Seq], waiting: usize, max_seqs: usize) {
+    metrics.set_active(active.len());
+    metrics.set_waiting(waiting);
+    let positions: usize = active.iter().map(|s| s.cache.len()).sum();
+    metrics.set_kv(active.len(), max_seqs, positions, max_seqs * engine.config().max_positions);
+}
+
+/// What a step's forward gave: the device's picks, or every sequence's logits.
+enum Picked {
+    Tokens(Vec<u32>),
+    Logits(Vec<Vec<f64>>),
+}
+
+/// Each sequence's token of this step with its logprob where asked. From logits (on the host):
+/// the request's logit changes, then the draw's pick; a prompt being scored records the
+/// logprob of its next prompt token instead.
+fn pick_on_host(seqs: &mut [Seq], picked: Picked, draws: &[Draw]) -> Vec<(u32, Option<TokenLogprob>)> {
+    let logits = match picked {
+        Picked::Tokens(t) => return t.into_iter().map(|t| (t, None)).collect(),
+        Picked::Logits(l) => l,
+    };
+    seqs.par_iter_mut()
+        .zip(logits)
+        .zip(draws)
+        .map(|((s, mut row), draw)| {
+            let o = &s.req.options;
+            let top = o.logprobs.unwrap_or(0);
+            if !s.finishes_pending() {
+                if o.prompt_logprobs {
+                    let next = s.pending[s.fed + s.take];
+                    if s.prompt_lps.is_empty() {
+                        s.prompt_lps.push(None);
+                    }
+                    s.prompt_lps.push(Some(token_logprob(&row, 1.0, next, top)));
+                }
+                return (0, None);
+            }
+            if s.in_prompt() && o.prompt_logprobs && s.prompt_lps.is_empty() {
+                // A one-token prompt: nothing to score but its first position.
+                s.prompt_lps.push(None);
+            }
+            o.processing.apply(&mut row, &s.req.prompt, &s.generated);
+            let tok = sampling::pick(&row, draw);
+            (tok, o.logprobs.map(|n| token_logprob(&row, s.req.sampling.temperature, tok, n)))
+        })
+        .collect()
 }
 
 /// Length of the longest suffix of `text` that starts some stop string.
@@ -396,7 +552,8 @@ fn partial_stop(text: &str, stops: &[String]) -> usize {
 /// held back), so only that part is searched.
 fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
     let text = s.stream.text.as_str();
-    let eos = engine.eos.contains(&tok);
+    let o = &s.req.options;
+    let eos = (engine.eos.contains(&tok) && !o.ignore_eos) || o.stop_ids.contains(&tok);
     let unsent = text.get(s.emitted..).unwrap_or_default();
     let stop_at = s.req.stop.iter().filter(|st| !st.is_empty()).filter_map(|st| unsent.find(st.as_str())).min().map(|i| s.emitted + i);
     let length = s.generated.len() >= s.req.max_tokens || s.cache.len() + 1 >= engine.config().max_positions;
@@ -408,6 +565,9 @@ fn advance(engine: &Engine, s: &mut Seq, tok: u32) -> Option<FinishReason> {
         (None, false, false) => (text.trim_end_matches('\u{FFFD}').len().saturating_sub(partial_stop(text, &s.req.stop)), None),
     };
     if end > s.emitted && text.is_char_boundary(s.emitted) && text.is_char_boundary(end) {
+        if !s.unsent_lps.is_empty() {
+            let _ = s.req.events.send(GenEvent::Tokens(std::mem::take(&mut s.unsent_lps)));
+        }
         let _ = s.req.events.send(GenEvent::Delta(text[s.emitted..end].to_string()));
         s.emitted = end;
     }
@@ -421,7 +581,7 @@ mod tests {
     /// A sequence with `remaining` tokens to feed, admitted `order`-th.
     fn seq(order: u64, remaining: usize) -> Seq {
         let (events, _) = mpsc::unbounded_channel();
-        let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
+        let req = GenRequest { prompt: vec![1; remaining], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events, options: GenOptions::default() };
         Seq::new(req, KvCache::default(), order)
     }
 
@@ -444,12 +604,26 @@ mod tests {
     }
 
     #[test]
+    fn a_scored_prompt_feeds_one_token_a_step_and_needs_host_logits() {
+        let mut scored = seq(0, 40);
+        scored.req.options.prompt_logprobs = true;
+        assert!(scored.req.needs_host_logits());
+        assert!(!seq(1, 40).req.needs_host_logits(), "plain sampling stays on the device");
+        let mut biased = seq(2, 3);
+        biased.req.options.processing.bias = vec![(1, 2.0)];
+        assert!(biased.req.needs_host_logits());
+        let mut a = vec![scored, seq(1, 40)];
+        schedule(&mut a, 600, 512);
+        assert_eq!(a.iter().map(|s| s.take).collect::<Vec<_>>(), vec![1, 40]);
+    }
+
+    #[test]
     fn a_free_slot_goes_to_the_shortest_prompt_until_the_oldest_has_waited_its_turn() {
         let place = || Arc::new(Semaphore::new(8)).try_acquire_owned().unwrap();
         let w = |len: usize, passed_over: usize| {
             let (events, _) = mpsc::unbounded_channel();
-            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events };
-            Waiting { queued: Queued { req, _place: place() }, passed_over }
+            let req = GenRequest { prompt: vec![1; len], max_tokens: 1, sampling: SamplingParams::default(), stop: Vec::new(), events, options: GenOptions::default() };
+            Waiting { queued: Queued { req, _place: place(), arrived: Instant::now() }, passed_over }
         };
         let mut q: VecDeque<Waiting> = [w(400, 0), w(500, 0), w(3, 0), w(3, 0)].into();
         assert_eq!(next_admission(&q, 2), Some(2), "the shortest, the oldest of equals");

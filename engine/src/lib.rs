@@ -8,16 +8,22 @@
 //! and which kernel path each layer family ran; [`slots`] hands out KV-cache slots; [`start`]
 //! opens an engine with its kernels provisioned and runs the server; [`startup`] times how long
 //! `mangrove serve` takes to be ready.
+//! [`chat_template`] renders chat messages, [`generation_config`] gives sampling defaults; [`logits`] applies a request's penalties and
+//! biases and [`logprobs`] reports the distribution a token was drawn from.
 //! [`genmodel`] writes random checkpoints in the same format; [`bench`] times decode steps.
 //! The format is documented in `engine/README.md`.
 
 pub mod backend;
 pub mod batcher;
 pub mod bench;
+pub mod chat_template;
 pub mod cpu;
 pub mod cpu_simd;
 pub mod cuda;
+pub mod generation_config;
 pub mod genmodel;
+pub mod logits;
+pub mod logprobs;
 pub mod metrics;
 pub mod model;
 pub mod sampling;
@@ -34,7 +40,9 @@ use mangrove_core::model_config::ModelConfig;
 use mangrove_deploy::provision::KernelEntries;
 
 pub use backend::{Backend, StepReport};
+use chat_template::{ChatTemplate, ChatTemplateError};
 use cpu::CpuBackend;
+use generation_config::{GenerationConfigError, GenerationDefaults};
 use model::{LoadError, Model};
 use tokenizer::{Tokenizer, TokenizerError};
 
@@ -45,6 +53,10 @@ pub enum EngineError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    ChatTemplate(#[from] ChatTemplateError),
+    #[error(transparent)]
+    GenerationConfig(#[from] GenerationConfigError),
     #[error("backend '{0}' is not known (available: cpu, cpu-ref, cuda)")]
     UnknownBackend(String),
     #[error(transparent)]
@@ -66,6 +78,10 @@ pub struct Engine {
     /// Tokens that end a sequence: `config.json`'s `eos_token_id` plus the tokenizer's
     /// end-of-text / end-of-turn tokens.
     pub eos: Vec<u32>,
+    /// How chat messages become a prompt: the checkpoint's template or a built-in format.
+    pub chat: ChatTemplate,
+    /// Sampling defaults of the checkpoint's `generation_config.json`.
+    pub defaults: GenerationDefaults,
 }
 
 impl std::fmt::Debug for Engine {
@@ -135,7 +151,14 @@ impl Engine {
             let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
             canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
         });
-        Ok(Engine { name, backend: backend(model)?, tokenizer, eos })
+        let chat = ChatTemplate::load(dir, tokenizer.fallback_chat())?;
+        let defaults = GenerationDefaults::load(dir)?;
+        for t in defaults.eos_token_id.as_ref().map_or_else(Vec::new, |e| e.ids()) {
+            if !eos.contains(&t) {
+                eos.push(t);
+            }
+        }
+        Ok(Engine { name, backend: backend(model)?, tokenizer, eos, chat, defaults })
     }
 
     /// The model config.

@@ -1,137 +1,206 @@
-//! Serving counters: requests, tokens, active sequences, and the path counters — one per
-//! (layer family, kernel variant) that ran, and one per (layer family, fallback reason).
-//! Rendered as Prometheus text for `/metrics` and as JSON at shutdown.
+//! Serving metrics on a `prometheus` registry: request and token counters, latency histograms
+//! (time to first token, time per output token, end-to-end, queue time) and length histograms
+//! (prompt, generation), running / waiting / KV-slot gauges, and the path counters — one per
+//! (layer family, kernel variant) that ran, one per (layer family, fallback reason). Rendered
+//! by the crate's text encoder for `/metrics`, and as JSON at shutdown.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::time::Duration;
 
 use mangrove_core::step::Family;
 use mangrove_deploy::provision::FallbackReason;
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
-/// Shared serving counters.
-#[derive(Debug, Default)]
+/// Latency buckets in seconds: 1 ms to 2 min.
+const LATENCY: [f64; 16] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0];
+/// Token-count buckets: 1 to 128k.
+const LENGTHS: [f64; 18] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0, 65536.0, 131072.0];
+
+/// Shared serving metrics.
+#[derive(Debug, Clone)]
 pub struct Metrics {
-    requests: AtomicU64,
-    rejected: AtomicU64,
-    prompt_tokens: AtomicU64,
-    tokens_generated: AtomicU64,
-    active: AtomicI64,
-    steps: AtomicU64,
-    step_nanos: AtomicU64,
-    step_tokens: AtomicU64,
-    paths: Mutex<BTreeMap<(String, String), u64>>,
-    fallbacks: Mutex<BTreeMap<(String, String), u64>>,
+    registry: Registry,
+    requests: IntCounter,
+    rejected: IntCounter,
+    prompt_tokens: IntCounter,
+    tokens_generated: IntCounter,
+    active: IntGauge,
+    waiting: IntGauge,
+    kv_slots_used: IntGauge,
+    kv_slots_total: IntGauge,
+    kv_usage: Gauge,
+    steps: IntCounter,
+    step_seconds: prometheus::Counter,
+    step_tokens: IntCounter,
+    ttft: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    queue: Histogram,
+    prompt_len: Histogram,
+    generation_len: Histogram,
+    paths: IntCounterVec,
+    fallbacks: IntCounterVec,
 }
 
-/// Escapes a Prometheus label value.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+impl Default for Metrics {
+    fn default() -> Self {
+        let registry = Registry::new();
+        // Registration fails only on a duplicate name, which the fixed names below exclude.
+        fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
+            r.register(Box::new(m.clone())).expect("metric names are unique");
+            m
+        }
+        let counter = |name: &str, help: &str| reg(&registry, IntCounter::new(name, help).expect("valid metric name"));
+        let gauge = |name: &str, help: &str| reg(&registry, IntGauge::new(name, help).expect("valid metric name"));
+        let hist = |name: &str, help: &str, buckets: &[f64]| reg(&registry, Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("valid histogram"));
+        let vec = |name: &str, help: &str, labels: &[&str]| reg(&registry, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric name"));
+        Metrics {
+            requests: counter("mangrove_requests_total", "Completion requests accepted."),
+            rejected: counter("mangrove_rejected_total", "Completion requests refused with 429 (queue full)."),
+            prompt_tokens: counter("mangrove_prompt_tokens_total", "Prompt tokens of accepted requests."),
+            tokens_generated: counter("mangrove_tokens_generated_total", "Tokens generated."),
+            active: gauge("mangrove_active_sequences", "Sequences in the running batch."),
+            waiting: gauge("mangrove_num_requests_waiting", "Sequences waiting for a slot in the running batch."),
+            kv_slots_used: gauge("mangrove_kv_slots_used", "KV-cache sequence slots in use."),
+            kv_slots_total: gauge("mangrove_kv_slots_total", "KV-cache sequence slots (--max-batch)."),
+            kv_usage: reg(&registry, Gauge::new("mangrove_kv_cache_usage_perc", "Fraction of the KV-cache positions (slots x context) in use.").expect("valid metric name")),
+            steps: counter("mangrove_forward_steps_total", "Batched forward steps run."),
+            step_seconds: reg(&registry, prometheus::Counter::new("mangrove_forward_seconds_total", "Wall time spent in forward steps.").expect("valid metric name")),
+            step_tokens: counter("mangrove_forward_tokens_total", "Tokens fed to forward steps (prefill and decode)."),
+            ttft: hist("mangrove_time_to_first_token_seconds", "From arrival to the first generated token.", &LATENCY),
+            tpot: hist("mangrove_time_per_output_token_seconds", "Between consecutive generated tokens of a sequence (inter-token latency).", &LATENCY),
+            e2e: hist("mangrove_e2e_request_latency_seconds", "From arrival to the end of a sequence.", &LATENCY),
+            queue: hist("mangrove_request_queue_time_seconds", "From arrival to admission into the running batch.", &LATENCY),
+            prompt_len: hist("mangrove_request_prompt_tokens", "Prompt length of finished sequences.", &LENGTHS),
+            generation_len: hist("mangrove_request_generation_tokens", "Tokens generated by finished sequences.", &LENGTHS),
+            paths: vec("mangrove_path_total", "Forward steps that ran a (layer family, kernel variant).", &["family", "variant"]),
+            fallbacks: vec("mangrove_fallback_total", "Fallbacks from the tuned kernel, by layer family and reason.", &["family", "reason"]),
+            registry,
+        }
+    }
 }
 
 impl Metrics {
     /// Counts one accepted request with its prompt length.
     pub fn request(&self, prompt_tokens: usize) {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        self.requests.inc();
+        self.prompt_tokens.inc_by(prompt_tokens as u64);
     }
 
     /// Counts one request refused because the queue was full (HTTP 429).
     pub fn rejected(&self) {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.rejected.inc();
     }
 
     /// Requests refused because the queue was full.
     pub fn rejected_total(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
+        self.rejected.get()
     }
 
     /// Counts generated tokens.
     pub fn generated(&self, n: usize) {
-        self.tokens_generated.fetch_add(n as u64, Ordering::Relaxed);
+        self.tokens_generated.inc_by(n as u64);
     }
 
     /// Counts one forward step that fed `tokens` tokens and took `elapsed`.
-    pub fn step(&self, tokens: usize, elapsed: std::time::Duration) {
-        self.steps.fetch_add(1, Ordering::Relaxed);
-        self.step_nanos.fetch_add(elapsed.as_nanos().min(u64::MAX as u128) as u64, Ordering::Relaxed);
-        self.step_tokens.fetch_add(tokens as u64, Ordering::Relaxed);
+    pub fn step(&self, tokens: usize, elapsed: Duration) {
+        self.steps.inc();
+        self.step_seconds.inc_by(elapsed.as_secs_f64());
+        self.step_tokens.inc_by(tokens as u64);
     }
 
     /// Sets the number of sequences in the running batch.
     pub fn set_active(&self, n: usize) {
-        self.active.store(n as i64, Ordering::Relaxed);
+        self.active.set(n as i64);
     }
 
     /// Sequences in the running batch.
     pub fn active(&self) -> i64 {
-        self.active.load(Ordering::Relaxed)
+        self.active.get()
+    }
+
+    /// Sets the number of sequences waiting for a slot.
+    pub fn set_waiting(&self, n: usize) {
+        self.waiting.set(n as i64);
+    }
+
+    /// Sets the KV-cache occupancy: `used` of `total` sequence slots, and `positions` cached
+    /// out of `capacity`.
+    pub fn set_kv(&self, used: usize, total: usize, positions: usize, capacity: usize) {
+        self.kv_slots_used.set(used as i64);
+        self.kv_slots_total.set(total as i64);
+        self.kv_usage.set(if capacity == 0 { 0.0 } else { positions as f64 / capacity as f64 });
+    }
+
+    /// Records the queue time of a sequence just admitted.
+    pub fn admitted(&self, queued: Duration) {
+        self.queue.observe(queued.as_secs_f64());
+    }
+
+    /// Records a generated token: the first of its sequence (`since` = since arrival) or a later
+    /// one (`since` = since the previous token).
+    pub fn token_latency(&self, first: bool, since: Duration) {
+        match first {
+            true => self.ttft.observe(since.as_secs_f64()),
+            false => self.tpot.observe(since.as_secs_f64()),
+        }
+    }
+
+    /// Records a finished sequence: its end-to-end latency and lengths.
+    pub fn finished(&self, e2e: Duration, prompt_tokens: usize, generated: usize) {
+        self.e2e.observe(e2e.as_secs_f64());
+        self.prompt_len.observe(prompt_tokens as f64);
+        self.generation_len.observe(generated as f64);
     }
 
     /// Tokens generated so far.
     pub fn tokens_generated(&self) -> u64 {
-        self.tokens_generated.load(Ordering::Relaxed)
+        self.tokens_generated.get()
     }
 
     /// Counts one run of each (family, variant).
     pub fn paths_ran(&self, paths: &[(Family, &str)]) {
-        let mut m = self.paths.lock().unwrap_or_else(|e| e.into_inner());
         for &(f, v) in paths {
-            *m.entry((f.as_str().into(), v.into())).or_default() += 1;
+            self.paths.with_label_values(&[f.as_str(), v]).inc();
         }
     }
 
     /// Counts one fallback of `family`.
     pub fn fallback(&self, family: Family, reason: FallbackReason) {
-        let mut m = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
-        *m.entry((family.as_str().into(), reason.as_str().into())).or_default() += 1;
+        self.fallbacks.with_label_values(&[family.as_str(), reason.as_str()]).inc();
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition (the crate's encoder).
     pub fn prometheus(&self) -> String {
-        let mut s = String::new();
-        let mut counter = |name: &str, help: &str, kind: &str, v: String| {
-            s.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
-        };
-        counter("mangrove_requests_total", "Completion requests accepted.", "counter", self.requests.load(Ordering::Relaxed).to_string());
-        counter("mangrove_rejected_total", "Completion requests refused with 429 (queue full).", "counter", self.rejected_total().to_string());
-        counter("mangrove_prompt_tokens_total", "Prompt tokens of accepted requests.", "counter", self.prompt_tokens.load(Ordering::Relaxed).to_string());
-        counter("mangrove_tokens_generated_total", "Tokens generated.", "counter", self.tokens_generated().to_string());
-        counter("mangrove_active_sequences", "Sequences in the running batch.", "gauge", self.active().to_string());
-        counter("mangrove_forward_steps_total", "Batched forward steps run.", "counter", self.steps.load(Ordering::Relaxed).to_string());
-        counter("mangrove_forward_seconds_total", "Wall time spent in forward steps.", "counter", format!("{:.6}", self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9));
-        counter("mangrove_forward_tokens_total", "Tokens fed to forward steps (prefill and decode).", "counter", self.step_tokens.load(Ordering::Relaxed).to_string());
-        s.push_str("# HELP mangrove_path_total Forward steps that ran a (layer family, kernel variant).\n# TYPE mangrove_path_total counter\n");
-        for ((f, v), n) in self.paths.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            s.push_str(&format!("mangrove_path_total{{family=\"{}\",variant=\"{}\"}} {n}\n", label(f), label(v)));
-        }
-        s.push_str("# HELP mangrove_fallback_total Fallbacks from the tuned kernel, by layer family and reason.\n# TYPE mangrove_fallback_total counter\n");
-        for ((f, r), n) in self.fallbacks.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            s.push_str(&format!("mangrove_fallback_total{{family=\"{}\",reason=\"{}\"}} {n}\n", label(f), label(r)));
-        }
-        s
+        let mut buf = Vec::new();
+        // The text encoder fails only on a writer error, and a Vec does not fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
     }
 
-    /// The same counters as JSON (dumped at shutdown).
+    /// The counters as JSON (dumped at shutdown).
     pub fn json(&self) -> serde_json::Value {
-        let table = |m: &Mutex<BTreeMap<(String, String), u64>>, second: &str| -> Vec<serde_json::Value> {
-            m.lock()
-                .unwrap_or_else(|e| e.into_inner())
+        let table = |name: &str, second: &str| -> Vec<serde_json::Value> {
+            let families = self.registry.gather();
+            let Some(fam) = families.iter().find(|f| f.name() == name) else { return Vec::new() };
+            fam.get_metric()
                 .iter()
-                .map(|((f, x), n)| serde_json::json!({"family": f, second: x, "count": n}))
+                .map(|m| {
+                    let label = |n: &str| m.get_label().iter().find(|l| l.name() == n).map(|l| l.value().to_string());
+                    serde_json::json!({"family": label("family"), second: label(second), "count": m.get_counter().get_value() as u64})
+                })
                 .collect()
         };
         serde_json::json!({
-            "requests": self.requests.load(Ordering::Relaxed),
+            "requests": self.requests.get(),
             "rejected": self.rejected_total(),
-            "prompt_tokens": self.prompt_tokens.load(Ordering::Relaxed),
+            "prompt_tokens": self.prompt_tokens.get(),
             "tokens_generated": self.tokens_generated(),
             "active_sequences": self.active(),
-            "forward_steps": self.steps.load(Ordering::Relaxed),
-            "forward_seconds": self.step_nanos.load(Ordering::Relaxed) as f64 * 1e-9,
-            "forward_tokens": self.step_tokens.load(Ordering::Relaxed),
-            "paths": table(&self.paths, "variant"),
-            "fallbacks": table(&self.fallbacks, "reason"),
+            "forward_steps": self.steps.get(),
+            "forward_seconds": self.step_seconds.get(),
+            "forward_tokens": self.step_tokens.get(),
+            "paths": table("mangrove_path_total", "variant"),
+            "fallbacks": table("mangrove_fallback_total", "reason"),
         })
     }
 }
@@ -141,18 +210,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_path_and_fallback_counters() {
+    fn renders_path_and_fallback_counters_and_histograms() {
         let m = Metrics::default();
         m.paths_ran(&[(Family::Attention, "cpu_reference"), (Family::Attention, "cpu_reference")]);
         m.fallback(Family::MlpDown, FallbackReason::NoTunedKernel);
         m.generated(3);
-        m.step(5, std::time::Duration::from_millis(1500));
+        m.step(5, Duration::from_millis(1500));
+        m.token_latency(true, Duration::from_millis(30));
         let t = m.prometheus();
         assert!(t.contains("mangrove_path_total{family=\"attention\",variant=\"cpu_reference\"} 2"), "{t}");
         assert!(t.contains("mangrove_fallback_total{family=\"mlp_down\",reason=\"no_tuned_kernel\"} 1"), "{t}");
         assert!(t.contains("mangrove_tokens_generated_total 3"));
-        assert!(t.contains("mangrove_forward_seconds_total 1.500000"), "{t}");
+        assert!(t.contains("mangrove_forward_seconds_total 1.5"), "{t}");
         assert!(t.contains("mangrove_forward_tokens_total 5"), "{t}");
+        assert!(t.contains("mangrove_time_to_first_token_seconds_bucket{le=\"0.05\"} 1"), "{t}");
         assert_eq!(m.json()["paths"][0]["count"], 2);
+        assert_eq!(m.json()["paths"][0]["variant"], "cpu_reference");
     }
 }

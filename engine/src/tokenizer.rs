@@ -1,7 +1,9 @@
 //! Text ↔ token ids through the checkpoint's `tokenizer.json` (Hugging Face `tokenizers`),
-//! plus the simple chat template the server applies to `messages`.
+//! incremental detokenization ([`TextStream`]) and each token's own text (for logprobs).
 
 use std::path::{Path, PathBuf};
+
+use crate::chat_template::Fallback;
 
 /// Errors of loading or running the tokenizer.
 #[derive(Debug, thiserror::Error)]
@@ -43,40 +45,6 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
-/// One chat message.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ChatMessage {
-    pub role: String,
-    pub content: String,
-}
-
-/// How `messages` become a prompt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChatTemplate {
-    /// `"{role}: {content}\n"` per message, then `"assistant:"`.
-    Simple,
-    /// bitnet-b1.58-2B-4T's: `"{Role}: {content}<|eot_id|>"` per message, then `"Assistant: "`
-    /// (the tokenizer's post-processor adds `<|begin_of_text|>`).
-    BitNet,
-}
-
-/// Applies `template` to `messages`.
-pub fn chat_prompt(messages: &[ChatMessage], template: ChatTemplate) -> String {
-    match template {
-        ChatTemplate::Simple => {
-            let mut s: String = messages.iter().map(|m| format!("{}: {}\n", m.role, m.content)).collect();
-            s.push_str("assistant:");
-            s
-        }
-        ChatTemplate::BitNet => {
-            let cap = |r: &str| r.chars().take(1).flat_map(char::to_uppercase).chain(r.chars().skip(1)).collect::<String>();
-            let mut s: String = messages.iter().map(|m| format!("{}: {}<|eot_id|>", cap(&m.role), m.content.trim())).collect();
-            s.push_str("Assistant: ");
-            s
-        }
-    }
-}
-
 impl Tokenizer {
     /// Loads `dir/tokenizer.json`.
     pub fn load(dir: &Path) -> Result<Self, TokenizerError> {
@@ -92,8 +60,19 @@ impl Tokenizer {
 
     /// Token ids of `text` (with the tokenizer's own special tokens, e.g. BOS).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
-        let enc = self.inner.encode(text, true).map_err(|e| TokenizerError::Run(e.to_string()))?;
+        self.encode_with(text, true)
+    }
+
+    /// Token ids of `text`, with the tokenizer's special tokens only if `add_special_tokens`
+    /// (a chat template writes its own).
+    pub fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>, TokenizerError> {
+        let enc = self.inner.encode(text, add_special_tokens).map_err(|e| TokenizerError::Run(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// The text of one token, special tokens included (a byte of a longer character shows as U+FFFD).
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.decode(&[id], false).unwrap_or_default()
     }
 
     /// Text of `ids`, special tokens skipped.
@@ -131,13 +110,14 @@ impl Tokenizer {
         EOS_NAMES.iter().filter_map(|n| self.inner.token_to_id(n)).collect()
     }
 
-    /// The chat template this vocabulary calls for: [`ChatTemplate::BitNet`] when it has
-    /// `<|eot_id|>` (bitnet-b1.58-2B-4T), else [`ChatTemplate::Simple`].
-    pub fn chat_template(&self) -> ChatTemplate {
+    /// The built-in chat format for a checkpoint without a template:
+    /// [`Fallback::BitNet`] when the vocabulary has `<|eot_id|>` (bitnet-b1.58-2B-4T), else
+    /// [`Fallback::Simple`].
+    pub fn fallback_chat(&self) -> Fallback {
         if self.inner.token_to_id("<|eot_id|>").is_some() {
-            ChatTemplate::BitNet
+            Fallback::BitNet
         } else {
-            ChatTemplate::Simple
+            Fallback::Simple
         }
     }
 }
@@ -165,12 +145,5 @@ mod tests {
             assert_eq!(stream.text, full.trim_end_matches('\u{FFFD}'), "after {n} tokens");
         }
         assert_eq!(stream.text, text);
-    }
-
-    #[test]
-    fn chat_template() {
-        let m = [ChatMessage { role: "user".into(), content: "hi".into() }];
-        assert_eq!(chat_prompt(&m, ChatTemplate::Simple), "user: hi\nassistant:");
-        assert_eq!(chat_prompt(&m, ChatTemplate::BitNet), "User: hi<|eot_id|>Assistant: ");
     }
 }

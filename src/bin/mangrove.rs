@@ -350,6 +350,11 @@ impl KernelArgs {
 
 fn main() {
     let cli = Cli::parse();
+    // Structured logs on stderr (the servers' access log among them); MANGROVE_LOG filters
+    // (e.g. `warn`, `mangrove::access=off`), default info.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MANGROVE_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // A closed stderr (a parent that stopped reading) must not fail the server: no internal-error prints.
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false).log_internal_errors(false).init();
     if matches!(cli.cmd, Cmd::Templates { .. } | Cmd::Cache { cmd: CacheCmd::Ls { .. } | CacheCmd::Stats { .. } }) {
         end_quietly_on_closed_pipe();
     }

@@ -1,12 +1,17 @@
 //! The HTTP server (tokio + axum): an OpenAI-compatible API over the engine's batcher.
 //! [`app`] builds the router from an [`AppState`] (testable without a socket); the areas are
-//! [`completions`] (`/v1/completions`, `/v1/chat/completions`, SSE streaming) and [`ops`]
-//! (`/v1/models`, `/health`, `/metrics`); every failure is a `mangrove_deploy::http::ApiError`.
+//! [`completions`] (`/v1/completions`, `/v1/chat/completions`, SSE streaming; bodies checked by
+//! [`validation`], shaped by [`response`]) and [`ops`] (`/v1/models`, `/v1/models/{id}`,
+//! `/tokenize`, `/detokenize`, `/health`, `/metrics`); every failure is a
+//! `mangrove_deploy::http::ApiError`.
 //! [`app_with`] adds the guards of [`ServeOptions`]: JSON bodies only, and with an API key a
 //! Bearer check on every route but `/health`; [`serve_with`] applies its [`HttpLimits`].
 
 pub mod completions;
 pub mod ops;
+pub mod response;
+pub mod tokenize;
+pub mod validation;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -42,6 +47,8 @@ struct Inner {
     tuning_db: Option<PathBuf>,
     /// The kernel provisioning report of this start (source, counts, fallbacks), for /health.
     kernels: std::sync::OnceLock<KernelReport>,
+    /// Response ids are this launch's random prefix and a counter, so they never repeat across restarts.
+    id_base: u64,
     next_id: AtomicU64,
 }
 
@@ -56,7 +63,7 @@ impl AppState {
         let engine = Arc::new(engine);
         let (batcher, _task) = batcher::spawn_with(engine.clone(), metrics.clone(), cfg);
         AppState {
-            inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, kernels: Default::default(), next_id: AtomicU64::new(0) }),
+            inner: Arc::new(Inner { engine, batcher, metrics, tuning_db, kernels: Default::default(), id_base: rand::random(), next_id: AtomicU64::new(0) }),
         }
     }
 
@@ -76,7 +83,7 @@ impl AppState {
     }
 
     fn next_id(&self, prefix: &str) -> String {
-        format!("{prefix}-{}", self.inner.next_id.fetch_add(1, Ordering::Relaxed))
+        format!("{prefix}-{:016x}{:08x}", self.inner.id_base, self.inner.next_id.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -87,15 +94,36 @@ pub fn app(state: AppState) -> Router {
 
 /// The whole API; with `api_key`, every route but `/health` needs `Authorization: Bearer <key>`.
 pub fn app_with(state: AppState, api_key: Option<&str>) -> Router {
-    let mut guarded = Router::new().merge(completions::routes().route_layer(guard::json_body())).merge(ops::routes());
+    let mut guarded = Router::new()
+        .merge(completions::routes().route_layer(guard::json_body()))
+        .merge(tokenize::routes().route_layer(guard::json_body()))
+        .merge(ops::routes());
     if let Some(key) = api_key {
         guarded = guarded.route_layer(guard::api_key(key));
     }
     Router::new()
         .merge(guarded)
         .merge(ops::health_routes())
+        .layer(axum::middleware::from_fn(access_log))
         .fallback(|uri: axum::http::Uri| async move { ApiError::not_found(uri.path()) })
+        .method_not_allowed_fallback(|method: axum::http::Method, uri: axum::http::Uri| async move {
+            ApiError::new(axum::http::StatusCode::METHOD_NOT_ALLOWED, format!("Method {method} is not allowed on {}", uri.path()))
+        })
         .with_state(state)
+}
+
+/// The header carrying a completion's response id (logged by [`access_log`]).
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// One access-log line per request: method, route, status, latency and the response id; a
+/// completion logs its token counts when it ends (`mangrove::access` target).
+async fn access_log(req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let t = std::time::Instant::now();
+    let r = next.run(req).await;
+    let id = r.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("-");
+    tracing::info!(target: "mangrove::access", %method, path, status = r.status().as_u16(), latency_ms = format!("{:.1}", t.elapsed().as_secs_f64() * 1e3), id, "request");
+    r
 }
 
 /// Serves `state` on `listener` with the default limits and no API key until `shutdown` resolves.
