@@ -23,7 +23,8 @@ fn shipped_db() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tuning_db/h100")
 }
 
-/// A model folder whose config.json has the bitnet-b1.58-2B shapes.
+/// A model folder whose config.json has the bitnet-b1.58-2B shapes (no weights: blessed with
+/// `--shapes-only`).
 fn model_dir(root: &Path) -> PathBuf {
     let dir = root.join("model");
     std::fs::create_dir_all(&dir).unwrap();
@@ -41,7 +42,7 @@ fn bless(root: &Path, arch: &str) -> PathBuf {
     let cache = root.join("cache");
     let (ok, stdout, err) = mangrove(&[
         "--cache-dir", cache.to_str().unwrap(), "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(),
-        "--model", model_dir(root).to_str().unwrap(), "--arch", arch, "--out", out.to_str().unwrap(), "--max-batch", "8",
+        "--model", model_dir(root).to_str().unwrap(), "--arch", arch, "--out", out.to_str().unwrap(), "--max-batch", "8", "--shapes-only",
     ]);
     assert!(ok, "{err}");
     assert!(err.contains("blessed"), "{stdout}{err}");
@@ -155,14 +156,58 @@ fn bless_bad_input_is_clear() {
     let root = tempfile::tempdir().unwrap();
     let out = root.path().join("b");
     let (ok, _, err) = mangrove(&[
-        "cache", "bless", "--tuning-db", "/nonexistent", "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "cache", "bless", "--tuning-db", "/nonexistent", "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "--shapes-only",
     ]);
     assert!(!ok && err.contains("tuning DB folder /nonexistent does not exist"), "{err}");
     let (ok, _, err) = mangrove(&[
-        "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(), "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(),
+        "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(), "--model", root.path().to_str().unwrap(), "--out", out.to_str().unwrap(), "--shapes-only",
     ]);
     assert!(!ok && err.contains("config.json"), "{err}");
     assert!(!out.exists(), "nothing half-written");
+}
+
+/// Without --shapes-only, bless reads the checkpoint as serve does and refuses what serve would
+/// refuse (no weights, truncated weights, no tokenizer), naming the problem, writing nothing.
+#[test]
+fn bless_refuses_a_checkpoint_serve_would_refuse() {
+    let root = tempfile::tempdir().unwrap();
+    let good = root.path().join("tiny");
+    let (ok, _, err) = mangrove(&["gen-model", "--preset", "tiny", "--out", good.to_str().unwrap(), "--seed", "3"]);
+    assert!(ok, "{err}");
+    let copy = |name: &str| {
+        let dir = root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in std::fs::read_dir(&good).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), dir.join(f.file_name())).unwrap();
+        }
+        dir
+    };
+    let config_only = model_dir(root.path());
+    let truncated = copy("truncated");
+    let st = truncated.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&st).unwrap().set_len(len / 2).unwrap();
+    let no_tokenizer = copy("no-tokenizer");
+    std::fs::remove_file(no_tokenizer.join("tokenizer.json")).unwrap();
+    let db = shipped_db();
+    let cache = root.path().join("cache");
+    let bless_of = |model: &Path, out: &Path| {
+        mangrove(&[
+            "--cache-dir", cache.to_str().unwrap(), "cache", "bless", "--tuning-db", db.to_str().unwrap(), "--model", model.to_str().unwrap(),
+            "--arch", "sm90", "--out", out.to_str().unwrap(), "--max-batch", "2",
+        ])
+    };
+    for (model, what) in [(&config_only, "safetensors"), (&truncated, "model.safetensors"), (&no_tokenizer, "tokenizer")] {
+        let out = root.path().join(format!("bundle-{}", model.file_name().unwrap().to_string_lossy()));
+        let (ok, _, err) = bless_of(model, &out);
+        assert!(!ok, "{} was blessed", model.display());
+        assert!(err.contains("would not serve") && err.contains(what), "{}: {err}", model.display());
+        assert!(!out.exists(), "{}: nothing half-written", model.display());
+    }
+    let out = root.path().join("bundle-good");
+    let (ok, _, err) = bless_of(&good, &out);
+    assert!(ok && out.join("manifest.json").exists(), "{err}");
 }
 
 #[test]

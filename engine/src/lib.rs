@@ -138,19 +138,48 @@ impl Engine {
         })
     }
 
+    /// Reads and checks the checkpoint in `dir` as serving does (weights against config.json,
+    /// tokenizer, chat template, generation defaults) without a backend, and returns its
+    /// config: `cache bless` refuses what `serve` would refuse.
+    pub fn check_checkpoint(dir: &Path) -> Result<ModelConfig, EngineError> {
+        Ok(Checkpoint::read(dir)?.model.config)
+    }
+
     fn load(
         dir: &Path,
         name: Option<String>,
         backend: impl FnOnce(Model) -> Result<Arc<dyn Backend>, EngineError>,
     ) -> Result<Self, EngineError> {
-        let model = Model::load(dir)?;
-        let tokenizer = Tokenizer::load(dir)?;
-        let mut eos = model.config.eos_token_ids.clone();
-        eos.extend(tokenizer.end_ids().into_iter().filter(|t| !model.config.eos_token_ids.contains(t)));
+        let Checkpoint { model, tokenizer, eos, chat, defaults } = Checkpoint::read(dir)?;
         let name = name.unwrap_or_else(|| {
             let canonical = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
             canonical.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
         });
+        Ok(Engine { name, backend: backend(model)?, tokenizer, eos, chat, defaults })
+    }
+
+    /// The model config.
+    pub fn config(&self) -> &ModelConfig {
+        self.backend.config()
+    }
+}
+
+/// Everything an engine reads from a checkpoint folder.
+struct Checkpoint {
+    model: Model,
+    tokenizer: Tokenizer,
+    /// End-of-sequence ids: config.json's, the tokenizer's, generation_config.json's.
+    eos: Vec<u32>,
+    chat: ChatTemplate,
+    defaults: GenerationDefaults,
+}
+
+impl Checkpoint {
+    fn read(dir: &Path) -> Result<Self, EngineError> {
+        let model = Model::load(dir)?;
+        let tokenizer = Tokenizer::load(dir)?;
+        let mut eos = model.config.eos_token_ids.clone();
+        eos.extend(tokenizer.end_ids().into_iter().filter(|t| !model.config.eos_token_ids.contains(t)));
         let chat = ChatTemplate::load(dir, tokenizer.fallback_chat())?;
         let defaults = GenerationDefaults::load(dir)?;
         for t in defaults.eos_token_id.as_ref().map_or_else(Vec::new, |e| e.ids()) {
@@ -158,11 +187,6 @@ impl Engine {
                 eos.push(t);
             }
         }
-        Ok(Engine { name, backend: backend(model)?, tokenizer, eos, chat, defaults })
-    }
-
-    /// The model config.
-    pub fn config(&self) -> &ModelConfig {
-        self.backend.config()
+        Ok(Self { model, tokenizer, eos, chat, defaults })
     }
 }

@@ -308,6 +308,10 @@ enum CacheCmd {
         /// Sign the manifest with this ed25519 key (`cache keygen`).
         #[arg(long, value_name = "KEY")]
         sign_key: Option<PathBuf>,
+        /// Take the shapes from config.json alone (a bundle prepared before the weights exist);
+        /// by default the whole checkpoint is read and checked as `serve` does first.
+        #[arg(long)]
+        shapes_only: bool,
     },
     /// Write every cache entry (optionally of one arch) into a bundle.
     Export {
@@ -503,7 +507,13 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             let public = mangrove::signing::generate(&out)?;
             println!("wrote signing key {} and public key {}", out.display(), public.display());
         }
-        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu, sign_key } => {
+        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu, sign_key, shapes_only } => {
+            if !shapes_only {
+                // Refuse what serve would refuse, before anything is written.
+                mangrove::engine::Engine::check_checkpoint(&model).map_err(|e| {
+                    anyhow::anyhow!("cache bless: {} would not serve: {e} (--shapes-only blesses from config.json alone)", model.display())
+                })?;
+            }
             let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
             let req = BlessRequest { tuning_db: &tuning_db, model: &model, arch, out: &out, max_batch, verify_on_gpu, sign: key.as_ref() };
             let r = bless::bless(catalog, dir, &req)?;
