@@ -106,8 +106,8 @@ enum Cmd {
         #[arg(long)]
         layers: Option<usize>,
     },
-    /// Benchmarks: `decode` (tokens/s of a backend) and `startup` (time to ready: cold cache,
-    /// warm cache, blessed bundle).
+    /// Benchmarks: `decode` (tokens/s of a backend), `serve` (load on an HTTP server),
+    /// `kernels` (the lab), `startup` (time to ready) and `compare` (two saved results).
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -241,6 +241,25 @@ enum BenchCmd {
         kernels: KernelArgs,
         #[arg(long)]
         json: bool,
+    },
+    /// Load generator against an OpenAI-compatible server: streamed completions at each
+    /// concurrency level (TTFT / TPOT / ITL / e2e percentiles, tokens/s, failures), an optional
+    /// TTFT-target search and stress verdict; JSON + CSV + SVG with --json.
+    Serve(Box<mangrove::bench::serve::command::ServeArgs>),
+    /// Compare two saved results of a bench (serve, decode, kernels JSON): a table of every
+    /// tracked metric; exit status 1 when one regressed beyond the thresholds.
+    Compare {
+        base: PathBuf,
+        new: PathBuf,
+        /// Percent slower (latency up, throughput down) that counts as a regression.
+        #[arg(long, default_value_t = 3.0)]
+        max_slower_pct: f64,
+        /// GB more memory that counts as a regression.
+        #[arg(long, default_value_t = 1.0)]
+        max_memory_gb: f64,
+        /// Also write the comparison here as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
     },
     /// Kernel lab: copy bandwidth, cuBLAS bf16, and mangrove's tuned and default kernels on the
     /// bitnet-2B decode GEMVs and the MoE gate_up problem, each checked, then timed beyond L2.
@@ -403,6 +422,25 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { cmd: BenchCmd::Startup { model, tuning_db, arch, max_batch, json } } => {
             let r = mangrove::engine::startup::bench_startup(&std::env::current_exe()?, &catalog, &model, &tuning_db, arch, max_batch)?;
             print_report(&r, json)
+        }
+        Cmd::Bench { cmd: BenchCmd::Serve(args) } => {
+            let report = mangrove::bench::serve::command::run(&args, command())?;
+            if report.stress_failed() {
+                bail!("stress run failed: every request must succeed");
+            }
+            Ok(())
+        }
+        Cmd::Bench { cmd: BenchCmd::Compare { base, new, max_slower_pct, max_memory_gb, json } } => {
+            let thresholds = mangrove::bench::compare::Thresholds { slower_pct: max_slower_pct, memory_bytes: max_memory_gb * 1e9 };
+            let c = mangrove::bench::compare::compare_files(&base, &new, thresholds)?;
+            print!("{c}");
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_vec_pretty(&c)?).map_err(|e| anyhow::anyhow!(e).context(format!("writing {}", path.display())))?;
+            }
+            match c.regressions().count() {
+                0 => Ok(()),
+                n => bail!("{n} metric(s) regressed beyond the thresholds"),
+            }
         }
         Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
             mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
