@@ -12,7 +12,8 @@ use super::workload::RequestSpec;
 /// How one request went, measured from just before it was sent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Timing {
-    /// Time to the first non-empty text chunk.
+    /// Time to the first non-empty text chunk (to the first chunk when no text came: a
+    /// completion that ended at once, e.g. on an end-of-sequence token).
     pub ttft: Duration,
     /// Time to the end of the stream.
     pub e2e: Duration,
@@ -20,6 +21,8 @@ pub struct Timing {
     pub gaps: Vec<Duration>,
     /// Generated tokens: the server's `usage.completion_tokens`, else the text chunks counted.
     pub output_tokens: usize,
+    /// Chunks that carried text (0: an empty completion).
+    pub text_chunks: usize,
     /// The server's `usage.prompt_tokens`, when it reports usage.
     pub prompt_tokens: Option<usize>,
 }
@@ -47,8 +50,8 @@ pub enum RequestError {
     Malformed(#[source] serde_json::Error),
     #[error("the stream ended without [DONE]")]
     Truncated,
-    #[error("no text before the stream ended")]
-    NoText,
+    #[error("the stream ended with no completion chunk")]
+    NoChunk,
     #[error("no answer within {0:?}")]
     Timeout(Duration),
 }
@@ -63,7 +66,7 @@ impl RequestError {
             RequestError::Server(_) => "server_error",
             RequestError::Malformed(_) => "malformed",
             RequestError::Truncated => "truncated",
-            RequestError::NoText => "no_text",
+            RequestError::NoChunk => "no_chunk",
             RequestError::Timeout(_) => "timeout",
         }
     }
@@ -142,6 +145,7 @@ impl Endpoint {
         let mut events = resp.bytes_stream();
         let mut buf: Vec<u8> = Vec::new();
         let mut arrivals: Vec<Instant> = Vec::new();
+        let mut first_chunk: Option<Instant> = None;
         let mut usage: Option<Usage> = None;
         while let Some(bytes) = events.next().await {
             buf.extend_from_slice(&bytes.map_err(RequestError::Stream)?);
@@ -149,13 +153,14 @@ impl Endpoint {
                 let now = Instant::now();
                 for data in event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim) {
                     if data == "[DONE]" {
-                        return finish(start, &arrivals, usage);
+                        return finish(start, first_chunk, &arrivals, usage);
                     }
                     let chunk: Chunk = serde_json::from_str(data).map_err(RequestError::Malformed)?;
                     if let Some(e) = chunk.error {
                         return Err(RequestError::Server(e.to_string()));
                     }
                     let text: usize = chunk.choices.iter().map(|c| c.text.as_deref().or(c.delta.as_ref().and_then(|d| d.content.as_deref())).map_or(0, str::len)).sum();
+                    first_chunk.get_or_insert(now);
                     if text > 0 {
                         arrivals.push(now);
                     }
@@ -177,14 +182,15 @@ fn split_event(buf: &[u8]) -> Option<(String, usize)> {
     Some((event, buf.len() - end - sep))
 }
 
-fn finish(start: Instant, arrivals: &[Instant], usage: Option<Usage>) -> Result<Timing, RequestError> {
-    let first = *arrivals.first().ok_or(RequestError::NoText)?;
+fn finish(start: Instant, first_chunk: Option<Instant>, arrivals: &[Instant], usage: Option<Usage>) -> Result<Timing, RequestError> {
+    let first = arrivals.first().copied().or(first_chunk).ok_or(RequestError::NoChunk)?;
     let gaps = arrivals.windows(2).map(|w| w[1] - w[0]).collect();
     Ok(Timing {
         ttft: first - start,
         e2e: start.elapsed(),
         gaps,
         output_tokens: usage.as_ref().and_then(|u| u.completion_tokens).unwrap_or(arrivals.len()),
+        text_chunks: arrivals.len(),
         prompt_tokens: usage.and_then(|u| u.prompt_tokens),
     })
 }
@@ -204,7 +210,7 @@ mod tests {
 
     #[test]
     fn tpot_excludes_the_first_token() {
-        let t = Timing { ttft: Duration::from_millis(100), e2e: Duration::from_millis(400), gaps: vec![], output_tokens: 4, prompt_tokens: None };
+        let t = Timing { ttft: Duration::from_millis(100), e2e: Duration::from_millis(400), gaps: vec![], output_tokens: 4, text_chunks: 4, prompt_tokens: None };
         assert_eq!(t.tpot(), Some(Duration::from_millis(100)));
         assert_eq!(Timing { output_tokens: 1, ..t }.tpot(), None);
     }

@@ -140,9 +140,8 @@ impl ServeBench {
             }
             let mut measured = BTreeMap::new();
             for &c in &self.concurrency {
-                if !measured.contains_key(&c) {
-                    let level = self.level(&http, &endpoint, c).await?;
-                    measured.insert(c, level);
+                if let std::collections::btree_map::Entry::Vacant(e) = measured.entry(c) {
+                    e.insert(self.level(&http, &endpoint, c).await?);
                 }
             }
             let ttft_target = match self.ttft_target {
@@ -230,6 +229,7 @@ fn summarise(concurrency: usize, planned: usize, results: Vec<Result<Timing, Req
         match r {
             Ok(t) => {
                 level.succeeded += 1;
+                level.empty += usize::from(t.text_chunks == 0);
                 ttft.push(ms(&t.ttft));
                 e2e.push(ms(&t.e2e));
                 tpot.extend(t.tpot().as_ref().map(ms));

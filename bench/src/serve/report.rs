@@ -23,6 +23,8 @@ pub struct Level {
     pub requests: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Succeeded requests whose completion had no text (ended at once, e.g. on end-of-sequence).
+    pub empty: usize,
     /// Failures by kind (`status`, `timeout`, `stream`, ...).
     pub failures: BTreeMap<String, usize>,
     /// The first few failure messages.

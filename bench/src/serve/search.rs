@@ -20,15 +20,15 @@ pub fn max_concurrency<E>(
     mut measure: impl FnMut(usize) -> Result<Level, E>,
 ) -> Result<Option<usize>, E> {
     let mut pass = |c: usize, measured: &mut BTreeMap<usize, Level>| -> Result<bool, E> {
-        if !measured.contains_key(&c) {
-            let l = measure(c)?;
-            measured.insert(c, l);
-        }
-        Ok(meets(&measured[&c], target_ms))
+        let level = match measured.entry(c) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => e.insert(measure(c)?),
+        };
+        Ok(meets(level, target_ms))
     };
     let max = max.max(1);
     let mut hi = measured.iter().find(|(&c, l)| c <= max && !meets(l, target_ms)).map(|(&c, _)| c);
-    let mut lo = measured.iter().filter(|(&c, l)| c <= max && hi.is_none_or(|h| c < h) && meets(l, target_ms)).map(|(&c, _)| c).last().unwrap_or(0);
+    let mut lo = measured.iter().filter(|(&c, l)| c <= max && hi.is_none_or(|h| c < h) && meets(l, target_ms)).map(|(&c, _)| c).next_back().unwrap_or(0);
     if hi.is_none() {
         let mut c = (lo * 2).clamp(1, max);
         while lo < max {
