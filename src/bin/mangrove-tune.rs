@@ -128,13 +128,17 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
+    /// Merge tuning DB folders into OUT: per key a record already there stays unless the next
+    /// one is faster by the noise margin; conflicts are listed. Merging twice changes nothing.
     Merge {
         /// DB folders to merge, in order.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         #[arg(short, long)]
         out: PathBuf,
+        /// Gain (%) a record needs to replace one already there; 0 for shards of one run.
+        #[arg(long, default_value = "5")]
+        noise_margin: mangrove::tuning_db::NoiseMargin,
     },
 }
 
@@ -146,7 +150,7 @@ fn main() {
         Cmd::DecodeOps { common, preset, model } => command::decode_ops(common, preset, model),
         Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => command::probe_mgt1(common, m, shapes, reference, out_dir),
         Cmd::Bench { common, jobs, report } => command::bench(common, jobs, report),
-        Cmd::Merge { inputs, out } => command::merge(inputs, out),
+        Cmd::Merge { inputs, out, noise_margin } => command::merge(inputs, out, noise_margin),
         Cmd::Cpu { preset, model, m, threads, rows_per_task, iters, db, dry_run } => {
             if let Err(e) = cpu(preset, model, m, threads, rows_per_task, iters, db, dry_run) {
                 eprintln!("error: {e:#}");
@@ -198,7 +202,7 @@ fn cpu(
     let dir = db.unwrap_or_else(|| PathBuf::from("tuning_db").join(sweep::cpu_slug()));
     let mut tdb = mangrove::tuning_db::TuningDb::load(&dir)?;
     for r in records {
-        tdb.upsert(sweep::TEMPLATE, r);
+        tdb.upsert(sweep::TEMPLATE, r, mangrove::tuning_db::NoiseMargin::DEFAULT);
     }
     tdb.save(&dir)?;
     println!("wrote {}", dir.join(format!("{}.json", sweep::TEMPLATE)).display());

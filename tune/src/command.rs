@@ -12,7 +12,7 @@ use mangrove_core::gpu::{ActMode, GpuError, TimingPlan, GEMM_TEMPLATE};
 use mangrove_core::jit::{Jit, JitError};
 use mangrove_core::model_config::{ConfigError, ModelConfig, Preset};
 use mangrove_core::template::{format_params, Catalog, Params};
-use mangrove_core::tuning_db::{DbError, TuningDb};
+use mangrove_core::tuning_db::{Conflict, DbError, Kept, NoiseMargin, TuningDb};
 
 use crate::context::{Journal, TuneContext};
 use crate::decode_ops::{tune_decode_ops, OpOutcome};
@@ -147,6 +147,10 @@ pub struct Common {
     /// Runner-ups kept per record.
     #[arg(long, default_value_t = 3)]
     pub runner_ups: usize,
+    /// Gain (%) a tuned config needs over the template's default, and a new record over one
+    /// already in the DB, to replace it; smaller gains are timing noise.
+    #[arg(long, default_value = "5")]
+    pub noise_margin: NoiseMargin,
     /// Tuning DB folder (default: tuning_db/<gpu>, e.g. tuning_db/h100).
     #[arg(long)]
     pub db: Option<PathBuf>,
@@ -329,26 +333,34 @@ pub fn bench(common: Common, jobs: GemvJobs, report: Option<PathBuf>) -> Result<
     Ok(())
 }
 
-/// `merge`: merge DB folders into `out`, the fastest winner per key.
-pub fn merge(inputs: Vec<PathBuf>, out: PathBuf) -> Result<(), CommandError> {
+/// `merge`: merge DB folders into `out` (per key, a record already there stays unless the next
+/// beats it by `margin`).
+pub fn merge(inputs: Vec<PathBuf>, out: PathBuf, margin: NoiseMargin) -> Result<(), CommandError> {
     let mut db = TuningDb::load(&out)?;
     let mut conflicts = Vec::new();
     for i in &inputs {
         if !i.is_dir() {
             return input(format!("{} is not a tuning DB folder", i.display()));
         }
-        conflicts.extend(db.merge(TuningDb::load(i)?));
+        conflicts.extend(db.merge(TuningDb::load(i)?, margin));
     }
     db.save(&out)?;
     let n: usize = db.templates.values().map(|t| t.records.len()).sum();
     println!("merged {} folders into {}: {n} records, {} gates", inputs.len(), out.display(), db.gates.len());
     for c in &conflicts {
-        println!(
-            "conflict {} {} M={}: kept {:.2} µs, dropped {:.2} µs",
-            c.template, format_params(&c.problem), c.m, c.kept_us, c.dropped_us
-        );
+        println!("conflict {} {} M={}: {}", c.template, format_params(&c.problem), c.m, conflict_text(c, margin));
     }
     Ok(())
+}
+
+/// "kept 4.00 µs, dropped 5.00 µs (20.0 % faster, spread 3.1 %)", saying when the margin decided.
+fn conflict_text(c: &Conflict, margin: NoiseMargin) -> String {
+    let why = match c.kept {
+        Kept::Challenger => format!("{:.1} % faster than the record there", c.gain_pct),
+        Kept::Incumbent => format!("the new record was {:.1} % slower", -c.gain_pct),
+        Kept::IncumbentWithinMargin => format!("the new record was only {:.1} % faster, within the {margin} noise margin", c.gain_pct),
+    };
+    format!("kept {:.2} µs, dropped {:.2} µs ({why}; its spread p95/median {:.1} %)", c.kept_us, c.dropped_us, c.spread_pct)
 }
 
 fn catalog(c: &Common) -> Result<Catalog, CommandError> {
@@ -376,6 +388,7 @@ fn context(c: &Common) -> Result<TuneContext, CommandError> {
         plan: TimingPlan { warmup: 3, samples: c.samples, batch: c.batch },
         runner_ups: c.runner_ups,
         compile_only: c.compile_only,
+        noise_margin: c.noise_margin,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let (mut ctx, note) = TuneContext::new(jit, settings, command)?;
@@ -434,7 +447,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
     let mut conflicts = Vec::new();
     for (template, _, o) in &outcomes {
         if let Some(r) = &o.record {
-            conflicts.extend(db.upsert(template, r.clone()));
+            conflicts.extend(db.upsert(template, r.clone(), c.noise_margin));
         }
     }
     let wrote = ctx.journal.is_some() && outcomes.iter().any(|(_, _, o)| o.record.is_some());
@@ -490,7 +503,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
         println!("pruned: {}", reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect::<Vec<_>>().join(", "));
     }
     for cf in &conflicts {
-        println!("conflict {} M={}: kept the record at {:.2} µs over the one at {:.2} µs", format_params(&cf.problem), cf.m, cf.kept_us, cf.dropped_us);
+        println!("conflict {} M={}: {}", format_params(&cf.problem), cf.m, conflict_text(cf, c.noise_margin));
     }
     if wrote {
         println!("wrote {}", dir.display());

@@ -106,8 +106,8 @@ impl TuneContext {
             r.m = m;
             if let Some(j) = &self.journal {
                 let mut one = TuningDb::default();
-                one.upsert(template, r.clone());
-                one.save_merged(&j.dir).map_err(|e| TuneError::Input(format!("saving the record of {template} {} M={m}: {e}", format_params(&key))))?;
+                one.upsert(template, r.clone(), self.settings.noise_margin);
+                one.save_merged(&j.dir, self.settings.noise_margin).map_err(|e| TuneError::Input(format!("saving the record of {template} {} M={m}: {e}", format_params(&key))))?;
             }
         }
         Ok(o)
