@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::check::{Deltas, Gate};
 use crate::template::Params;
 
+pub mod folder;
+
 /// Bump when the record format changes meaning.
 pub const DB_SCHEMA_VERSION: u32 = 1;
 

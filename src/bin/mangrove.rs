@@ -19,6 +19,7 @@ use mangrove::jit::{Jit, KernelRequest};
 use mangrove::model_config::Preset;
 use mangrove::provision::KernelOptions;
 use mangrove::template::{parse_params, Catalog, ParamRole};
+use mangrove::tuning_db::folder::{self, Target};
 use mangrove::tuning_db::TuningDb;
 
 #[derive(Parser)]
@@ -309,8 +310,13 @@ enum CacheCmd {
     },
     /// Freeze the kernels `mangrove serve` needs for a model, tuning DB and arch into a bundle.
     Bless {
+        /// Tuning DB folder (default: tuning_db/<gpu> of the GPU present when it is of --arch,
+        /// else tuning_db/<arch>).
+        #[arg(long, env = "MANGROVE_TUNING_DB")]
+        tuning_db: Option<PathBuf>,
+        /// Refuse a tuning DB whose records were tuned on another GPU or arch.
         #[arg(long)]
-        tuning_db: PathBuf,
+        strict: bool,
         /// Model folder (its config.json decides the shapes).
         #[arg(long)]
         model: PathBuf,
@@ -353,6 +359,16 @@ enum CacheCmd {
 }
 
 impl KernelArgs {
+    /// The cuda backend's tuning DB: the flag or the folder of the GPU present, checked against
+    /// that GPU (a warning, or with --strict an error, when tuned elsewhere). Other backends
+    /// take the flag as given.
+    fn tuning_db(&self, flag: Option<PathBuf>, backend: &str) -> Result<Option<PathBuf>> {
+        if backend != "cuda" {
+            return Ok(flag);
+        }
+        tuning_db_for(flag, &Target::present(self.arch), self.strict)
+    }
+
     fn options(&self) -> KernelOptions {
         KernelOptions {
             arch: self.arch,
@@ -447,6 +463,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, tuning_db, mut kernels, json } } => {
             kernels.max_batch = batch.iter().copied().max().unwrap_or(1) as i64;
+            let tuning_db = kernels.tuning_db(tuning_db, &backend)?;
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let engine = start::open(&model, &backend, None, &setup)?.0;
             let report = mangrove::engine::bench::decode_report(engine.backend.as_ref(), &model.display().to_string(), &batch, prompt_tokens, steps, command())?;
@@ -457,6 +474,7 @@ fn run(cli: Cli) -> Result<()> {
             // Every backend runs at most --max-batch sequences (the cuda backend's KV slots).
             let batcher = BatcherConfig { prefill_chunk, max_seqs: usize::try_from(kernels.max_batch).unwrap_or(0), max_queue, step_tokens };
             batcher.validate()?;
+            let tuning_db = kernels.tuning_db(tuning_db, &backend)?;
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let (engine, report) = start::open(&model, &backend, model_name, &setup)?;
             let metrics = start::serve(engine, (&host, port), tuning_db, batcher, &options, report)?;
@@ -515,6 +533,22 @@ fn templates(catalog: &Catalog, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The tuning DB folder for `target`: `flag`, else the target's folder under tuning_db/ (None
+/// when there is none), with a note saying which was chosen and a warning (or, `strict`, an
+/// error) when its records were tuned on another GPU or arch.
+fn tuning_db_for(flag: Option<PathBuf>, target: &Target, strict: bool) -> Result<Option<PathBuf>> {
+    let Some(r) = folder::resolve(flag.as_deref(), Path::new(folder::ROOT), target, strict)? else {
+        return Ok(None);
+    };
+    if let Some(chosen) = r.chosen {
+        eprintln!("note: tuning DB {}: {chosen} ({target})", r.dir.display());
+    }
+    if let Some(f) = &r.foreign {
+        eprintln!("warning: {f}");
+    }
+    Ok(Some(r.dir))
+}
+
 /// Reads the trusted public keys named on the command line.
 fn trusted(paths: &[PathBuf]) -> Result<Vec<mangrove::signing::VerifyingKey>> {
     Ok(paths.iter().map(|p| mangrove::signing::load_verifying_key(p)).collect::<Result<_, _>>()?)
@@ -536,8 +570,16 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             let public = mangrove::signing::generate(&out)?;
             println!("wrote signing key {} and public key {}", out.display(), public.display());
         }
-        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu, sign_key } => {
+        CacheCmd::Bless { tuning_db, strict, model, arch, out, max_batch, verify_on_gpu, sign_key } => {
             let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
+            // The GPU present decides the folder only when the bundle is for its arch.
+            let target = match Target::present(arch) {
+                Target::Gpu { arch: here, .. } if here.cc != arch.cc => Target::Arch(arch),
+                t => t,
+            };
+            let Some(tuning_db) = tuning_db_for(tuning_db, &target, strict)? else {
+                bail!("no tuning DB folder for {target} under {}/; pass --tuning-db", folder::ROOT);
+            };
             let req = BlessRequest { tuning_db: &tuning_db, model: &model, arch, out: &out, max_batch, verify_on_gpu, sign: key.as_ref() };
             let r = bless::bless(catalog, dir, &req)?;
             for u in &r.unavailable {

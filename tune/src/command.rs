@@ -12,6 +12,7 @@ use mangrove_core::gpu::{ActMode, GpuError, TimingPlan, GEMM_TEMPLATE};
 use mangrove_core::jit::{Jit, JitError};
 use mangrove_core::model_config::{ConfigError, ModelConfig, Preset};
 use mangrove_core::template::{format_params, Catalog, Params};
+use mangrove_core::tuning_db::folder::{self, Target};
 use mangrove_core::tuning_db::{Conflict, DbError, Kept, NoiseMargin, TuningDb};
 
 use crate::context::{Journal, TuneContext};
@@ -151,7 +152,7 @@ pub struct Common {
     /// already in the DB, to replace it; smaller gains are timing noise.
     #[arg(long, default_value = "5")]
     pub noise_margin: NoiseMargin,
-    /// Tuning DB folder (default: tuning_db/<gpu>, e.g. tuning_db/h100).
+    /// Tuning DB folder (default: the folder of this GPU, e.g. tuning_db/h200; see db_dir).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Do not write the tuning DB (otherwise each finished record is merged into it at once).
@@ -414,21 +415,22 @@ fn progress(hidden: bool) -> ProgressBar {
     pb
 }
 
-/// The DB folder: the flag, else tuning_db/<gpu slug>, else tuning_db/<arch>.
+/// The DB folder: the flag, else the GPU's (or, none present, the arch's) default folder when
+/// its records were all tuned on this GPU (the shipped tuning_db/h100 for an H100 SXM), else a
+/// folder of its own, tuning_db/<gpu slug> (tuning_db/h100-pcie) or tuning_db/<arch>.
 fn db_dir(ctx: &TuneContext, flag: &Option<PathBuf>) -> PathBuf {
     if let Some(d) = flag {
         return d.clone();
     }
-    let slug = ctx.gpu.as_ref().map(|g| gpu_slug(&g.info().name)).unwrap_or_else(|| ctx.arch().to_string());
-    Path::new("tuning_db").join(slug)
-}
-
-/// "NVIDIA H100 80GB HBM3" → "h100".
-fn gpu_slug(name: &str) -> String {
-    name.split_whitespace()
-        .find(|w| w.len() >= 3 && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && w.chars().any(|c| c.is_ascii_digit()))
-        .unwrap_or(name)
-        .to_ascii_lowercase()
+    let target = match &ctx.gpu {
+        Some(g) => Target::Gpu { name: g.info().name.clone(), arch: g.info().arch },
+        None => Target::Arch(ctx.arch()),
+    };
+    let root = Path::new(folder::ROOT);
+    match folder::default_folder(root, &target) {
+        Some((d, _)) if TuningDb::load(&d).is_ok_and(|db| folder::foreign_records(&db, &target).is_empty()) => d,
+        _ => root.join(target.slug()),
+    }
 }
 
 /// The outcomes of one template's sweeps, each tagged with the template.
