@@ -262,6 +262,21 @@ enum BenchCmd {
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
     },
+    /// A baseline bundle in OUT: environment and provenance, decode at batch 1 and 16, the kernel
+    /// lab (GPU), a serve sweep with the server's path/fallback counters, commands.log and a
+    /// summary; each bench runs as its own mangrove process. Exit status 1 when a step failed.
+    Freeze {
+        out: PathBuf,
+        /// Checkpoint to bench (default: one generated into OUT/model, bitnet-2b on a GPU, tiny on a CPU).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Shorter runs (fewer steps, levels and prompts).
+        #[arg(long)]
+        quick: bool,
+        /// Write the environment and the planned commands only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Kernel lab: copy bandwidth, cuBLAS bf16, and mangrove's tuned and default kernels on the
     /// bitnet-2B decode GEMVs and the MoE gate_up problem, each checked, then timed beyond L2.
     Kernels(mangrove::lab::command::KernelsArgs),
@@ -457,6 +472,15 @@ fn run(cli: Cli) -> Result<()> {
                 0 => Ok(()),
                 n => bail!("{n} metric(s) regressed beyond the thresholds"),
             }
+        }
+        Cmd::Bench { cmd: BenchCmd::Freeze { out, model, quick, dry_run } } => {
+            let options = mangrove::bench::freeze::FreezeOptions { out, exe: std::env::current_exe()?, model, quick, dry_run, command: command() };
+            let summary = mangrove::bench::freeze::freeze(&options)?;
+            print!("{}", summary.markdown());
+            if !summary.ok() {
+                bail!("a step of the freeze failed (see {}/commands.log)", options.out.display());
+            }
+            Ok(())
         }
         Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
             mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
