@@ -177,3 +177,30 @@ fn shipped_h100_db_loads_and_covers_the_default_shapes() {
     assert_eq!(db.templates["moe_gateup"].records.len(), 10);
     assert!(db.gates.iter().all(|g| g.passed));
 }
+
+#[test]
+fn compile_only_progress_has_a_total_and_reaches_it() {
+    use mangrove::tune::space::Shard;
+    use mangrove::tune::strategy::Strategy;
+    use mangrove::tune::sweep::SweepSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let jit = mangrove::jit::Jit::open(mangrove::template::Catalog::embedded(), dir.path(), false).unwrap_or_else(|e| panic!("{e}"));
+    let settings = SweepSettings {
+        arch: mangrove::arch::Arch::SM90,
+        strategy: Strategy::Exhaustive,
+        shard: "0/8".parse::<Shard>().unwrap(),
+        gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
+        plan: Default::default(),
+        runner_ups: 3,
+        compile_only: true,
+        noise_margin: NoiseMargin::DEFAULT,
+    };
+    let (ctx, _) = mangrove::tune::context::TuneContext::new(jit, settings, "test".into()).unwrap();
+    let pb = indicatif::ProgressBar::hidden();
+    let out = mangrove::tune::gemv::tune_gemv(&ctx, "ternary_gemv", &[(64, 1000)], &[8], &pb).unwrap();
+    let total = pb.length().unwrap();
+    assert!(total > 0, "the total is known before the sweep");
+    assert_eq!(pb.position(), total, "every planned config was counted");
+    // This shard's configs: the candidates minus the constraint-pruned, split eight ways.
+    assert!(total < out[0].1.candidates as u64, "{total} of {}", out[0].1.candidates);
+}

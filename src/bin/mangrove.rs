@@ -429,7 +429,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cache { cmd } => cache_cmd(&catalog, &cache_dir, cmd),
         Cmd::Warm { arch, recompile, json } => {
-            let report = mangrove::warm::warm(&Jit::open(catalog, &cache_dir, false)?, &arch, recompile)?;
+            let progress = bar(json, "kernels");
+            let report = mangrove::warm::warm(&Jit::open(catalog, &cache_dir, false)?, &arch, recompile, &progress)?;
+            progress.finish_and_clear();
             print_report(&report, json)?;
             if report.failed() > 0 {
                 bail!("{} kernels failed the correctness check", report.failed());
@@ -525,6 +527,14 @@ fn end_quietly_on_closed_pipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// A progress bar on stderr with total and ETA counting `unit` (hidden when the output is JSON).
+fn bar(hidden: bool, unit: &str) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    mangrove::progress::bar(unit)
 }
 
 /// Prints a report as pretty JSON or as its text.

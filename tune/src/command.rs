@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mangrove_core::arch::Arch;
 use mangrove_core::check::Gate;
 use mangrove_core::gpu::{ActMode, GpuError, TimingPlan, GEMM_TEMPLATE};
@@ -409,10 +409,7 @@ fn progress(hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {pos} configs evaluated · {msg} [{elapsed}]").expect("valid template"));
-    pb.enable_steady_tick(std::time::Duration::from_millis(200));
-    pb
+    mangrove_core::progress::bar("configs")
 }
 
 /// The DB folder: the flag, else the GPU's (or, none present, the arch's) default folder when

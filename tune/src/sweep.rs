@@ -159,7 +159,7 @@ pub fn sweep(
         let mut out = SweepOutcome { candidates, pruned: constraint_pruned, ..Default::default() };
         let reqs: Vec<KernelRequest> =
             mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
-        for (p, f) in mine.iter().zip(jit.get_many(&reqs)) {
+        for (p, f) in mine.iter().zip(jit.get_many_counted(&reqs, progress)) {
             match f {
                 Ok(f) => out.pruned.extend(limits.check(&f.entry).map(|r| (p.clone(), r))),
                 Err(e) => out.pruned.push((p.clone(), PruneReason::CompileFailed(e.to_string()))),
