@@ -644,6 +644,31 @@ mod tests {
     }
 
     #[test]
+    fn shards_merged_without_a_margin_give_the_single_runs_record() {
+        // One run timed THREADS 64, 128, 256, 512; two shards timed half each.
+        let run = |configs: &[(i64, f64)]| {
+            let mut sorted = configs.to_vec();
+            sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let mut r = rec(256, 1, sorted[0].0, sorted[0].1);
+            r.runner_ups = sorted[1..].iter().map(|&(t, us)| timed(t, us)).collect();
+            (r.pruned, r.timed) = (1, configs.len());
+            r
+        };
+        let all = [(64, 3.0), (128, 2.9), (256, 5.0), (512, 4.0)];
+        let single = run(&all);
+        let mut merged = TuningDb::default();
+        for shard in [&all[..2], &all[2..]] {
+            let mut one = TuningDb::default();
+            one.upsert("t", run(shard), M);
+            merged.merge(one, NoiseMargin::NONE);
+        }
+        let m = &merged.templates["t"].records[0];
+        assert_eq!(m.winner, single.winner, "128 at 2.9 µs wins although only 3 % faster than 64");
+        assert_eq!((m.timed, m.pruned, m.candidates), (single.timed, 2 * single.pruned, single.candidates));
+        assert_eq!(m.runner_ups[0], single.runner_ups[0]);
+    }
+
+    #[test]
     fn merge_keeps_best_and_reports_conflicts() {
         let mut a = TuningDb::default();
         a.upsert("t", rec(256, 1, 64, 3.0), M);

@@ -457,7 +457,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
             .iter()
             .map(|(t, p, o)| {
                 serde_json::json!({
-                    "template": t, "problem": p, "candidates": o.candidates,
+                    "template": t, "problem": p, "candidates": o.candidates, "shard_configs": o.shard_configs,
                     "pruned": o.pruned.iter().map(|(p, r)| serde_json::json!({"params": p, "reason": r.to_string()})).collect::<Vec<_>>(),
                     "rejected": o.rejected.iter().map(|(p, d)| serde_json::json!({"params": p, "deltas": d})).collect::<Vec<_>>(),
                     "timed": o.timed.len(), "default_us": o.default_us, "record": o.record,

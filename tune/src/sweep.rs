@@ -49,6 +49,8 @@ pub struct SweepSettings {
 #[derive(Debug, Default)]
 pub struct SweepOutcome {
     pub candidates: usize,
+    /// Valid configs of this shard (what the sweep compiled or searched).
+    pub shard_configs: usize,
     pub pruned: Vec<(Params, PruneReason)>,
     pub rejected: Vec<(Params, Deltas)>,
     pub timed: Vec<(Params, TimingStats, Deltas)>,
@@ -156,7 +158,7 @@ pub fn sweep(
     let mine = settings.shard.take(valid);
     let (Some(gpu), Some(work), false) = (gpu, workload, settings.compile_only) else {
         // Compile-only: every candidate of this shard is compiled and resource-checked.
-        let mut out = SweepOutcome { candidates, pruned: constraint_pruned, ..Default::default() };
+        let mut out = SweepOutcome { candidates, shard_configs: mine.len(), pruned: constraint_pruned, ..Default::default() };
         let reqs: Vec<KernelRequest> =
             mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
         for (p, f) in mine.iter().zip(jit.get_many_counted(&reqs, progress)) {
@@ -227,6 +229,7 @@ pub fn sweep(
     keep_default_within_margin(&mut ranked, default.as_ref(), settings.noise_margin);
     let mut out = SweepOutcome {
         candidates,
+        shard_configs: mine.len(),
         timed: ranked.iter().map(|(p, _)| (p.clone(), measured[p].0, measured[p].1)).collect(),
         default_us,
         ..Default::default()
