@@ -484,7 +484,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
+        Cmd::Bench { cmd: BenchCmd::Kernels(mut args) } => {
+            args.db = tuning_db_for(args.db.take(), &Target::present(args.arch), false)?;
             mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
         }
         Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, tuning_db, mut kernels, json } } => {
