@@ -196,7 +196,11 @@ impl std::fmt::Display for ServeReport {
                 writeln!(f, "      error: {e}")?;
             }
             if let Some(m) = &l.server_memory {
-                writeln!(f, "      server RSS {:.1} MB -> {:.1} MB (peak {:.1} MB)", m.start_bytes as f64 / 1e6, m.end_bytes as f64 / 1e6, m.peak_bytes as f64 / 1e6)?;
+                write!(f, "      server RSS {:.1} MB -> {:.1} MB (peak {:.1} MB)", m.start_bytes as f64 / 1e6, m.end_bytes as f64 / 1e6, m.peak_bytes as f64 / 1e6)?;
+                match (m.gpu_start_bytes, m.gpu_end_bytes) {
+                    (Some(a), Some(b)) => writeln!(f, ", GPU memory {:.1} MB -> {:.1} MB", a as f64 / 1e6, b as f64 / 1e6)?,
+                    _ => writeln!(f)?,
+                }
             }
         }
         if let Some(t) = &self.ttft_target {
