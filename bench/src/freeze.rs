@@ -43,6 +43,18 @@ pub struct FreezeOptions {
     pub command: String,
 }
 
+/// How a step of the plan runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    /// A command run to completion.
+    Run,
+    /// The server: started, left up for the step against it, then stopped (its stdout saved).
+    Server,
+    /// A command run against the server (`{ADDR}`, `{PID}` in its arguments); it stops the server.
+    AgainstServer,
+}
+
 /// One command of the plan.
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
@@ -50,8 +62,7 @@ pub struct Step {
     pub args: Vec<String>,
     /// File its stdout is saved to (under OUT).
     pub stdout: Option<String>,
-    /// Run as a server: the serve sweep runs against it while it is up.
-    pub server: bool,
+    pub kind: StepKind,
 }
 
 /// How a step went.
@@ -136,23 +147,23 @@ pub fn plan(o: &FreezeOptions, model: &Path, generate: bool, gpu_arch: Option<Ar
     let mut steps = Vec::new();
     if generate {
         let preset = if gpu_arch.is_some() { "bitnet-2b" } else { "tiny" };
-        steps.push(Step { name: "gen-model".into(), args: s(&["gen-model", "--preset", preset, "--out", &m]), stdout: None, server: false });
+        steps.push(Step { name: "gen-model".into(), args: s(&["gen-model", "--preset", preset, "--out", &m]), stdout: None, kind: StepKind::Run });
     }
     let decode_steps = if o.quick { "16" } else { "128" };
     let mut decode = s(&["bench", "decode", "--model", &m, "--backend", backend, "--batch", "1,16", "--steps", decode_steps, "--json"]);
     decode.extend(db.iter().cloned());
-    steps.push(Step { name: "decode".into(), args: decode, stdout: Some("decode.json".into()), server: false });
+    steps.push(Step { name: "decode".into(), args: decode, stdout: Some("decode.json".into()), kind: StepKind::Run });
     if let (Some(arch), Some(d)) = (gpu_arch, tuning_db) {
         let iters = if o.quick { "10" } else { "30" };
         let a = s(&["bench", "kernels", "--arch", &arch.to_string(), "--db", &d.display().to_string(), "--iters", iters, "--json", &out("kernels.json"), "--svg", &out("kernels.svg")]);
-        steps.push(Step { name: "kernels".into(), args: a, stdout: Some("kernels.txt".into()), server: false });
+        steps.push(Step { name: "kernels".into(), args: a, stdout: Some("kernels.txt".into()), kind: StepKind::Run });
     }
     let mut serve = s(&["serve", "--model", &m, "--backend", backend, "--port", "0", "--max-batch", "16"]);
     serve.extend(db.iter().cloned());
-    steps.push(Step { name: "server".into(), args: serve, stdout: Some("server_metrics.json".into()), server: true });
+    steps.push(Step { name: "server".into(), args: serve, stdout: Some("server_metrics.json".into()), kind: StepKind::Server });
     let (levels, n, tokens) = if o.quick { ("1,4", "8", "16") } else { ("1,2,4,8,16", "64", "64") };
     let sweep = s(&["bench", "serve", "--url", "http://{ADDR}", "--concurrency", levels, "--num-prompts", n, "--max-tokens", tokens, "--server-pid", "{PID}", "--json", &out("serve.json")]);
-    steps.push(Step { name: "serve-sweep".into(), args: sweep, stdout: Some("serve.txt".into()), server: false });
+    steps.push(Step { name: "serve-sweep".into(), args: sweep, stdout: Some("serve.txt".into()), kind: StepKind::AgainstServer });
     steps
 }
 
@@ -186,7 +197,7 @@ pub fn freeze(o: &FreezeOptions) -> Result<Summary, FreezeError> {
             continue;
         }
         let t = Instant::now();
-        let status = if step.server {
+        let status = if step.kind == StepKind::Server {
             match Server::start(&o.exe, &step.args, &o.out.join("server.log"), Duration::from_secs(600)) {
                 Ok(s) => {
                     server = Some(s);
@@ -194,7 +205,7 @@ pub fn freeze(o: &FreezeOptions) -> Result<Summary, FreezeError> {
                 }
                 Err(e) => StepStatus::Failed { seconds: t.elapsed().as_secs_f64(), reason: e.to_string() },
             }
-        } else if step.name == "serve-sweep" && server.is_none() {
+        } else if step.kind == StepKind::AgainstServer && server.is_none() {
             StepStatus::Skipped { reason: "the server did not start".into() }
         } else {
             let args: Vec<String> = match &server {
@@ -206,10 +217,10 @@ pub fn freeze(o: &FreezeOptions) -> Result<Summary, FreezeError> {
         log.push_str(&format!("{:<8} {:>8.1}s  {line}\n", status_word(&status), t.elapsed().as_secs_f64()));
         w(&log_path, log.as_bytes())?;
         done.push((step, status));
-        if done.last().is_some_and(|(s, _)| s.name == "serve-sweep") {
+        if done.last().is_some_and(|(s, _)| s.kind == StepKind::AgainstServer) {
             if let Some(s) = server.take() {
                 let ended = s.stop(Duration::from_secs(30));
-                let (step, status) = done.iter_mut().find(|(s, _)| s.server).expect("the server step ran");
+                let (step, status) = done.iter_mut().find(|(s, _)| s.kind == StepKind::Server).expect("the server step ran");
                 match ended {
                     Ok(stopped) => {
                         w(&o.out.join(step.stdout.as_deref().unwrap_or("server_metrics.json")), stopped.stdout.as_bytes())?;

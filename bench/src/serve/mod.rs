@@ -21,6 +21,7 @@ use futures::StreamExt;
 use mangrove_core::tuning_db::Provenance;
 use serde::Deserialize;
 
+use crate::stats::Percentiles;
 use client::{Endpoint, RequestError, Timing};
 use report::{KvBudget, KvSource, Level, ServeReport, StressVerdict, TtftSearch};
 pub use workload::{LenRange, PromptSource, Workload};
@@ -246,7 +247,6 @@ fn summarise(concurrency: usize, planned: usize, results: Vec<Result<Timing, Req
             }
         }
     }
-    use crate::stats::Percentiles;
     (level.ttft_ms, level.tpot_ms, level.itl_ms, level.e2e_ms) = (Percentiles::of(ttft), Percentiles::of(tpot), Percentiles::of(itl), Percentiles::of(e2e));
     let secs = wall.as_secs_f64().max(1e-9);
     level.tokens_per_s = level.output_tokens as f64 / secs;
