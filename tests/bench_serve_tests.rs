@@ -5,8 +5,9 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::server::{gen_tiny, Served};
+use common::server::{gen_tiny, serve};
 
 fn bench_serve(url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mangrove")).args(["bench", "serve", "--url", url]).args(args).output().unwrap()
@@ -21,11 +22,12 @@ fn sweep_writes_json_csv_svg_and_finds_the_ttft_limit() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     gen_tiny(&model);
-    let server = Served::start(&model, &["--max-batch", "4"]);
-    let pid = server.child.id().to_string();
+    let server = serve(&model, &["--max-batch", "4"], dir.path());
+    let url = format!("http://{}", server.addr);
+    let pid = server.pid().to_string();
     let json = dir.path().join("serve.json");
     let o = bench_serve(
-        &server.url(),
+        &url,
         &["--concurrency", "1,2", "--num-prompts", "6", "--max-tokens", "8", "--prompt-words", "4:12", "--ttft-target-ms", "60000", "--max-concurrency", "4"]
             .into_iter()
             .chain(["--server-pid", &pid, "--json", json.to_str().unwrap()])
@@ -63,7 +65,7 @@ fn sweep_writes_json_csv_svg_and_finds_the_ttft_limit() {
     assert!(svg.starts_with("<svg") && svg.contains("TTFT p95 ms") && svg.contains("output tokens/s"), "{}", &svg[..svg.len().min(300)]);
 
     // A target nothing meets: the search stops at 1 and says so.
-    let o = bench_serve(&server.url(), &["--num-prompts", "2", "--max-tokens", "4", "--ttft-target-ms", "0.001"]);
+    let o = bench_serve(&url, &["--num-prompts", "2", "--max-tokens", "4", "--ttft-target-ms", "0.001"]);
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("no concurrency meets TTFT p95 <= 0.001 ms"), "{}", text(&o));
 }
@@ -73,20 +75,21 @@ fn stress_200_at_8_passes_and_a_refusing_server_fails_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     gen_tiny(&model);
-    let server = Served::start(&model, &["--max-batch", "8"]);
+    let server = serve(&model, &["--max-batch", "8"], dir.path());
     let json = dir.path().join("stress.json");
-    let pid = server.child.id().to_string();
-    let o = bench_serve(&server.url(), &["--stress", "--max-tokens", "4", "--prompt-words", "4", "--server-pid", &pid, "--json", json.to_str().unwrap()]);
+    let pid = server.pid().to_string();
+    let o = bench_serve(&format!("http://{}", server.addr), &["--stress", "--max-tokens", "4", "--prompt-words", "4", "--server-pid", &pid, "--json", json.to_str().unwrap()]);
     assert!(o.status.success(), "{}", text(&o));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let s = &r["stress"];
     assert_eq!((s["requests"].as_u64(), s["concurrency"].as_u64(), s["failed"].as_u64(), s["passed"].as_bool()), (Some(200), Some(8), Some(0), Some(true)), "{s}");
     assert!(s["rss_growth_bytes"].is_i64(), "{s}");
-    drop(server);
+    let stopped = server.stop(Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success() && !stopped.killed, "the server ends cleanly on SIGINT: {stopped:?}");
 
     // One sequence and one queue place for 8 clients: the rest are refused with 429.
-    let server = Served::start(&model, &["--max-batch", "1", "--max-queue", "1"]);
-    let o = bench_serve(&server.url(), &["--stress", "--num-prompts", "16", "--max-tokens", "16", "--warmup", "0"]);
+    let server = serve(&model, &["--max-batch", "1", "--max-queue", "1"], dir.path());
+    let o = bench_serve(&format!("http://{}", server.addr), &["--stress", "--num-prompts", "16", "--max-tokens", "16", "--warmup", "0"]);
     assert!(!o.status.success(), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("stress FAIL") && t.contains("HTTP 429"), "{t}");
