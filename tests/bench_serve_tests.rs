@@ -1,11 +1,10 @@
 //! `mangrove bench serve` against a real CPU `mangrove serve` of the tiny checkpoint: a sweep of
 //! two levels with its JSON / CSV / SVG, the TTFT-target search, and the stress verdict (a clean
-//! 200 @ 8 passes, a server that refuses requests fails it).
+//! 200 @ 8 against a server bench serve launches passes, a server that refuses requests fails it).
 
 mod common;
 
 use std::process::{Command, Output};
-use std::time::Duration;
 
 use common::server::{gen_tiny, serve};
 
@@ -75,17 +74,24 @@ fn stress_200_at_8_passes_and_a_refusing_server_fails_it() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("tiny");
     gen_tiny(&model);
-    let server = serve(&model, &["--max-batch", "8"], dir.path());
+    // The server launched by bench serve itself (`-- SERVE_ARGS`), in its own process group.
     let json = dir.path().join("stress.json");
-    let pid = server.pid().to_string();
-    let o = bench_serve(&format!("http://{}", server.addr), &["--stress", "--max-tokens", "4", "--prompt-words", "4", "--server-pid", &pid, "--json", json.to_str().unwrap()]);
+    let o = Command::new(env!("CARGO_BIN_EXE_mangrove"))
+        .args(["bench", "serve", "--stress", "--max-tokens", "4", "--prompt-words", "4", "--json", json.to_str().unwrap()])
+        .args(["--", "--model", model.to_str().unwrap(), "--max-batch", "8"])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let s = &r["stress"];
     assert_eq!((s["requests"].as_u64(), s["concurrency"].as_u64(), s["failed"].as_u64(), s["passed"].as_bool()), (Some(200), Some(8), Some(0), Some(true)), "{s}");
-    assert!(s["rss_growth_bytes"].is_i64(), "{s}");
-    let stopped = server.stop(Duration::from_secs(10)).unwrap();
-    assert!(stopped.status.success() && !stopped.killed, "the server ends cleanly on SIGINT: {stopped:?}");
+    assert!(s["rss_growth_bytes"].is_i64(), "the launched server's RSS was sampled: {s}");
+    let exit = &r["server_exit"];
+    assert_eq!((exit["clean"].as_bool(), exit["killed"].as_bool()), (Some(true), Some(false)), "{exit}");
+    let log = std::fs::read_to_string(json.with_extension("server.log")).unwrap();
+    assert!(log.contains("serving"), "{log}");
+    let pid = r["levels"][0]["server_memory"]["pid"].as_u64().unwrap();
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "no server left behind");
 
     // One sequence and one queue place for 8 clients: the rest are refused with 429.
     let server = serve(&model, &["--max-batch", "1", "--max-queue", "1"], dir.path());

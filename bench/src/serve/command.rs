@@ -4,15 +4,16 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::report::{OutputPaths, ServeReport};
+use super::report::{OutputPaths, ServeReport, ServerExit};
+use crate::launch::Server;
 use super::{LenRange, LoadError, PromptSource, ServeBench, TtftTarget, Workload};
 
 /// Arguments of `bench serve`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
     /// Base URL of an OpenAI-compatible server (mangrove serve, vLLM, llama-server).
-    #[arg(long)]
-    pub url: String,
+    #[arg(long, required_unless_present = "launch", conflicts_with = "launch")]
+    pub url: Option<String>,
     /// Model to request (default: the first of the server's /v1/models).
     #[arg(long)]
     pub model: Option<String>,
@@ -64,6 +65,11 @@ pub struct ServeArgs {
     /// Write the report here as JSON, with FILE.csv and FILE.svg beside it.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Launch `mangrove serve ARGS --port 0` for the run (after `--`), in its own process group
+    /// with its log beside the report: its RSS is sampled, it is stopped at the end, and its exit
+    /// status (a crash included) is reported.
+    #[arg(last = true, value_name = "SERVE_ARGS")]
+    pub launch: Vec<String>,
 }
 
 fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
@@ -75,15 +81,16 @@ fn parse_object(s: &str) -> Result<serde_json::Map<String, serde_json::Value>, S
 }
 
 impl ServeArgs {
-    /// The run these arguments ask for; `command` is recorded in the report.
-    pub fn bench(&self, command: String) -> Result<ServeBench, LoadError> {
+    /// The run these arguments ask for against `url` (the launched server's, else --url);
+    /// `command` is recorded in the report.
+    pub fn bench(&self, url: String, server_pid: Option<u32>, command: String) -> Result<ServeBench, LoadError> {
         let prompts = match &self.prompts {
             Some(p) => PromptSource::from_jsonl(p)?,
             None => PromptSource::Synthetic { words: self.prompt_words },
         };
         let (default_n, default_c) = if self.stress { (200, 8) } else { (32, 1) };
         Ok(ServeBench {
-            url: self.url.clone(),
+            url,
             model: self.model.clone(),
             api_key: self.api_key.clone(),
             extra_body: self.extra_body.clone().unwrap_or_default(),
@@ -95,7 +102,7 @@ impl ServeArgs {
             warmup: self.warmup,
             ttft_target: self.ttft_target_ms.map(|target_ms| TtftTarget { target_ms, max_concurrency: self.max_concurrency }),
             stress: self.stress,
-            server_pid: self.server_pid,
+            server_pid: server_pid.or(self.server_pid),
             command,
         })
     }
@@ -104,12 +111,36 @@ impl ServeArgs {
 /// Runs `bench serve`: prints the table and writes the files (the caller judges
 /// [`ServeReport::stress_failed`]).
 pub fn run(args: &ServeArgs, command: String) -> Result<ServeReport, LoadError> {
-    let report = args.bench(command)?.run()?;
+    let report = match &args.url {
+        Some(url) => args.bench(url.clone(), None, command)?.run()?,
+        None => run_launched(args, command)?,
+    };
     print!("{report}");
     if let Some(json) = &args.json {
         let paths = OutputPaths::beside(json);
         report.write(&paths)?;
         eprintln!("wrote {}, {} and {}", paths.json.display(), paths.csv.display(), paths.svg.display());
     }
+    Ok(report)
+}
+
+/// Runs against a `mangrove serve` this process launches, and stops it after.
+fn run_launched(args: &ServeArgs, command: String) -> Result<ServeReport, LoadError> {
+    let log = match &args.json {
+        Some(j) => j.with_extension("server.log"),
+        None => std::env::temp_dir().join(format!("mangrove-bench-serve-{}.log", std::process::id())),
+    };
+    let exe = std::env::current_exe().map_err(LoadError::Client)?;
+    let mut serve_args = vec!["serve".to_string(), "--port".into(), "0".into()];
+    serve_args.extend(args.launch.iter().cloned());
+    let server = Server::start(&exe, &serve_args, &log, Duration::from_secs(600))?;
+    let run = args.bench(format!("http://{}", server.addr), Some(server.pid()), command).and_then(|b| b.run());
+    let stopped = server.stop(Duration::from_secs(30)).map_err(LoadError::Client)?;
+    let mut report = run?;
+    let clean = stopped.status.success() && !stopped.killed;
+    if let Some(s) = report.stress.as_mut() {
+        s.passed &= clean; // a server that crashed or hung at the end fails the stress run
+    }
+    report.server_exit = Some(ServerExit { status: stopped.status.to_string(), clean, killed: stopped.killed, log });
     Ok(report)
 }

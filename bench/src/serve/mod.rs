@@ -45,6 +45,8 @@ pub enum LoadError {
     Write { path: PathBuf, source: std::io::Error },
     #[error("plotting {}: {reason}", path.display())]
     Plot { path: PathBuf, reason: String },
+    #[error("launching the server")]
+    Launch(#[from] crate::launch::LaunchError),
 }
 
 /// The target of `--ttft-target-ms`.
@@ -180,6 +182,7 @@ impl ServeBench {
                 levels,
                 ttft_target,
                 stress,
+                server_exit: None,
             })
         })
     }

@@ -74,7 +74,7 @@ pub struct TtftSearch {
     pub kv_budget: Option<KvBudget>,
 }
 
-/// The verdict of `--stress`: every request must succeed.
+/// The verdict of `--stress`: every request must succeed (and a launched server end cleanly).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StressVerdict {
     pub requests: usize,
@@ -102,6 +102,20 @@ pub struct ServeReport {
     pub levels: Vec<Level>,
     pub ttft_target: Option<TtftSearch>,
     pub stress: Option<StressVerdict>,
+    /// How the server this run launched (`-- SERVE_ARGS`) ended.
+    pub server_exit: Option<ServerExit>,
+}
+
+/// How a launched server ended when the run stopped it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerExit {
+    pub status: String,
+    /// Exited successfully on SIGINT (no crash, no kill).
+    pub clean: bool,
+    /// It did not end within the grace period and was killed.
+    pub killed: bool,
+    /// Its stderr.
+    pub log: PathBuf,
 }
 
 /// Columns of the CSV, in order.
@@ -212,6 +226,10 @@ impl std::fmt::Display for ServeReport {
                 Some(b) => writeln!(f, "; KV budget {} tokens per user ({:?})", b.tokens_per_user, b.source)?,
                 None => writeln!(f)?,
             }
+        }
+        if let Some(e) = &self.server_exit {
+            let how = if e.clean { "cleanly" } else if e.killed { "killed after the grace period" } else { "with a failure" };
+            writeln!(f, "launched server ended {how} ({}); log {}", e.status, e.log.display())?;
         }
         if let Some(s) = &self.stress {
             let verdict = if s.passed { "PASS" } else { "FAIL" };
