@@ -1,8 +1,10 @@
 //! `mangrove gen-model` and `mangrove serve` as a user runs them: a checkpoint on disk, a
 //! server on a free port answering /health, and the metrics JSON printed at shutdown.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Command, Stdio};
+mod common;
+
+use std::io::{Read, Write};
+use std::process::Command;
 
 fn http_get(addr: &str, path: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
@@ -10,29 +12,6 @@ fn http_get(addr: &str, path: &str) -> String {
     let mut out = String::new();
     s.read_to_string(&mut out).unwrap();
     out
-}
-
-/// The "serving … on http://ADDR" line of a server's stderr (kernel preparation logs come first).
-fn serving_line(stderr: std::process::ChildStderr) -> String {
-    let mut r = BufReader::new(stderr);
-    loop {
-        let mut line = String::new();
-        if r.read_line(&mut line).unwrap() == 0 || line.contains("serving") {
-            return line;
-        }
-    }
-}
-
-/// Kills the server if the test fails before it exits on its own.
-struct Reaped(std::process::Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 #[test]
@@ -47,25 +26,15 @@ fn gen_model_then_serve_then_shutdown_dumps_metrics() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(out.join(f).exists(), "{f}");
     }
-    let mut child = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_mangrove"))
-            .args(["serve", "--model", out.to_str().unwrap(), "--port", "0", "--tuning-db", "tuning_db/h100"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let child = &mut child.0;
-    // "mangrove: serving NAME on http://ADDR (backend cpu)"
-    let line = serving_line(child.stderr.take().unwrap());
-    let addr = line.split("http://").nth(1).and_then(|r| r.split_whitespace().next()).unwrap_or_else(|| panic!("{line}")).to_string();
+    let server = common::server::serve(&out, &["--tuning-db", "tuning_db/h100"], dir.path());
+    let addr = server.addr.clone();
     let health = http_get(&addr, "/health");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");
     assert!(health.contains("\"tuning_db\":\"tuning_db/h100\""), "{health}");
-    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
-    let mut stdout = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    assert!(child.wait().unwrap().success());
+    // SIGINT: the server shuts down and prints its counters.
+    let stopped = server.stop(std::time::Duration::from_secs(10)).unwrap();
+    assert!(stopped.status.success() && !stopped.killed, "{stopped:?}");
+    let stdout = stopped.stdout;
     let j: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
     assert_eq!(j["requests"], 0);
     assert!(j["paths"].is_array() && j["fallbacks"].is_array(), "{j}");

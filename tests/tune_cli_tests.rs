@@ -4,7 +4,7 @@
 use std::process::Command;
 
 use mangrove::check::{Deltas, Gate};
-use mangrove::tuning_db::{Provenance, Record, Timed, TuningDb};
+use mangrove::tuning_db::{NoiseMargin, Provenance, Record, Timed, TuningDb};
 
 fn tune(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_mangrove-tune")).args(args).output().unwrap();
@@ -109,6 +109,7 @@ fn record(threads: i64, us: f64) -> Record {
         copy_bw_gbs: 3000.0,
         default_us: None,
         provenance: Provenance::default(),
+        merged_from: Vec::new(),
     }
 }
 
@@ -117,16 +118,49 @@ fn merge_command_keeps_the_fastest_and_reports_conflicts() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, out) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("out"));
     let mut da = TuningDb::default();
-    da.upsert("ternary_gemv", record(64, 5.0));
+    da.upsert("ternary_gemv", record(64, 5.0), NoiseMargin::DEFAULT);
     da.save(&a).unwrap();
     let mut db = TuningDb::default();
-    db.upsert("ternary_gemv", record(128, 4.0));
+    db.upsert("ternary_gemv", record(128, 4.0), NoiseMargin::DEFAULT);
     db.save(&b).unwrap();
     let (ok, stdout, err) = tune(&["merge", a.to_str().unwrap(), b.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(ok, "{err}");
     assert!(stdout.contains("conflict ternary_gemv") && stdout.contains("kept 4.00"), "{stdout}");
     let merged = TuningDb::load(&out).unwrap();
     assert_eq!(merged.templates["ternary_gemv"].records[0].winner.params["THREADS"], 128);
+}
+
+#[test]
+fn merge_command_keeps_a_record_against_noise_and_is_idempotent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, out) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("out"));
+    let save = |path: &std::path::Path, r: Record| {
+        let mut d = TuningDb::default();
+        d.upsert("ternary_gemv", r, NoiseMargin::DEFAULT);
+        d.save(path).unwrap();
+    };
+    save(&a, record(64, 5.0));
+    save(&b, record(128, 4.9)); // 2 % faster: noise at the default 5 % margin
+    let merge_into = |out: &std::path::Path, extra: &[&str]| {
+        let mut args = vec!["merge", a.to_str().unwrap(), b.to_str().unwrap(), "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, stdout, err) = tune(&args);
+        assert!(ok, "{err}");
+        stdout
+    };
+    let merge = |extra: &[&str]| merge_into(&out, extra);
+    let stdout = merge(&[]);
+    assert!(stdout.contains("kept 5.00") && stdout.contains("within the 5% noise margin"), "{stdout}");
+    let winner = || TuningDb::load(&out).unwrap().templates["ternary_gemv"].records[0].winner.params["THREADS"];
+    assert_eq!(winner(), 64);
+    let file = out.join("ternary_gemv.json");
+    let first = std::fs::read_to_string(&file).unwrap();
+    merge(&[]);
+    merge(&[]);
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), first, "merging the same folders again changes nothing");
+    // Without a margin (shards of one run) the faster record wins.
+    let stdout = merge_into(&dir.path().join("out0"), &["--noise-margin", "0"]);
+    assert!(stdout.contains("kept 4.90"), "{stdout}");
 }
 
 #[test]
@@ -142,4 +176,31 @@ fn shipped_h100_db_loads_and_covers_the_default_shapes() {
     assert!(gemv.records.iter().all(|r| r.winner.deltas.non_finite == 0 && r.provenance.gpu_name.contains("H100")));
     assert_eq!(db.templates["moe_gateup"].records.len(), 10);
     assert!(db.gates.iter().all(|g| g.passed));
+}
+
+#[test]
+fn compile_only_progress_has_a_total_and_reaches_it() {
+    use mangrove::tune::space::Shard;
+    use mangrove::tune::strategy::Strategy;
+    use mangrove::tune::sweep::SweepSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let jit = mangrove::jit::Jit::open(mangrove::template::Catalog::embedded(), dir.path(), false).unwrap_or_else(|e| panic!("{e}"));
+    let settings = SweepSettings {
+        arch: mangrove::arch::Arch::SM90,
+        strategy: Strategy::Exhaustive,
+        shard: "0/8".parse::<Shard>().unwrap(),
+        gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
+        plan: Default::default(),
+        runner_ups: 3,
+        compile_only: true,
+        noise_margin: NoiseMargin::DEFAULT,
+    };
+    let (ctx, _) = mangrove::tune::context::TuneContext::new(jit, settings, "test".into()).unwrap();
+    let pb = indicatif::ProgressBar::hidden();
+    let out = mangrove::tune::gemv::tune_gemv(&ctx, "ternary_gemv", &[(64, 1000)], &[8], &pb).unwrap();
+    let total = pb.length().unwrap();
+    assert!(total > 0, "the total is known before the sweep");
+    assert_eq!(pb.position(), total, "every planned config was counted");
+    // This shard's configs: the candidates minus the constraint-pruned, split eight ways.
+    assert!(total < out[0].1.candidates as u64, "{total} of {}", out[0].1.candidates);
 }

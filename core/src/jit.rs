@@ -98,6 +98,11 @@ impl Jit {
 
     /// Serves many requests in parallel; requests with the same key are served once.
     pub fn get_many(&self, reqs: &[KernelRequest]) -> Vec<Result<Fetched, JitError>> {
+        self.get_many_counted(reqs, &indicatif::ProgressBar::hidden())
+    }
+
+    /// [`Jit::get_many`], advancing `progress` by one as each request is served.
+    pub fn get_many_counted(&self, reqs: &[KernelRequest], progress: &indicatif::ProgressBar) -> Vec<Result<Fetched, JitError>> {
         let keyed: Vec<Option<KernelKey>> = reqs.iter().map(|r| self.key_of(r).ok().map(|(_, i)| i.key())).collect();
         let mut first: HashMap<KernelKey, usize> = HashMap::new();
         for (i, k) in keyed.iter().enumerate() {
@@ -107,7 +112,7 @@ impl Jit {
         }
         let unique: Vec<usize> = (0..reqs.len()).filter(|&i| keyed[i].is_none_or(|k| first[&k] == i)).collect();
         let mut served: HashMap<usize, Result<Fetched, JitError>> =
-            unique.par_iter().map(|&i| (i, self.get(&reqs[i]))).collect();
+            unique.par_iter().map(|&i| (i, self.get(&reqs[i]))).inspect(|_| progress.inc(1)).collect();
         let mut out: Vec<Option<Result<Fetched, JitError>>> = (0..reqs.len()).map(|i| served.remove(&i)).collect();
         // A repeated key is a hit on its first request's result (or retried alone if that failed).
         for i in 0..reqs.len() {
@@ -116,6 +121,7 @@ impl Jit {
                     Some(Ok(f)) => Ok(Fetched { outcome: Outcome::Hit, ms: 0.0, ..f.clone() }),
                     _ => self.get(&reqs[i]),
                 });
+                progress.inc(1);
             }
         }
         out.into_iter().map(|r| r.expect("every request is served or a repeat")).collect()

@@ -13,7 +13,7 @@
 //! Around them: [`arch`] names the targets; [`jit`] runs stages 1–4 for a request;
 //! [`routing`] groups MoE (token, expert) pairs for the grouped kernels; [`model_config`] reads a
 //! checkpoint's `config.json`; [`step`] names the decode step's kernel families and limits;
-//! [`warm`] compiles and checks the whole catalog.
+//! [`warm`] compiles and checks the whole catalog; [`progress`] is the tools' progress bar.
 
 pub mod arch;
 pub mod cache;
@@ -23,6 +23,7 @@ pub mod gpu;
 pub mod jit;
 pub mod key;
 pub mod model_config;
+pub mod progress;
 pub mod reference;
 pub mod routing;
 pub mod step;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use crate::check::{Deltas, Gate};
 use crate::template::Params;
 
+pub mod folder;
+
 /// Bump when the record format changes meaning.
 pub const DB_SCHEMA_VERSION: u32 = 1;
 
@@ -82,6 +84,23 @@ pub struct Record {
     /// The template's default config timed on the same workload (the "untuned" baseline).
     pub default_us: Option<f64>,
     pub provenance: Provenance,
+    /// Fingerprints of the tuner records merged into this one (empty: it is one tuner record,
+    /// its own fingerprint). A merge that brings no new fingerprint changes nothing, so merging
+    /// the same folders again never double-counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged_from: Vec<String>,
+}
+
+impl Record {
+    /// The fingerprints this record stands for: its sources, or its own content hash.
+    pub fn fingerprints(&self) -> Vec<String> {
+        if !self.merged_from.is_empty() {
+            return self.merged_from.clone();
+        }
+        // Records hold only numbers, strings and ordered maps: their JSON is canonical.
+        let json = serde_json::to_vec(self).expect("a record serializes");
+        vec![blake3::hash(&json).to_hex()[..16].to_string()]
+    }
 }
 
 /// Outcome of the M>1 linear probe for one (M, N, K).
@@ -154,6 +173,71 @@ pub struct Conflict {
     pub m: i64,
     pub kept_us: f64,
     pub dropped_us: f64,
+    /// How much faster the challenger (the record merged in) was than the incumbent, in % of
+    /// the incumbent (negative: slower).
+    pub gain_pct: f64,
+    /// The challenger's measured spread, (p95 − median) / median in %: its run-to-run noise.
+    pub spread_pct: f64,
+    /// Which record stayed, and why.
+    pub kept: Kept,
+}
+
+/// Which of two records for one key a merge keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kept {
+    /// The record already there: the challenger was slower.
+    Incumbent,
+    /// The record already there: the challenger was faster, but by less than the noise margin.
+    IncumbentWithinMargin,
+    /// The challenger: faster by more than the noise margin.
+    Challenger,
+}
+
+/// How much faster a challenger must be to replace an incumbent: a record already in the DB (a
+/// shipped one, another run's) or a template's default config. Medians of one config move by a
+/// few percent between runs, so a smaller gain is noise and would only churn the DB.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NoiseMargin {
+    /// The gain needed, as a fraction of the incumbent's time (0.05: 5 % faster).
+    pub fraction: f64,
+}
+
+impl NoiseMargin {
+    /// 5 %: a default flips only on a ≥ 5 % gain (seed 002).
+    pub const DEFAULT: NoiseMargin = NoiseMargin { fraction: 0.05 };
+    /// Any faster time wins (the pieces of one run: shards of one sweep).
+    pub const NONE: NoiseMargin = NoiseMargin { fraction: 0.0 };
+
+    /// Whether `challenger_us` is faster than `incumbent_us` by more than the margin.
+    pub fn beats(self, challenger_us: f64, incumbent_us: f64) -> bool {
+        challenger_us < incumbent_us * (1.0 - self.fraction)
+    }
+}
+
+impl Default for NoiseMargin {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl std::str::FromStr for NoiseMargin {
+    type Err = String;
+
+    /// A percentage: `5`, `5%`, `0.5`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let pct: f64 = s.trim().trim_end_matches('%').parse().map_err(|e| format!("noise margin `{s}` is not a percentage: {e}"))?;
+        if !(0.0..100.0).contains(&pct) {
+            return Err(format!("noise margin `{s}` must be in [0, 100) %"));
+        }
+        Ok(Self { fraction: pct / 100.0 })
+    }
+}
+
+impl std::fmt::Display for NoiseMargin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}%", self.fraction * 100.0)
+    }
 }
 
 /// All files of one GPU's DB folder.
@@ -214,9 +298,10 @@ impl TuningDb {
 
     /// Merges this DB into the one on disk in `dir` and saves the result, holding an exclusive
     /// lock on the folder (`.mangrove-tune.lock`) throughout: two tuners writing one folder keep
-    /// each other's records (the faster wins per key). Called after each finished problem, it
-    /// makes every record durable as it completes. Returns the conflicts.
-    pub fn save_merged(&self, dir: &Path) -> Result<Vec<Conflict>, DbError> {
+    /// each other's records (per key, a record on disk stays unless this one beats it by
+    /// `margin`). Called after each finished problem, it makes every record durable as it
+    /// completes. Returns the conflicts.
+    pub fn save_merged(&self, dir: &Path, margin: NoiseMargin) -> Result<Vec<Conflict>, DbError> {
         use fs2::FileExt;
         let io = |p: &Path, source: std::io::Error| DbError::Io { path: p.display().to_string(), source };
         std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
@@ -224,7 +309,7 @@ impl TuningDb {
         let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| io(&lock_path, e))?;
         lock.lock_exclusive().map_err(|e| io(&lock_path, e))?;
         let mut on_disk = TuningDb::load(dir)?;
-        let conflicts = on_disk.merge(self.clone());
+        let conflicts = on_disk.merge(self.clone(), margin);
         on_disk.save(dir)?;
         // Closing the file releases the lock.
         drop(lock);
@@ -239,9 +324,10 @@ impl TuningDb {
         self.gates.sort_by_key(|g| (g.n, g.k, g.m));
     }
 
-    /// Inserts a record; an existing one for the same key is kept if it is faster.
+    /// Inserts a record; an existing one for the same key (the incumbent) stays unless `rec`
+    /// beats it by `margin`. Either way the two runs' runner-ups and counts are pooled.
     /// Returns the conflict when both exist with different winners.
-    pub fn upsert(&mut self, template: &str, rec: Record) -> Option<Conflict> {
+    pub fn upsert(&mut self, template: &str, rec: Record, margin: NoiseMargin) -> Option<Conflict> {
         let t = self.templates.entry(template.to_owned()).or_insert_with(|| TemplateDb {
             schema_version: DB_SCHEMA_VERSION,
             template: template.to_owned(),
@@ -251,21 +337,32 @@ impl TuningDb {
             t.records.push(rec);
             return None;
         };
-        if *old == rec {
-            // The same record again (`merge A A`, a journal replayed): nothing new was timed.
+        let (old_fp, new_fp) = (old.fingerprints(), rec.fingerprints());
+        if new_fp.iter().all(|f| old_fp.contains(f)) {
+            // Records already merged in (`merge A A`, the same folders again, a journal
+            // replayed): nothing new was timed.
             return None;
         }
+        let (new_us, old_us) = (rec.winner.median_us, old.winner.median_us);
+        let replace = margin.beats(new_us, old_us);
         let conflict = (old.winner.params != rec.winner.params).then(|| {
-            let (kept, dropped) = if rec.winner.median_us < old.winner.median_us { (&rec, &*old) } else { (&*old, &rec) };
+            let (kept_us, dropped_us) = if replace { (new_us, old_us) } else { (old_us, new_us) };
             Conflict {
                 template: template.to_owned(),
                 problem: rec.problem.clone(),
                 m: rec.m,
-                kept_us: kept.winner.median_us,
-                dropped_us: dropped.winner.median_us,
+                kept_us,
+                dropped_us,
+                gain_pct: (old_us - new_us) / old_us * 100.0,
+                spread_pct: (rec.winner.p95_us - new_us) / new_us * 100.0,
+                kept: match (replace, new_us < old_us) {
+                    (true, _) => Kept::Challenger,
+                    (false, true) => Kept::IncumbentWithinMargin,
+                    (false, false) => Kept::Incumbent,
+                },
             }
         });
-        let (mut best, other) = if rec.winner.median_us < old.winner.median_us { (rec, old.clone()) } else { (old.clone(), rec) };
+        let (mut best, other) = if replace { (rec, old.clone()) } else { (old.clone(), rec) };
         // Runner-ups: the union of both lists plus the losing winner, fastest first, no duplicates.
         let mut pool = best.runner_ups.clone();
         pool.extend(other.runner_ups.iter().cloned());
@@ -279,16 +376,21 @@ impl TuningDb {
         best.pruned += other.pruned;
         best.rejected += other.rejected;
         best.timed += other.timed;
+        best.merged_from = old_fp.into_iter().chain(new_fp).collect();
+        best.merged_from.sort();
+        best.merged_from.dedup();
         *old = best;
         conflict
     }
 
-    /// Merges `other` into `self`: best wins per key; conflicts are returned.
-    pub fn merge(&mut self, other: TuningDb) -> Vec<Conflict> {
+    /// Merges `other` into `self` by [`TuningDb::upsert`]'s rule: per key, a record of `self`
+    /// stays unless `other`'s beats it by `margin`; conflicts are returned. Merging a DB into
+    /// itself changes nothing.
+    pub fn merge(&mut self, other: TuningDb, margin: NoiseMargin) -> Vec<Conflict> {
         let mut conflicts = Vec::new();
         for (name, t) in other.templates {
             for r in t.records {
-                conflicts.extend(self.upsert(&name, r));
+                conflicts.extend(self.upsert(&name, r, margin));
             }
         }
         for g in other.gates {
@@ -389,6 +491,8 @@ impl Provenance {
 mod tests {
     use super::*;
 
+    const M: NoiseMargin = NoiseMargin::DEFAULT;
+
     fn timed(threads: i64, us: f64) -> Timed {
         Timed {
             params: [("THREADS".to_string(), threads)].into(),
@@ -416,6 +520,7 @@ mod tests {
             copy_bw_gbs: 3000.0,
             default_us: Some(us * 1.5),
             provenance: Provenance::default(),
+            merged_from: Vec::new(),
         }
     }
 
@@ -423,9 +528,9 @@ mod tests {
     fn round_trip_is_deterministic() {
         let dir = tempfile::tempdir().unwrap();
         let mut db = TuningDb::default();
-        db.upsert("t", rec(512, 4, 128, 3.0));
-        db.upsert("t", rec(256, 1, 64, 2.0));
-        db.upsert("t", rec(256, 8, 256, 5.0));
+        db.upsert("t", rec(512, 4, 128, 3.0), M);
+        db.upsert("t", rec(256, 1, 64, 2.0), M);
+        db.upsert("t", rec(256, 8, 256, 5.0), M);
         db.save(dir.path()).unwrap();
         let first = std::fs::read(dir.path().join("t.json")).unwrap();
         let back = TuningDb::load(dir.path()).unwrap();
@@ -445,8 +550,8 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..10 {
                         let mut db = TuningDb::default();
-                        db.upsert("t", rec(256 + 4 * (w * 10 + i), 1, 64, 1.0));
-                        db.save_merged(&dir).unwrap();
+                        db.upsert("t", rec(256 + 4 * (w * 10 + i), 1, 64, 1.0), M);
+                        db.save_merged(&dir, M).unwrap();
                     }
                 })
             })
@@ -462,7 +567,7 @@ mod tests {
     fn nearest_bucket_lookup() {
         let mut db = TuningDb::default();
         for (m, th) in [(1, 64), (4, 128), (16, 256)] {
-            db.upsert("t", rec(256, m, th, 1.0));
+            db.upsert("t", rec(256, m, th, 1.0), M);
         }
         let p: Params = [("N".to_string(), 256), ("K".to_string(), 256)].into();
         assert_eq!(db.lookup("t", &p, 4).rule, LookupRule::Exact);
@@ -487,23 +592,92 @@ mod tests {
     #[test]
     fn merging_a_db_into_itself_changes_nothing() {
         let mut a = TuningDb::default();
-        a.upsert("t", rec(256, 1, 64, 3.0));
-        a.upsert("t", rec(512, 2, 128, 2.0));
+        a.upsert("t", rec(256, 1, 64, 3.0), M);
+        a.upsert("t", rec(512, 2, 128, 2.0), M);
         let before = a.clone();
-        assert!(a.merge(before.clone()).is_empty());
+        assert!(a.merge(before.clone(), M).is_empty());
         assert_eq!(a, before, "counts must not double");
+    }
+
+    #[test]
+    fn a_challenger_replaces_the_incumbent_only_beyond_the_noise_margin() {
+        assert_eq!("5".parse::<NoiseMargin>().unwrap(), NoiseMargin::DEFAULT);
+        assert_eq!("2.5%".parse::<NoiseMargin>().unwrap().fraction, 0.025);
+        assert!("100".parse::<NoiseMargin>().is_err() && "-1".parse::<NoiseMargin>().is_err() && "x".parse::<NoiseMargin>().is_err());
+        let shipped = || {
+            let mut db = TuningDb::default();
+            db.upsert("t", rec(256, 1, 64, 100.0), M);
+            db
+        };
+        // 3 % faster: noise; the shipped record stays, and the conflict says why.
+        let mut db = shipped();
+        let c = db.upsert("t", rec(256, 1, 128, 97.0), M).unwrap();
+        assert_eq!((c.kept, c.kept_us, c.dropped_us), (Kept::IncumbentWithinMargin, 100.0, 97.0));
+        assert!((c.gain_pct - 3.0).abs() < 1e-9 && (c.spread_pct - 10.0).abs() < 1e-9, "{c:?}");
+        assert_eq!(db.templates["t"].records[0].winner.params["THREADS"], 64);
+        // 6 % faster: a real gain; the challenger wins.
+        let mut db = shipped();
+        assert_eq!(db.upsert("t", rec(256, 1, 128, 94.0), M).unwrap().kept, Kept::Challenger);
+        assert_eq!(db.templates["t"].records[0].winner.params["THREADS"], 128);
+        // Slower: the incumbent stays.
+        assert_eq!(shipped().upsert("t", rec(256, 1, 128, 120.0), M).unwrap().kept, Kept::Incumbent);
+        // Without a margin (shards of one run) any gain wins.
+        let mut db = shipped();
+        assert_eq!(db.upsert("t", rec(256, 1, 128, 99.0), NoiseMargin::NONE).unwrap().kept, Kept::Challenger);
+    }
+
+    #[test]
+    fn merge_uses_the_margin_and_is_idempotent() {
+        let mut a = TuningDb::default();
+        a.upsert("t", rec(256, 1, 64, 100.0), M);
+        let mut b = TuningDb::default();
+        b.upsert("t", rec(256, 1, 128, 98.0), M);
+        b.upsert("t", rec(512, 1, 64, 1.0), M);
+        let conflicts = a.merge(b.clone(), M);
+        assert_eq!(conflicts.iter().map(|c| c.kept).collect::<Vec<_>>(), vec![Kept::IncumbentWithinMargin]);
+        let once = a.clone();
+        assert!(a.merge(once.clone(), M).is_empty(), "merging the result into itself");
+        assert_eq!(a, once);
+        let winners = |db: &TuningDb| db.templates["t"].records.iter().map(|r| (r.problem.clone(), r.m, r.winner.clone())).collect::<Vec<_>>();
+        a.merge(b, M);
+        assert_eq!(winners(&a), winners(&once), "merging the same input again keeps every winner");
+    }
+
+    #[test]
+    fn shards_merged_without_a_margin_give_the_single_runs_record() {
+        // One run timed THREADS 64, 128, 256, 512; two shards timed half each.
+        let run = |configs: &[(i64, f64)]| {
+            let mut sorted = configs.to_vec();
+            sorted.sort_by(|a, b| a.1.total_cmp(&b.1));
+            let mut r = rec(256, 1, sorted[0].0, sorted[0].1);
+            r.runner_ups = sorted[1..].iter().map(|&(t, us)| timed(t, us)).collect();
+            (r.pruned, r.timed) = (1, configs.len());
+            r
+        };
+        let all = [(64, 3.0), (128, 2.9), (256, 5.0), (512, 4.0)];
+        let single = run(&all);
+        let mut merged = TuningDb::default();
+        for shard in [&all[..2], &all[2..]] {
+            let mut one = TuningDb::default();
+            one.upsert("t", run(shard), M);
+            merged.merge(one, NoiseMargin::NONE);
+        }
+        let m = &merged.templates["t"].records[0];
+        assert_eq!(m.winner, single.winner, "128 at 2.9 µs wins although only 3 % faster than 64");
+        assert_eq!((m.timed, m.pruned, m.candidates), (single.timed, 2 * single.pruned, single.candidates));
+        assert_eq!(m.runner_ups[0], single.runner_ups[0]);
     }
 
     #[test]
     fn merge_keeps_best_and_reports_conflicts() {
         let mut a = TuningDb::default();
-        a.upsert("t", rec(256, 1, 64, 3.0));
-        a.upsert("t", rec(256, 2, 64, 3.0));
+        a.upsert("t", rec(256, 1, 64, 3.0), M);
+        a.upsert("t", rec(256, 2, 64, 3.0), M);
         let mut b = TuningDb::default();
-        b.upsert("t", rec(256, 1, 128, 2.0)); // faster, different winner → conflict, b wins
-        b.upsert("t", rec(256, 2, 64, 4.0)); // same winner, slower → no conflict, a's timing kept
-        b.upsert("t", rec(512, 1, 64, 1.0)); // new key
-        let conflicts = a.merge(b);
+        b.upsert("t", rec(256, 1, 128, 2.0), M); // faster, different winner → conflict, b wins
+        b.upsert("t", rec(256, 2, 64, 4.0), M); // same winner, slower → no conflict, a's timing kept
+        b.upsert("t", rec(512, 1, 64, 1.0), M); // new key
+        let conflicts = a.merge(b, M);
         assert_eq!(conflicts.len(), 1);
         assert_eq!((conflicts[0].kept_us, conflicts[0].dropped_us), (2.0, 3.0));
         let recs = &a.templates["t"].records;

@@ -65,8 +65,9 @@ impl WarmReport {
 }
 
 /// Compiles and caches every sample of `jit`'s catalog for `archs` (after evicting them when
-/// `recompile`), serves them again from the cache, and checks them on this machine's GPU.
-pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool) -> Result<WarmReport, WarmError> {
+/// `recompile`), serves them again from the cache, and checks them on this machine's GPU;
+/// `progress` counts the kernels of each pass (its message names the pass, its length the total).
+pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool, progress: &indicatif::ProgressBar) -> Result<WarmReport, WarmError> {
     let samples = jit.catalog.samples()?;
     let reqs: Vec<KernelRequest> = archs
         .iter()
@@ -78,8 +79,14 @@ pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool) -> Result<WarmReport, Wa
             jit.cache.storage().remove(&inputs.key())?;
         }
     }
+    let pass = |what: &str, total: usize| {
+        progress.reset();
+        progress.set_length(total as u64);
+        progress.set_message(what.to_string());
+    };
+    pass("compiling (cold pass)", reqs.len());
     let t0 = Instant::now();
-    let first = jit.get_many(&reqs);
+    let first = jit.get_many_counted(&reqs, progress);
     let first_wall = t0.elapsed().as_secs_f64() * 1e3;
     let (mut compiled, mut compiled_ms) = (0, 0.0);
     for (r, f) in reqs.iter().zip(first) {
@@ -89,8 +96,9 @@ pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool) -> Result<WarmReport, Wa
             compiled_ms += f.entry.compile_ms;
         }
     }
+    pass("serving from the cache (hit pass)", reqs.len());
     let t1 = Instant::now();
-    let second = jit.get_many(&reqs);
+    let second = jit.get_many_counted(&reqs, progress);
     let hit_wall = t1.elapsed().as_secs_f64() * 1e3;
     let hits = second.iter().filter(|f| matches!(f, Ok(f) if f.outcome == Outcome::Hit)).count();
     let (gpu, no_gpu) = match Gpu::open_optional(0)? {
@@ -100,10 +108,10 @@ pub fn warm(jit: &Jit, archs: &[Arch], recompile: bool) -> Result<WarmReport, Wa
     let mut checks = Vec::new();
     let mut load_ms = 0.0;
     if let Some(gpu) = &gpu {
-        for f in second.iter().flatten() {
-            if f.entry.inputs.arch.cc != gpu.info().arch.cc {
-                continue;
-            }
+        let mine: Vec<_> = second.iter().flatten().filter(|f| f.entry.inputs.arch.cc == gpu.info().arch.cc).collect();
+        pass("loading and checking on the GPU", mine.len());
+        for f in mine {
+            progress.inc(1);
             let t = Instant::now();
             drop(gpu.load(&f.entry)?);
             load_ms += t.elapsed().as_secs_f64() * 1e3;

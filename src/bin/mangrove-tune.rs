@@ -74,14 +74,19 @@ enum Cmd {
     ProbeMgt1 {
         #[command(flatten)]
         common: Common,
-        #[arg(long, value_delimiter = ',', default_values_t = mangrove::step::GEMM_BUCKETS.to_vec())]
+        /// Token counts to gate (default: every GEMM bucket; with --quick 2,4,8).
+        #[arg(long, value_delimiter = ',')]
         m: Vec<i64>,
         /// Shapes as NxK. Default: bitnet-b1.58-2B decode shapes.
         #[arg(long, value_delimiter = ',', value_parser = parse_shape)]
         shapes: Vec<(i64, i64)>,
-        /// Reference: the M=1 kernel row by row, or the f64 dense product.
-        #[arg(long = "ref", value_enum, default_value = "dense")]
+        /// Reference: the M=1 kernel row by row (what the engine would run otherwise), or the
+        /// f64 dense product.
+        #[arg(long = "ref", value_enum, default_value = "m1_kernel")]
         reference: RefArg,
+        /// Gate only M 2, 4 and 8 (unless --m is given): a smoke run of the gate.
+        #[arg(long)]
+        quick: bool,
         /// Folder in which mgt1_linear_probe_<timestamp>/ is written.
         #[arg(long, default_value = ".")]
         out_dir: PathBuf,
@@ -128,13 +133,17 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Merge tuning DB folders: per key the fastest winner wins; conflicts are listed.
+    /// Merge tuning DB folders into OUT: per key a record already there stays unless the next
+    /// one is faster by the noise margin; conflicts are listed. Merging twice changes nothing.
     Merge {
         /// DB folders to merge, in order.
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         #[arg(short, long)]
         out: PathBuf,
+        /// Gain (%) a record needs to replace one already there; 0 for shards of one run.
+        #[arg(long, default_value = "5")]
+        noise_margin: mangrove::tuning_db::NoiseMargin,
     },
 }
 
@@ -144,9 +153,16 @@ fn main() {
         Cmd::Gemv { common, jobs } => command::gemv(common, jobs),
         Cmd::Gateup { common, experts, topk, hidden, inter, m } => command::gateup(common, (experts, topk, hidden, inter), m),
         Cmd::DecodeOps { common, preset, model } => command::decode_ops(common, preset, model),
-        Cmd::ProbeMgt1 { common, m, shapes, reference, out_dir } => command::probe_mgt1(common, m, shapes, reference, out_dir),
+        Cmd::ProbeMgt1 { common, m, shapes, reference, quick, out_dir } => {
+            let m = match (m.is_empty(), quick) {
+                (false, _) => m,
+                (true, true) => vec![2, 4, 8],
+                (true, false) => mangrove::step::GEMM_BUCKETS.to_vec(),
+            };
+            command::probe_mgt1(common, m, shapes, reference, out_dir)
+        }
         Cmd::Bench { common, jobs, report } => command::bench(common, jobs, report),
-        Cmd::Merge { inputs, out } => command::merge(inputs, out),
+        Cmd::Merge { inputs, out, noise_margin } => command::merge(inputs, out, noise_margin),
         Cmd::Cpu { preset, model, m, threads, rows_per_task, iters, db, dry_run } => {
             if let Err(e) = cpu(preset, model, m, threads, rows_per_task, iters, db, dry_run) {
                 eprintln!("error: {e:#}");
@@ -198,7 +214,7 @@ fn cpu(
     let dir = db.unwrap_or_else(|| PathBuf::from("tuning_db").join(sweep::cpu_slug()));
     let mut tdb = mangrove::tuning_db::TuningDb::load(&dir)?;
     for r in records {
-        tdb.upsert(sweep::TEMPLATE, r);
+        tdb.upsert(sweep::TEMPLATE, r, mangrove::tuning_db::NoiseMargin::DEFAULT);
     }
     tdb.save(&dir)?;
     println!("wrote {}", dir.join(format!("{}.json", sweep::TEMPLATE)).display());

@@ -19,6 +19,7 @@ use mangrove::jit::{Jit, KernelRequest};
 use mangrove::model_config::Preset;
 use mangrove::provision::KernelOptions;
 use mangrove::template::{parse_params, Catalog, ParamRole};
+use mangrove::tuning_db::folder::{self, Target};
 use mangrove::tuning_db::TuningDb;
 
 #[derive(Parser)]
@@ -106,8 +107,8 @@ enum Cmd {
         #[arg(long)]
         layers: Option<usize>,
     },
-    /// Benchmarks: `decode` (tokens/s of a backend) and `startup` (time to ready: cold cache,
-    /// warm cache, blessed bundle).
+    /// Benchmarks: `decode` (tokens/s of a backend), `serve` (load on an HTTP server),
+    /// `kernels` (the lab), `startup` (time to ready) and `compare` (two saved results).
     Bench {
         #[command(subcommand)]
         cmd: BenchCmd,
@@ -242,6 +243,40 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Load generator against an OpenAI-compatible server: streamed completions at each
+    /// concurrency level (TTFT / TPOT / ITL / e2e percentiles, tokens/s, failures), an optional
+    /// TTFT-target search and stress verdict; JSON + CSV + SVG with --json.
+    Serve(Box<mangrove::bench::serve::command::ServeArgs>),
+    /// Compare two saved results of a bench (serve, decode, kernels JSON): a table of every
+    /// tracked metric; exit status 1 when one regressed beyond the thresholds.
+    Compare {
+        base: PathBuf,
+        new: PathBuf,
+        /// Percent slower (latency up, throughput down) that counts as a regression.
+        #[arg(long, default_value_t = 3.0)]
+        max_slower_pct: f64,
+        /// GB more memory that counts as a regression.
+        #[arg(long, default_value_t = 1.0)]
+        max_memory_gb: f64,
+        /// Also write the comparison here as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
+    /// A baseline bundle in OUT: environment and provenance, decode at batch 1 and 16, the kernel
+    /// lab (GPU), a serve sweep with the server's path/fallback counters, commands.log and a
+    /// summary; each bench runs as its own mangrove process. Exit status 1 when a step failed.
+    Freeze {
+        out: PathBuf,
+        /// Checkpoint to bench (default: one generated into OUT/model, bitnet-2b on a GPU, tiny on a CPU).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Shorter runs (fewer steps, levels and prompts).
+        #[arg(long)]
+        quick: bool,
+        /// Write the environment and the planned commands only.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Kernel lab: copy bandwidth, cuBLAS bf16, and mangrove's tuned and default kernels on the
     /// bitnet-2B decode GEMVs and the MoE gate_up problem, each checked, then timed beyond L2.
     Kernels(mangrove::lab::command::KernelsArgs),
@@ -290,8 +325,13 @@ enum CacheCmd {
     },
     /// Freeze the kernels `mangrove serve` needs for a model, tuning DB and arch into a bundle.
     Bless {
+        /// Tuning DB folder (default: tuning_db/<gpu> of the GPU present when it is of --arch,
+        /// else tuning_db/<arch>).
+        #[arg(long, env = "MANGROVE_TUNING_DB")]
+        tuning_db: Option<PathBuf>,
+        /// Refuse a tuning DB whose records were tuned on another GPU or arch.
         #[arg(long)]
-        tuning_db: PathBuf,
+        strict: bool,
         /// Model folder (its config.json decides the shapes).
         #[arg(long)]
         model: PathBuf,
@@ -338,6 +378,16 @@ enum CacheCmd {
 }
 
 impl KernelArgs {
+    /// The cuda backend's tuning DB: the flag or the folder of the GPU present, checked against
+    /// that GPU (a warning, or with --strict an error, when tuned elsewhere). Other backends
+    /// take the flag as given.
+    fn tuning_db(&self, flag: Option<PathBuf>, backend: &str) -> Result<Option<PathBuf>> {
+        if backend != "cuda" {
+            return Ok(flag);
+        }
+        tuning_db_for(flag, &Target::present(self.arch), self.strict)
+    }
+
     fn options(&self) -> KernelOptions {
         KernelOptions {
             arch: self.arch,
@@ -388,7 +438,9 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Cache { cmd } => cache_cmd(&catalog, &cache_dir, cmd),
         Cmd::Warm { arch, recompile, json } => {
-            let report = mangrove::warm::warm(&Jit::open(catalog, &cache_dir, false)?, &arch, recompile)?;
+            let progress = bar(json, "kernels");
+            let report = mangrove::warm::warm(&Jit::open(catalog, &cache_dir, false)?, &arch, recompile, &progress)?;
+            progress.finish_and_clear();
             print_report(&report, json)?;
             if report.failed() > 0 {
                 bail!("{} kernels failed the correctness check", report.failed());
@@ -413,11 +465,41 @@ fn run(cli: Cli) -> Result<()> {
             let r = mangrove::engine::startup::bench_startup(&std::env::current_exe()?, &catalog, &model, &tuning_db, arch, max_batch)?;
             print_report(&r, json)
         }
-        Cmd::Bench { cmd: BenchCmd::Kernels(args) } => {
+        Cmd::Bench { cmd: BenchCmd::Serve(args) } => {
+            let report = mangrove::bench::serve::command::run(&args, command())?;
+            if report.stress_failed() {
+                bail!("stress run failed: every request must succeed");
+            }
+            Ok(())
+        }
+        Cmd::Bench { cmd: BenchCmd::Compare { base, new, max_slower_pct, max_memory_gb, json } } => {
+            let thresholds = mangrove::bench::compare::Thresholds { slower_pct: max_slower_pct, memory_bytes: max_memory_gb * 1e9 };
+            let c = mangrove::bench::compare::compare_files(&base, &new, thresholds)?;
+            print!("{c}");
+            if let Some(path) = &json {
+                std::fs::write(path, serde_json::to_vec_pretty(&c)?).map_err(|e| anyhow::anyhow!(e).context(format!("writing {}", path.display())))?;
+            }
+            match c.regressions().count() {
+                0 => Ok(()),
+                n => bail!("{n} metric(s) regressed beyond the thresholds"),
+            }
+        }
+        Cmd::Bench { cmd: BenchCmd::Freeze { out, model, quick, dry_run } } => {
+            let options = mangrove::bench::freeze::FreezeOptions { out, exe: std::env::current_exe()?, model, quick, dry_run, command: command() };
+            let summary = mangrove::bench::freeze::freeze(&options)?;
+            print!("{}", summary.markdown());
+            if !summary.ok() {
+                bail!("a step of the freeze failed (see {}/commands.log)", options.out.display());
+            }
+            Ok(())
+        }
+        Cmd::Bench { cmd: BenchCmd::Kernels(mut args) } => {
+            args.db = tuning_db_for(args.db.take(), &Target::present(args.arch), false)?;
             mangrove::lab::command::bench_kernels(&args, catalog, &cache_dir).map(drop).map_err(Into::into)
         }
         Cmd::Bench { cmd: BenchCmd::Decode { model, backend, batch, prompt_tokens, steps, tuning_db, mut kernels, json } } => {
             kernels.max_batch = batch.iter().copied().max().unwrap_or(1) as i64;
+            let tuning_db = kernels.tuning_db(tuning_db, &backend)?;
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let engine = start::open(&model, &backend, None, &setup)?.0;
             let report = mangrove::engine::bench::decode_report(engine.backend.as_ref(), &model.display().to_string(), &batch, prompt_tokens, steps, command())?;
@@ -428,6 +510,7 @@ fn run(cli: Cli) -> Result<()> {
             // Every backend runs at most --max-batch sequences (the cuda backend's KV slots).
             let batcher = BatcherConfig { prefill_chunk, max_seqs: usize::try_from(kernels.max_batch).unwrap_or(0), max_queue, step_tokens };
             batcher.validate()?;
+            let tuning_db = kernels.tuning_db(tuning_db, &backend)?;
             let setup = KernelSetup { catalog: &catalog, cache_dir: &cache_dir, tuning_db: tuning_db.as_deref(), options: &kernels.options() };
             let (engine, report) = start::open(&model, &backend, model_name, &setup)?;
             let metrics = start::serve(engine, (&host, port), tuning_db, batcher, &options, report)?;
@@ -454,6 +537,14 @@ fn end_quietly_on_closed_pipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+}
+
+/// A progress bar on stderr with total and ETA counting `unit` (hidden when the output is JSON).
+fn bar(hidden: bool, unit: &str) -> indicatif::ProgressBar {
+    if hidden {
+        return indicatif::ProgressBar::hidden();
+    }
+    mangrove::progress::bar(unit)
 }
 
 /// Prints a report as pretty JSON or as its text.
@@ -486,6 +577,22 @@ fn templates(catalog: &Catalog, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The tuning DB folder for `target`: `flag`, else the target's folder under tuning_db/ (None
+/// when there is none), with a note saying which was chosen and a warning (or, `strict`, an
+/// error) when its records were tuned on another GPU or arch.
+fn tuning_db_for(flag: Option<PathBuf>, target: &Target, strict: bool) -> Result<Option<PathBuf>> {
+    let Some(r) = folder::resolve(flag.as_deref(), Path::new(folder::ROOT), target, strict)? else {
+        return Ok(None);
+    };
+    if let Some(chosen) = r.chosen {
+        eprintln!("note: tuning DB {}: {chosen} ({target})", r.dir.display());
+    }
+    if let Some(f) = &r.foreign {
+        eprintln!("warning: {f}");
+    }
+    Ok(Some(r.dir))
+}
+
 /// Reads the trusted public keys named on the command line.
 fn trusted(paths: &[PathBuf]) -> Result<Vec<mangrove::signing::VerifyingKey>> {
     Ok(paths.iter().map(|p| mangrove::signing::load_verifying_key(p)).collect::<Result<_, _>>()?)
@@ -507,14 +614,22 @@ fn cache_cmd(catalog: &Catalog, dir: &Path, cmd: CacheCmd) -> Result<()> {
             let public = mangrove::signing::generate(&out)?;
             println!("wrote signing key {} and public key {}", out.display(), public.display());
         }
-        CacheCmd::Bless { tuning_db, model, arch, out, max_batch, verify_on_gpu, sign_key, shapes_only } => {
+        CacheCmd::Bless { tuning_db, strict, model, arch, out, max_batch, verify_on_gpu, sign_key, shapes_only } => {
+            let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
+            // The GPU present decides the folder only when the bundle is for its arch.
+            let target = match Target::present(arch) {
+                Target::Gpu { arch: here, .. } if here.cc != arch.cc => Target::Arch(arch),
+                t => t,
+            };
+            let Some(tuning_db) = tuning_db_for(tuning_db, &target, strict)? else {
+                bail!("no tuning DB folder for {target} under {}/; pass --tuning-db", folder::ROOT);
+            };
             if !shapes_only {
                 // Refuse what serve would refuse, before anything is written.
                 mangrove::engine::Engine::check_checkpoint(&model).map_err(|e| {
                     anyhow::anyhow!("cache bless: {} would not serve: {e} (--shapes-only blesses from config.json alone)", model.display())
                 })?;
             }
-            let key = sign_key.as_deref().map(mangrove::signing::load_signing_key).transpose()?;
             let req = BlessRequest { tuning_db: &tuning_db, model: &model, arch, out: &out, max_batch, verify_on_gpu, sign: key.as_ref() };
             let r = bless::bless(catalog, dir, &req)?;
             for u in &r.unavailable {

@@ -1,6 +1,8 @@
 //! Shared set-up for integration tests: a JIT over a fresh sled cache in a temp folder.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::Path;
 
 use mangrove::arch::Arch;

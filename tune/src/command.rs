@@ -5,14 +5,15 @@
 use std::path::{Path, PathBuf};
 
 use clap::{Args, ValueEnum};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use mangrove_core::arch::Arch;
 use mangrove_core::check::Gate;
 use mangrove_core::gpu::{ActMode, GpuError, TimingPlan, GEMM_TEMPLATE};
 use mangrove_core::jit::{Jit, JitError};
 use mangrove_core::model_config::{ConfigError, ModelConfig, Preset};
 use mangrove_core::template::{format_params, Catalog, Params};
-use mangrove_core::tuning_db::{DbError, TuningDb};
+use mangrove_core::tuning_db::folder::{self, Target};
+use mangrove_core::tuning_db::{Conflict, DbError, Kept, NoiseMargin, TuningDb};
 
 use crate::context::{Journal, TuneContext};
 use crate::decode_ops::{tune_decode_ops, OpOutcome};
@@ -151,7 +152,11 @@ pub struct Common {
     /// Runner-ups kept per record.
     #[arg(long, default_value_t = 3)]
     pub runner_ups: usize,
-    /// Tuning DB folder (default: tuning_db/<gpu>, e.g. tuning_db/h100).
+    /// Gain (%) a tuned config needs over the template's default, and a new record over one
+    /// already in the DB, to replace it; smaller gains are timing noise.
+    #[arg(long, default_value = "5")]
+    pub noise_margin: NoiseMargin,
+    /// Tuning DB folder (default: the folder of this GPU, e.g. tuning_db/h200; see db_dir).
     #[arg(long)]
     pub db: Option<PathBuf>,
     /// Do not write the tuning DB (otherwise each finished record is merged into it at once).
@@ -333,26 +338,34 @@ pub fn bench(common: Common, jobs: GemvJobs, report: Option<PathBuf>) -> Result<
     Ok(())
 }
 
-/// `merge`: merge DB folders into `out`, the fastest winner per key.
-pub fn merge(inputs: Vec<PathBuf>, out: PathBuf) -> Result<(), CommandError> {
+/// `merge`: merge DB folders into `out` (per key, a record already there stays unless the next
+/// beats it by `margin`).
+pub fn merge(inputs: Vec<PathBuf>, out: PathBuf, margin: NoiseMargin) -> Result<(), CommandError> {
     let mut db = TuningDb::load(&out)?;
     let mut conflicts = Vec::new();
     for i in &inputs {
         if !i.is_dir() {
             return input(format!("{} is not a tuning DB folder", i.display()));
         }
-        conflicts.extend(db.merge(TuningDb::load(i)?));
+        conflicts.extend(db.merge(TuningDb::load(i)?, margin));
     }
     db.save(&out)?;
     let n: usize = db.templates.values().map(|t| t.records.len()).sum();
     println!("merged {} folders into {}: {n} records, {} gates", inputs.len(), out.display(), db.gates.len());
     for c in &conflicts {
-        println!(
-            "conflict {} {} M={}: kept {:.2} µs, dropped {:.2} µs",
-            c.template, format_params(&c.problem), c.m, c.kept_us, c.dropped_us
-        );
+        println!("conflict {} {} M={}: {}", c.template, format_params(&c.problem), c.m, conflict_text(c, margin));
     }
     Ok(())
+}
+
+/// "kept 4.00 µs, dropped 5.00 µs (20.0 % faster, spread 3.1 %)", saying when the margin decided.
+fn conflict_text(c: &Conflict, margin: NoiseMargin) -> String {
+    let why = match c.kept {
+        Kept::Challenger => format!("{:.1} % faster than the record there", c.gain_pct),
+        Kept::Incumbent => format!("the new record was {:.1} % slower", -c.gain_pct),
+        Kept::IncumbentWithinMargin => format!("the new record was only {:.1} % faster, within the {margin} noise margin", c.gain_pct),
+    };
+    format!("kept {:.2} µs, dropped {:.2} µs ({why}; its spread p95/median {:.1} %)", c.kept_us, c.dropped_us, c.spread_pct)
 }
 
 fn catalog(c: &Common) -> Result<Catalog, CommandError> {
@@ -381,6 +394,7 @@ fn context(c: &Common) -> Result<TuneContext, CommandError> {
         plan: TimingPlan { warmup: 3, samples: c.samples, batch: c.batch },
         runner_ups: c.runner_ups,
         compile_only: c.compile_only,
+        noise_margin: c.noise_margin,
     };
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let (mut ctx, note) = TuneContext::new(jit, settings, command)?;
@@ -400,27 +414,25 @@ fn progress(hidden: bool) -> ProgressBar {
     if hidden {
         return ProgressBar::hidden();
     }
-    let pb = ProgressBar::new_spinner();
-    pb.set_style(ProgressStyle::with_template("{spinner} {pos} configs evaluated · {msg} [{elapsed}]").expect("valid template"));
-    pb.enable_steady_tick(std::time::Duration::from_millis(200));
-    pb
+    mangrove_core::progress::bar("configs")
 }
 
-/// The DB folder: the flag, else tuning_db/<gpu slug>, else tuning_db/<arch>.
+/// The DB folder: the flag, else the GPU's (or, none present, the arch's) default folder when
+/// its records were all tuned on this GPU (the shipped tuning_db/h100 for an H100 SXM), else a
+/// folder of its own, tuning_db/<gpu slug> (tuning_db/h100-pcie) or tuning_db/<arch>.
 fn db_dir(ctx: &TuneContext, flag: &Option<PathBuf>) -> PathBuf {
     if let Some(d) = flag {
         return d.clone();
     }
-    let slug = ctx.gpu.as_ref().map(|g| gpu_slug(&g.info().name)).unwrap_or_else(|| ctx.arch().to_string());
-    Path::new("tuning_db").join(slug)
-}
-
-/// "NVIDIA H100 80GB HBM3" → "h100".
-fn gpu_slug(name: &str) -> String {
-    name.split_whitespace()
-        .find(|w| w.len() >= 3 && w.chars().next().is_some_and(|c| c.is_ascii_alphabetic()) && w.chars().any(|c| c.is_ascii_digit()))
-        .unwrap_or(name)
-        .to_ascii_lowercase()
+    let target = match &ctx.gpu {
+        Some(g) => Target::Gpu { name: g.info().name.clone(), arch: g.info().arch },
+        None => Target::Arch(ctx.arch()),
+    };
+    let root = Path::new(folder::ROOT);
+    match folder::default_folder(root, &target) {
+        Some((d, _)) if TuningDb::load(&d).is_ok_and(|db| folder::foreign_records(&db, &target).is_empty()) => d,
+        _ => root.join(target.slug()),
+    }
 }
 
 /// The outcomes of one template's sweeps, each tagged with the template.
@@ -439,7 +451,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
     let mut conflicts = Vec::new();
     for (template, _, o) in &outcomes {
         if let Some(r) = &o.record {
-            conflicts.extend(db.upsert(template, r.clone()));
+            conflicts.extend(db.upsert(template, r.clone(), c.noise_margin));
         }
     }
     let wrote = ctx.journal.is_some() && outcomes.iter().any(|(_, _, o)| o.record.is_some());
@@ -450,7 +462,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
             .iter()
             .map(|(t, p, o)| {
                 serde_json::json!({
-                    "template": t, "problem": p, "candidates": o.candidates,
+                    "template": t, "problem": p, "candidates": o.candidates, "shard_configs": o.shard_configs,
                     "pruned": o.pruned.iter().map(|(p, r)| serde_json::json!({"params": p, "reason": r.to_string()})).collect::<Vec<_>>(),
                     "rejected": o.rejected.iter().map(|(p, d)| serde_json::json!({"params": p, "deltas": d})).collect::<Vec<_>>(),
                     "timed": o.timed.len(), "default_us": o.default_us, "record": o.record,
@@ -495,7 +507,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
         println!("pruned: {}", reasons.iter().map(|(k, v)| format!("{v} × {k}")).collect::<Vec<_>>().join(", "));
     }
     for cf in &conflicts {
-        println!("conflict {} M={}: kept the record at {:.2} µs over the one at {:.2} µs", format_params(&cf.problem), cf.m, cf.kept_us, cf.dropped_us);
+        println!("conflict {} M={}: {}", format_params(&cf.problem), cf.m, conflict_text(cf, c.noise_margin));
     }
     if wrote {
         println!("wrote {}", dir.display());

@@ -10,7 +10,8 @@ use mangrove_core::jit::Jit;
 use mangrove_core::template::format_params;
 use mangrove_core::tuning_db::{Provenance, TuningDb};
 
-use super::space::DeviceLimits;
+use super::space::{enumerate, DeviceLimits};
+use super::strategy::Strategy;
 use super::sweep::{sweep, SweepOutcome, SweepSettings, TuneError};
 use super::workload::Workload;
 use mangrove_core::template::Params;
@@ -82,6 +83,27 @@ impl TuneContext {
         self.gpu.is_some() && !self.settings.compile_only
     }
 
+    /// Configs a sweep of `template` on `problem` evaluates: this shard's valid configs (at most
+    /// the budget when timing with a budgeted search). The unit of the progress bar's total.
+    pub fn planned(&self, template: &str, problem: &Params) -> Result<u64, TuneError> {
+        let n = self.settings.shard.take(enumerate(self.jit.catalog.get(template)?, problem).0).len();
+        Ok(match self.settings.strategy {
+            Strategy::Budgeted { budget, .. } if self.timing() => n.min(budget),
+            _ => n,
+        } as u64)
+    }
+
+    /// Adds the configs of all `jobs` ((template, problem) pairs) to `progress`'s total.
+    pub fn plan_progress<'a>(&self, progress: &ProgressBar, jobs: impl IntoIterator<Item = (&'a str, &'a Params)>) -> Result<(), TuneError> {
+        let mut total = 0;
+        for (t, p) in jobs {
+            total += self.planned(t, p)?;
+        }
+        // A hidden bar starts without a length: the first plan gives it one.
+        progress.set_length(progress.length().unwrap_or(0) + total);
+        Ok(())
+    }
+
     /// One sweep of `template` on `problem` with this run's settings and `workload`; its record
     /// is keyed at `m` (default: the problem's M, else 1) and merged into the journal at once.
     /// With `--resume`, a problem the DB already had is skipped (an outcome without a record).
@@ -98,6 +120,7 @@ impl TuneContext {
         if let Some(db) = self.journal.as_ref().filter(|j| j.resume).map(|j| &j.before) {
             if db.templates.get(template).is_some_and(|t| t.records.iter().any(|r| r.problem == key && r.m == m)) {
                 progress.println(format!("--resume: {template} {} M={m} is in the DB; skipped", format_params(&key)));
+                progress.inc(self.planned(template, problem)?);
                 return Ok(SweepOutcome::default());
             }
         }
@@ -106,8 +129,8 @@ impl TuneContext {
             r.m = m;
             if let Some(j) = &self.journal {
                 let mut one = TuningDb::default();
-                one.upsert(template, r.clone());
-                one.save_merged(&j.dir).map_err(|e| TuneError::Input(format!("saving the record of {template} {} M={m}: {e}", format_params(&key))))?;
+                one.upsert(template, r.clone(), self.settings.noise_margin);
+                one.save_merged(&j.dir, self.settings.noise_margin).map_err(|e| TuneError::Input(format!("saving the record of {template} {} M={m}: {e}", format_params(&key))))?;
             }
         }
         Ok(o)

@@ -25,12 +25,13 @@ pub type OpOutcome = (String, Params, SweepOutcome);
 /// Tunes every distinct (template, problem) of `config`'s decode ops in [`TUNED_OPS`].
 pub fn tune_decode_ops(ctx: &TuneContext, config: &ModelConfig, progress: &ProgressBar) -> Result<Vec<OpOutcome>, TuneError> {
     let mut seen = BTreeSet::new();
+    let jobs: Vec<_> = op_kernels(config).into_iter().filter(|(_, template, problem)| TUNED_OPS.contains(template) && seen.insert((*template, problem.clone()))).collect();
+    for (_, template, problem) in &jobs {
+        ctx.jit.catalog.get(template)?.resolve(problem)?; // a bad shape fails before any work
+    }
+    ctx.plan_progress(progress, jobs.iter().map(|(_, t, p)| (*t, p)))?;
     let mut out = Vec::new();
-    for (family, template, problem) in op_kernels(config) {
-        if !TUNED_OPS.contains(&template) || !seen.insert((template, problem.clone())) {
-            continue;
-        }
-        ctx.jit.catalog.get(template)?.resolve(&problem)?; // a bad shape fails before any work
+    for (family, template, problem) in jobs {
         progress.set_message(format!("{family}: {template} {}", format_params(&problem)));
         let mut work: Option<Box<dyn Workload>> = match &ctx.gpu {
             Some(g) if ctx.timing() => Some(match template {

@@ -28,11 +28,21 @@ pub fn tune_gateup(
     if topk > e {
         return Err(TuneError::Input(format!("--topk {topk} exceeds --experts {e}")));
     }
+    let problems: Vec<Params> = ms
+        .iter()
+        .map(|&m| {
+            let mut problem = gateup_problem((e, topk, h, i));
+            problem.insert("M".into(), m);
+            problem
+        })
+        .collect();
+    for p in &problems {
+        ctx.jit.catalog.get("moe_gateup")?.resolve(p)?; // a bad shape fails before any work
+    }
+    ctx.plan_progress(progress, problems.iter().map(|p| ("moe_gateup", p)))?;
     let mut out = Vec::new();
-    for &m in ms {
-        let mut problem = gateup_problem((e, topk, h, i));
-        problem.insert("M".into(), m);
-        ctx.jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any work
+    for problem in problems {
+        let m = problem["M"];
         progress.set_message(format!("gateup M={m}"));
         let shape = MoeShape { tokens: m as usize, hidden: h as usize, inter: i as usize, experts: e as usize, topk: topk as usize };
         let mut work = match &ctx.gpu {

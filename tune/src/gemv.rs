@@ -21,22 +21,22 @@ pub fn tune_gemv(
     ms: &[i64],
     progress: &ProgressBar,
 ) -> Result<Vec<(Params, SweepOutcome)>, TuneError> {
+    let max_m = if template == GEMM_TEMPLATE { *GEMM_BUCKETS.last().expect("buckets") } else { MAX_GEMV_M as i64 };
+    if let Some(m) = ms.iter().find(|m| !(1..=max_m).contains(*m)) {
+        return Err(TuneError::Input(format!("{template} supports M in 1..={max_m}, got {m}")));
+    }
+    let problems: Vec<Params> = shapes.iter().flat_map(|&(n, k)| ms.iter().map(move |&m| [("M".to_string(), m), ("N".to_string(), n), ("K".to_string(), k)].into())).collect();
+    ctx.plan_progress(progress, problems.iter().map(|p| (template, p)))?;
     let mut out = Vec::new();
-    for &(n, k) in shapes {
-        for &m in ms {
-            let max_m = if template == GEMM_TEMPLATE { *GEMM_BUCKETS.last().expect("buckets") } else { MAX_GEMV_M as i64 };
-            if !(1..=max_m).contains(&m) {
-                return Err(TuneError::Input(format!("{template} supports M in 1..={max_m}, got {m}")));
-            }
-            let problem: Params = [("M".to_string(), m), ("N".to_string(), n), ("K".to_string(), k)].into();
-            progress.set_message(format!("gemv M={m} N={n} K={k}"));
-            let mut work = match &ctx.gpu {
-                Some(g) if ctx.timing() => Some(GemvWorkload::new(g, m as usize, n as usize, k as usize, 42)?),
-                _ => None,
-            };
-            let o = ctx.sweep(template, &problem, None, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
-            out.push((problem, o));
-        }
+    for problem in problems {
+        let (m, n, k) = (problem["M"], problem["N"], problem["K"]);
+        progress.set_message(format!("gemv M={m} N={n} K={k}"));
+        let mut work = match &ctx.gpu {
+            Some(g) if ctx.timing() => Some(GemvWorkload::new(g, m as usize, n as usize, k as usize, 42)?),
+            _ => None,
+        };
+        let o = ctx.sweep(template, &problem, None, work.as_mut().map(|w| w as &mut dyn Workload), progress)?;
+        out.push((problem, o));
     }
     Ok(out)
 }

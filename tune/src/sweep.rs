@@ -15,7 +15,7 @@ use mangrove_core::check::{Deltas, Gate};
 use mangrove_core::gpu::{Gpu, GpuError, TimingPlan, TimingStats};
 use mangrove_core::jit::{Jit, JitError, KernelRequest};
 use mangrove_core::template::{ParamRole, Params, TemplateError};
-use mangrove_core::tuning_db::{Provenance, Record, Timed};
+use mangrove_core::tuning_db::{NoiseMargin, Provenance, Record, Timed};
 
 /// Errors of a sweep.
 #[derive(Debug, thiserror::Error)]
@@ -43,12 +43,16 @@ pub struct SweepSettings {
     pub runner_ups: usize,
     /// Compile and resource-check only; time nothing.
     pub compile_only: bool,
+    /// Gain a config needs over the template's default to be the winner.
+    pub noise_margin: NoiseMargin,
 }
 
 /// What happened to every candidate of one sweep.
 #[derive(Debug, Default)]
 pub struct SweepOutcome {
     pub candidates: usize,
+    /// Valid configs of this shard (what the sweep compiled or searched).
+    pub shard_configs: usize,
     pub pruned: Vec<(Params, PruneReason)>,
     pub rejected: Vec<(Params, Deltas)>,
     pub timed: Vec<(Params, TimingStats, Deltas)>,
@@ -157,10 +161,10 @@ pub fn sweep(
     let mine = settings.shard.take(valid);
     let (Some(gpu), Some(work), false) = (gpu, workload, settings.compile_only) else {
         // Compile-only: every candidate of this shard is compiled and resource-checked.
-        let mut out = SweepOutcome { candidates, pruned: constraint_pruned, ..Default::default() };
+        let mut out = SweepOutcome { candidates, shard_configs: mine.len(), pruned: constraint_pruned, ..Default::default() };
         let reqs: Vec<KernelRequest> =
             mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
-        for (p, f) in mine.iter().zip(jit.get_many(&reqs)) {
+        for (p, f) in mine.iter().zip(jit.get_many_counted(&reqs, progress)) {
             match f {
                 Ok(f) => out.pruned.extend(limits.check(&f.entry).map(|r| (p.clone(), r))),
                 Err(e) => out.pruned.push((p.clone(), PruneReason::CompileFailed(e.to_string()))),
@@ -199,11 +203,11 @@ pub fn sweep(
     }
     // The fixed default config, timed on the same workload, is the baseline for "tuned vs default".
     let mut default_us = None;
-    if let Some(d) = default {
-        eval.compile(std::slice::from_ref(&d));
-        default_us = match eval.measured.get(&d) {
+    if let Some(d) = &default {
+        eval.compile(std::slice::from_ref(d));
+        default_us = match eval.measured.get(d) {
             Some((s, _)) => Some(s.median_us),
-            None => match eval.entries.get(&d) {
+            None => match eval.entries.get(d) {
                 Some(e) => Some(eval.work.time(gpu, e, settings.plan)?.median_us),
                 None => None,
             },
@@ -224,9 +228,11 @@ pub fn sweep(
             deltas: d,
         })
     };
-    let ranked = found.ranked();
+    let mut ranked = found.ranked();
+    keep_default_within_margin(&mut ranked, default.as_ref(), settings.noise_margin);
     let mut out = SweepOutcome {
         candidates,
+        shard_configs: mine.len(),
         timed: ranked.iter().map(|(p, _)| (p.clone(), measured[p].0, measured[p].1)).collect(),
         default_us,
         ..Default::default()
@@ -247,9 +253,43 @@ pub fn sweep(
             copy_bw_gbs,
             default_us,
             provenance: provenance.clone(),
+            merged_from: Vec::new(),
         });
     }
     out.pruned = eval.pruned;
     out.rejected = eval.rejected;
     Ok(out)
+}
+/// Moves the template's default config to the front of `ranked` (configs and their times,
+/// fastest first) unless the fastest beats it by `margin`: a default flips only on a real gain.
+pub fn keep_default_within_margin(ranked: &mut Vec<(Params, f64)>, default: Option<&Params>, margin: NoiseMargin) {
+    let Some(i) = default.and_then(|d| ranked.iter().position(|(p, _)| p == d)) else { return };
+    if i > 0 && !margin.beats(ranked[0].1, ranked[i].1) {
+        let d = ranked.remove(i);
+        ranked.insert(0, d);
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(threads: i64) -> Params {
+        [("THREADS".to_string(), threads)].into()
+    }
+
+    #[test]
+    fn the_default_stays_the_winner_within_the_noise_margin() {
+        let ranked = || vec![(cfg(128), 97.0), (cfg(256), 99.0), (cfg(64), 100.0)];
+        let mut r = ranked();
+        keep_default_within_margin(&mut r, Some(&cfg(64)), NoiseMargin::DEFAULT);
+        assert_eq!(r.iter().map(|(p, _)| p["THREADS"]).collect::<Vec<_>>(), vec![64, 128, 256], "3 % is noise");
+        let mut r = ranked();
+        keep_default_within_margin(&mut r, Some(&cfg(64)), "2".parse().unwrap());
+        assert_eq!(r, ranked(), "beyond a 2 % margin the tuned config wins");
+        let mut r = ranked();
+        keep_default_within_margin(&mut r, None, NoiseMargin::DEFAULT);
+        assert_eq!(r, ranked(), "no default measured: nothing moves");
+    }
 }

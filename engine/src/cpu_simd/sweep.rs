@@ -352,6 +352,7 @@ pub fn sweep(cfg: &ModelConfig, opts: &SweepOptions, command: String, progress: 
             copy_bw_gbs: bw,
             default_us,
             provenance: provenance.clone(),
+            merged_from: Vec::new(),
         });
     }
     Ok(records)

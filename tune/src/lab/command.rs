@@ -19,9 +19,9 @@ pub struct KernelsArgs {
     /// Target architecture; must be the GPU's.
     #[arg(long, default_value = "sm90")]
     pub arch: Arch,
-    /// Tuning DB folder the tuned configs come from.
-    #[arg(long, default_value = "tuning_db/h100")]
-    pub db: PathBuf,
+    /// Tuning DB folder the tuned configs come from (default: the folder of the GPU present).
+    #[arg(long)]
+    pub db: Option<PathBuf>,
     /// Write the report (with provenance) as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -46,10 +46,13 @@ pub fn bench_kernels(args: &KernelsArgs, catalog: Catalog, cache_dir: &Path) -> 
     if args.iters == 0 || args.batch == 0 {
         return Err(LabError::Input("--iters and --batch must be at least 1".into()));
     }
-    if !args.db.is_dir() {
-        return Err(LabError::Input(format!("tuning DB folder {} does not exist", args.db.display())));
+    let Some(db_dir) = &args.db else {
+        return Err(LabError::Input("no tuning DB folder for this GPU under tuning_db/; pass --db".into()));
+    };
+    if !db_dir.is_dir() {
+        return Err(LabError::Input(format!("tuning DB folder {} does not exist", db_dir.display())));
     }
-    let db = TuningDb::load(&args.db).map_err(|e| LabError::Input(e.to_string()))?;
+    let db = TuningDb::load(db_dir).map_err(|e| LabError::Input(e.to_string()))?;
     let gpu = Gpu::open_optional(0)?.map_err(|absent| LabError::NoGpu(absent.to_string()))?;
     let jit = Jit::open(catalog, cache_dir, false)?;
     let settings = LabSettings {
@@ -58,7 +61,7 @@ pub fn bench_kernels(args: &KernelsArgs, catalog: Catalog, cache_dir: &Path) -> 
         gate: LAB_GATE,
         seed: args.seed,
         cases: default_cases(),
-        tuning_db: args.db.display().to_string(),
+        tuning_db: db_dir.display().to_string(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     let report = run(&gpu, &jit, &db, &settings, &|what| eprintln!("bench kernels: {what}"))?;
