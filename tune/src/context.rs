@@ -86,7 +86,7 @@ impl TuneContext {
     /// Configs a sweep of `template` on `problem` evaluates: this shard's valid configs (at most
     /// the budget when timing with a budgeted search). The unit of the progress bar's total.
     pub fn planned(&self, template: &str, problem: &Params) -> Result<u64, TuneError> {
-        let n = self.settings.shard.take(enumerate(self.jit.catalog.get(template)?, problem).0).len();
+        let n = self.settings.shard.take(enumerate(self.jit.catalog.get(template)?, problem, &self.settings.space).0).len();
         Ok(match self.settings.strategy {
             Strategy::Budgeted { budget, .. } if self.timing() => n.min(budget),
             _ => n,
