@@ -189,6 +189,7 @@ fn compile_only_progress_has_a_total_and_reaches_it() {
         arch: mangrove::arch::Arch::SM90,
         strategy: Strategy::Exhaustive,
         shard: "0/8".parse::<Shard>().unwrap(),
+        space: Default::default(),
         gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
         plan: Default::default(),
         runner_ups: 3,
