@@ -26,6 +26,11 @@ fn dry_run_writes_the_environment_and_the_plan() {
     let env = json(&out.join("environment.json"));
     assert!(env["git_commit"].is_string() && env["git_dirty"].is_boolean(), "{env}");
     assert_eq!(env["provenance"]["gpu_name"], "none");
+    // The NVRTC the benches would load is named (not 0.0 because nothing had loaded it yet).
+    let nvrtc = mangrove::compile::Compiler::open().map(|c| c.version()).unwrap_or((0, 0));
+    assert_eq!(env["provenance"]["nvrtc_version"], serde_json::json!([nvrtc.0, nvrtc.1]), "{env}");
+    let md = std::fs::read_to_string(out.join("summary.md")).unwrap();
+    assert!(md.contains("binary built from"), "{md}");
     assert!(!out.join("decode.json").exists(), "a dry run runs nothing");
     // A used folder is refused.
     let again = freeze(&[out.to_str().unwrap(), "--dry-run"]);

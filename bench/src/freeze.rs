@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use mangrove_core::arch::Arch;
-use mangrove_core::compile::{nvrtc_loaded, Compiler};
+use mangrove_core::compile::Compiler;
 use mangrove_core::gpu::Gpu;
 use mangrove_core::tuning_db::folder::{self, Target};
 use mangrove_core::tuning_db::Provenance;
@@ -109,7 +109,8 @@ fn capture(program: &str, args: &[&str]) -> Option<String> {
 
 /// The environment now, with `gpu` (if any) in the provenance.
 pub fn environment(gpu: Option<&Gpu>, command: String) -> Environment {
-    let nvrtc = if nvrtc_loaded() { Compiler::open().map(|c| c.version()).unwrap_or((0, 0)) } else { (0, 0) };
+    // Opening NVRTC here reports the library the benches will load; (0, 0) where there is none.
+    let nvrtc = Compiler::open().map(|c| c.version()).unwrap_or((0, 0));
     let mut host = BTreeMap::new();
     host.insert("cpus".into(), std::thread::available_parallelism().map(|n| n.to_string()).unwrap_or_default());
     if let Some(model) = std::fs::read_to_string("/proc/cpuinfo").ok().and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))) {
@@ -281,7 +282,7 @@ impl Summary {
         let e = &self.environment;
         let p = &e.provenance;
         let mut md = format!(
-            "# mangrove baseline{}\n\n- commit {} ({})\n- GPU {} · driver {} · NVRTC {}.{} · backend {}\n- {}\n\n| step | status | time | command |\n|---|---|---|---|\n",
+            "# mangrove baseline{}\n\n- commit {} ({}) · binary built from {}{}\n- GPU {} · driver {} · NVRTC {} · backend {}\n- {}\n\n| step | status | time | command |\n|---|---|---|---|\n",
             if self.quick { " (quick)" } else { "" },
             e.git_commit.as_deref().unwrap_or("unknown"),
             match e.git_dirty {
@@ -289,10 +290,18 @@ impl Summary {
                 Some(false) => "clean",
                 None => "unknown",
             },
+            p.git_sha,
+            // A binary carried to another machine may come from another commit than the folder it runs in.
+            match &e.git_commit {
+                Some(c) if !p.git_sha.is_empty() && !c.starts_with(&p.git_sha) => " (not the checkout's commit)",
+                _ => "",
+            },
             p.gpu_name,
             if p.driver_release.is_empty() { "-" } else { &p.driver_release },
-            p.nvrtc_version.0,
-            p.nvrtc_version.1,
+            match p.nvrtc_version {
+                (0, 0) => "absent".to_string(),
+                (a, b) => format!("{a}.{b}"),
+            },
             self.backend,
             p.date
         );
