@@ -22,7 +22,7 @@ impl Percentiles {
             return Self::default();
         }
         samples.sort_by(f64::total_cmp);
-        let pick = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        let pick = |q: f64| mangrove_core::stats::nearest_rank(&samples, q);
         Self {
             p50: pick(0.5),
             p95: pick(0.95),

@@ -26,6 +26,7 @@ pub mod model_config;
 pub mod progress;
 pub mod reference;
 pub mod routing;
+pub mod stats;
 pub mod step;
 pub mod template;
 pub mod tuning_db;

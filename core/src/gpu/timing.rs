@@ -31,7 +31,7 @@ impl TimingStats {
             return Self::default();
         }
         us.sort_by(f64::total_cmp);
-        let pick = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+        let pick = |q: f64| crate::stats::nearest_rank(&us, q);
         Self {
             median_us: pick(0.5),
             p95_us: pick(0.95),

@@ -267,7 +267,7 @@ fn time(k: &Kernels, split: &Split, pool: &Pool, l: &Layer, ins: &[Inputs], m: u
     }
     let mean = us.iter().sum::<f64>() / us.len() as f64;
     us.sort_by(f64::total_cmp);
-    let pick = |q: f64| us[((us.len() - 1) as f64 * q).round() as usize];
+    let pick = |q: f64| mangrove_core::stats::nearest_rank(&us, q);
     (pick(0.5), pick(0.95), mean)
 }
 
