@@ -13,6 +13,26 @@
 #define PREFETCH_L2(p) do {} while (0)
 #endif
 
+// bf16 as raw bits: f32 -> bf16 rounds to nearest even (NaNs stay quiet NaNs); bf16 -> f32 is exact.
+__device__ __forceinline__ unsigned short f32_to_bf16_bits(float f) {
+    unsigned u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);  // quiet NaN
+    u += 0x7fffu + ((u >> 16) & 1u);                                                   // round to nearest even
+    return (unsigned short)(u >> 16);
+}
+__device__ __forceinline__ float bf16_bits_to_f32(unsigned bits) { return __uint_as_float(bits << 16); }
+
+// KV-cache elements: f32, or bf16 bits (a template picks kv_t with its KV_BF16 parameter).
+// kv_get widens one element, kv_put stores one (rounded to nearest even for bf16), and
+// kv_round<kv_t> is the value a store then a load gives back.
+__device__ __forceinline__ float kv_get(const float* p) { return *p; }
+__device__ __forceinline__ float kv_get(const unsigned short* p) { return bf16_bits_to_f32(*p); }
+__device__ __forceinline__ void kv_put(float* p, float v) { *p = v; }
+__device__ __forceinline__ void kv_put(unsigned short* p, float v) { *p = f32_to_bf16_bits(v); }
+template <typename T> __device__ __forceinline__ float kv_round(float v);
+template <> __device__ __forceinline__ float kv_round<float>(float v) { return v; }
+template <> __device__ __forceinline__ float kv_round<unsigned short>(float v) { return bf16_bits_to_f32(f32_to_bf16_bits(v)); }
+
 // The row GEMVs' prologue: an L2 prefetch of the first UNROLL chunks (VEC bytes, 32 lanes apart,
 // starting at chunk c) of each of the warp's RPW weight rows, skipping chunks at or past c_end.
 template <int UNROLL, int RPW, int VEC>

@@ -33,11 +33,12 @@ fn attention_configs_match_f64_reference() {
     for splits in [1, 2, 8, 32] {
         for min_chunk in [16, 128] {
             let (threads, ilp) = ([64, 128, 256, 512][i % 4], [2, 4, 8, 16][(i / 2) % 4]);
-            reqs.push(common::request(arch, "attention_decode", &format!("QH=20 KVH=5 HD=128 MAX_POS=4096 SPLITS={splits} MIN_CHUNK={min_chunk} THREADS={threads} ILP={ilp}")));
+            let kv = i % 2; // both KV-cache element types (bf16 and f32)
+            reqs.push(common::request(arch, "attention_decode", &format!("QH=20 KVH=5 HD=128 MAX_POS=4096 SPLITS={splits} MIN_CHUNK={min_chunk} THREADS={threads} ILP={ilp} KV_BF16={kv}")));
             i += 1;
         }
     }
-    reqs.push(common::request(arch, "attention_decode", "QH=4 KVH=2 HD=32 MAX_POS=256 SPLITS=4 MIN_CHUNK=16 THREADS=64 ILP=16"));
+    reqs.push(common::request(arch, "attention_decode", "QH=4 KVH=2 HD=32 MAX_POS=256 SPLITS=4 MIN_CHUNK=16 THREADS=64 ILP=16 KV_BF16=1"));
     let failures = common::failed_checks(&gpu, &reqs, 2000, MAX_REL);
     assert!(failures.is_empty(), "{} of {} failed:\n{}", failures.len(), reqs.len(), failures.join("\n"));
 }

@@ -5,7 +5,7 @@
 //! it, so a family or a limit is defined once.
 
 use crate::arch::Arch;
-use crate::gpu::ActMode;
+use crate::gpu::{ActMode, KvDtype};
 use crate::jit::KernelRequest;
 use crate::model_config::ModelConfig;
 use crate::template::Params;
@@ -36,6 +36,10 @@ pub fn op_tuning_m(family: Family) -> i64 {
 /// Longest context the CUDA engine serves: the attention kernel keeps one score per position
 /// in shared memory, and the KV cache holds this many positions per sequence.
 pub const MAX_CUDA_CONTEXT: usize = 4096;
+
+/// The CUDA engine's KV-cache element type: bf16 reads half the bytes of f32 in attention and
+/// holds twice the positions per byte (the f32 kernels remain for exactness checks).
+pub const KV_DTYPE: KvDtype = KvDtype::Bf16;
 
 /// Positions per sequence the CUDA engine's KV cache holds for `c`.
 pub fn cuda_context(c: &ModelConfig) -> usize {
@@ -138,7 +142,7 @@ pub fn linear_shapes(c: &ModelConfig) -> Vec<(Family, i64, i64)> {
 /// norm) and the combine.
 pub fn op_kernels(c: &ModelConfig) -> Vec<(Family, &'static str, Params)> {
     let (h, hd, qh, kvh) = (c.hidden as i64, c.head_dim as i64, c.heads as i64, c.kv_heads as i64);
-    let attn = params(&[("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64)]);
+    let attn = params(&[("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64), (KvDtype::PARAM, KV_DTYPE.param())]);
     let act = i64::from(c.act == crate::model_config::Activation::Silu);
     let mut v = vec![
         (Family::Rmsnorm, "rmsnorm_quant", params(&[("H", h), ("GLU", 0)])),
@@ -165,7 +169,7 @@ pub fn decode_layer_problem(c: &ModelConfig) -> Option<Params> {
     }
     let act = i64::from(c.act == crate::model_config::Activation::Silu);
     let (h, i, qh, kvh, hd) = (c.hidden as i64, c.inter as i64, c.heads as i64, c.kv_heads as i64, c.head_dim as i64);
-    Some(params(&[("H", h), ("I", i), ("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64), ("ACT", act)]))
+    Some(params(&[("H", h), ("I", i), ("QH", qh), ("KVH", kvh), ("HD", hd), ("MAX_POS", cuda_context(c) as i64), ("ACT", act), (KvDtype::PARAM, KV_DTYPE.param())]))
 }
 
 /// The tuned ternary GEMV config of `mode` for (m, n, k) from the DB (nearest bucket), or the

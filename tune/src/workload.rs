@@ -179,10 +179,10 @@ pub struct AttentionWorkload {
 impl AttentionWorkload {
     pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
         let contexts = Self::contexts(shape);
-        let mut arena = KvArena::new(gpu, ATTENTION_BATCH, ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
+        let mut arena = KvArena::new(gpu, shape.kv, ATTENTION_BATCH, ATTENTION_LAYERS, shape.max_pos, shape.kv_dim())?;
         // Any finite values time the same; a cheap pattern in [-1, 1) fills the arena and queries.
         let pattern = |n: usize| -> Vec<f32> { (0..n).map(|i| ((i.wrapping_mul(2654435761) >> 7) % 2048) as f32 / 1024.0 - 1.0).collect() };
-        gpu.write(&pattern(arena.data.len()), &mut arena.data)?;
+        arena.write(gpu, &pattern(arena.len()))?;
         let pos: Vec<i32> = contexts.iter().map(|&n| n as i32 - 1).collect();
         let slot: Vec<i32> = (0..ATTENTION_BATCH as i32).collect();
         Ok(Self {

@@ -87,7 +87,7 @@ impl DecodeLayer {
         let (s, a) = (&self.shape, &self.shape.attn);
         let name = self.kernel.name.as_str();
         let (h, i, qd, kvd) = (s.hidden, s.inter, a.q_dim(), a.kv_dim());
-        check_arena(name, kv, a.max_pos, kvd)?;
+        check_arena(name, kv, a)?;
         need(name, "x", x.len(), h)?;
         need(name, "qkv weight", w.qkv.len(), (qd + 2 * kvd) / 4 * h)?;
         need(name, "o weight", w.o.len(), h / 4 * qd)?;
@@ -105,7 +105,9 @@ impl DecodeLayer {
         b.arg(x).arg(w.qkv).arg(w.o).arg(w.gate_up).arg(w.down);
         b.arg(w.input_norm).arg(w.attn_sub_norm).arg(w.post_attn_norm).arg(w.ffn_sub_norm);
         b.arg(&fq).arg(&fk).arg(&fv).arg(&fo).arg(&fg).arg(&fu).arg(&fd).arg(&eps).arg(&theta);
-        b.arg(meta.pos).arg(meta.slot).arg(&mut kv.data).arg(&layers).arg(&layer);
+        b.arg(meta.pos).arg(meta.slot);
+        kv.arg(&mut b);
+        b.arg(&layers).arg(&layer);
         b.arg(&mut scratch.qkv).arg(&mut scratch.partial).arg(&mut scratch.gate_up).arg(&mut scratch.barrier);
         // SAFETY: arguments follow decode_layer.cu.tera's signature; every buffer's length is
         // checked above against the shape the kernel was built for (scratch comes from

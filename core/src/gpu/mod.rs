@@ -28,7 +28,7 @@ pub(crate) use launch::{Args, Null};
 pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
 pub use layer::{DecodeLayer, LayerScratch, LayerWeights};
 pub use sample::SampleTokens;
-pub use shapes::{AttnShape, GemvShape, LayerShape, NormShape};
+pub use shapes::{AttnShape, GemvShape, KvDtype, LayerShape, NormShape};
 pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv, GEMM_TEMPLATE};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};

@@ -4,7 +4,7 @@
 
 use cudarc::driver::{CudaView, CudaViewMut};
 
-use super::shapes::{entry_param, AttnShape, NormShape};
+use super::shapes::{entry_param, AttnShape, KvDtype, NormShape};
 use super::{check_at_least as need, Args, DeviceBuffer, Gpu, GpuError, LoadedKernel, Null};
 use crate::cache::CacheEntry;
 
@@ -158,9 +158,15 @@ pub struct RowMeta<'a> {
     pub slot: &'a DeviceBuffer<i32>,
 }
 
-/// The KV cache arena: f32 [slots][layers][2][max_pos][kv_dim].
+/// The KV cache's device memory, by element type.
+enum KvStore {
+    F32(DeviceBuffer<f32>),
+    Bf16(DeviceBuffer<u16>),
+}
+
+/// The KV cache arena: [slots][layers][2][max_pos][kv_dim] elements of [`KvDtype`].
 pub struct KvArena {
-    pub data: DeviceBuffer<f32>,
+    store: KvStore,
     pub slots: usize,
     pub layers: usize,
     pub max_pos: usize,
@@ -168,17 +174,81 @@ pub struct KvArena {
 }
 
 impl KvArena {
-    /// Allocates `slots` sequences of `max_pos` positions (zeroed).
-    pub fn new(gpu: &Gpu, slots: usize, layers: usize, max_pos: usize, kv_dim: usize) -> Result<Self, GpuError> {
-        Ok(Self { data: gpu.zeros(slots * layers * 2 * max_pos * kv_dim)?, slots, layers, max_pos, kv_dim })
+    /// Allocates `slots` sequences of `max_pos` positions of `dtype` (zeroed).
+    pub fn new(gpu: &Gpu, dtype: KvDtype, slots: usize, layers: usize, max_pos: usize, kv_dim: usize) -> Result<Self, GpuError> {
+        let n = slots * layers * 2 * max_pos * kv_dim;
+        let store = match dtype {
+            KvDtype::F32 => KvStore::F32(gpu.zeros(n)?),
+            KvDtype::Bf16 => KvStore::Bf16(gpu.zeros(n)?),
+        };
+        Ok(Self { store, slots, layers, max_pos, kv_dim })
+    }
+
+    /// The element type.
+    pub fn dtype(&self) -> KvDtype {
+        match self.store {
+            KvStore::F32(_) => KvDtype::F32,
+            KvStore::Bf16(_) => KvDtype::Bf16,
+        }
+    }
+
+    /// Elements in the arena.
+    pub fn len(&self) -> usize {
+        self.slots * self.layers * 2 * self.max_pos * self.kv_dim
+    }
+
+    /// Whether the arena holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Device bytes of the arena.
+    pub fn bytes(&self) -> usize {
+        self.len() * self.dtype().bytes()
+    }
+
+    /// Overwrites the whole arena with `values` (in layout order), rounded to its element type;
+    /// returns the values as stored, for references.
+    pub fn write(&mut self, gpu: &Gpu, values: &[f32]) -> Result<Vec<f32>, GpuError> {
+        if values.len() != self.len() {
+            return Err(shape_err("kv arena", format!("{} values for {} elements", values.len(), self.len())));
+        }
+        match &mut self.store {
+            KvStore::F32(b) => {
+                gpu.write(values, b)?;
+                Ok(values.to_vec())
+            }
+            KvStore::Bf16(b) => {
+                let bits: Vec<u16> = values.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+                gpu.write(&bits, b)?;
+                Ok(bits.iter().map(|&u| half::bf16::from_bits(u).to_f32()).collect())
+            }
+        }
+    }
+
+    /// Appends the arena's device address to a launch's arguments (callers that write to it
+    /// hold it mutably).
+    pub(crate) fn arg(&self, b: &mut Args) {
+        match &self.store {
+            KvStore::F32(d) => b.arg(d),
+            KvStore::Bf16(d) => b.arg(d),
+        };
     }
 }
 
-pub(crate) fn check_arena(name: &str, kv: &KvArena, max_pos: usize, kv_dim: usize) -> Result<(), GpuError> {
-    if kv.max_pos != max_pos || kv.kv_dim != kv_dim {
+/// Fails unless `kv` has the positions, width and element type kernel `name` was built for.
+pub(crate) fn check_arena(name: &str, kv: &KvArena, shape: &AttnShape) -> Result<(), GpuError> {
+    let (max_pos, kv_dim) = (shape.max_pos, shape.kv_dim());
+    if kv.max_pos != max_pos || kv.kv_dim != kv_dim || kv.dtype() != shape.kv {
         return Err(shape_err(
             name,
-            format!("KV arena has {} positions × {} features, the kernel was built for {max_pos} × {kv_dim}", kv.max_pos, kv.kv_dim),
+            format!(
+                "KV arena has {} positions × {} features of {}, the kernel was built for {max_pos} × {kv_dim} of {}",
+                kv.max_pos,
+                kv.kv_dim,
+                kv.dtype().as_str(),
+                shape.kv.as_str()
+            ),
         ));
     }
     Ok(())
@@ -187,16 +257,14 @@ pub(crate) fn check_arena(name: &str, kv: &KvArena, max_pos: usize, kv_dim: usiz
 /// A loaded `rope_kv` kernel.
 pub struct RopeKv {
     kernel: LoadedKernel,
-    q_dim: usize,
-    kv_dim: usize,
-    max_pos: usize,
+    pub shape: AttnShape,
 }
 
 impl RopeKv {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "rope_kv")?;
-        let s = AttnShape::from_params("rope_kv", &entry.inputs.params)?;
-        Ok(Self { q_dim: s.q_dim(), kv_dim: s.kv_dim(), max_pos: s.max_pos, kernel })
+        let shape = AttnShape::from_params("rope_kv", &entry.inputs.params)?;
+        Ok(Self { shape, kernel })
     }
 
     /// Scales and rotates `rows` rows of the fused `qkv` output into `q`; appends K, V to `kv`.
@@ -214,16 +282,18 @@ impl RopeKv {
         q: &mut DeviceBuffer<f32>,
     ) -> Result<(), GpuError> {
         let name = self.kernel.name.as_str();
-        check_arena(name, kv, self.max_pos, self.kv_dim)?;
-        need(name, "qkv", qkv.len(), rows * (self.q_dim + 2 * self.kv_dim))?;
-        need(name, "q", q.len(), rows * self.q_dim)?;
+        let (qd, kvd) = (self.shape.q_dim(), self.shape.kv_dim());
+        check_arena(name, kv, &self.shape)?;
+        need(name, "qkv", qkv.len(), rows * (qd + 2 * kvd))?;
+        need(name, "q", q.len(), rows * qd)?;
         need(name, "pos", meta.pos.len(), rows)?;
         need(name, "slot", meta.slot.len(), rows)?;
         let (layers, layer) = (kv.layers as i32, layer as i32);
         let cfg = self.kernel.config_rows(rows)?;
         let mut b = Args::new(gpu);
         b.arg(qkv).arg(&factors[0]).arg(&factors[1]).arg(&factors[2]).arg(meta.pos).arg(meta.slot);
-        b.arg(&mut kv.data).arg(&layers).arg(&layer).arg(&theta).arg(q);
+        kv.arg(&mut b);
+        b.arg(&layers).arg(&layer).arg(&theta).arg(q);
         // SAFETY: arguments follow rope_kv.cu.tera (qkv, fq, fk, fv, pos, slot, kv, layers, layer,
         // theta, qout); buffer sizes are checked above and the arena's shape matches the kernel's;
         // the caller guarantees pos < max_pos and slot < slots for every row (RowMeta contract).
@@ -235,11 +305,7 @@ impl RopeKv {
 /// A loaded `attention_decode` kernel.
 pub struct Attention {
     kernel: LoadedKernel,
-    pub q_dim: usize,
-    pub kv_dim: usize,
-    pub max_pos: usize,
-    pub heads: usize,
-    pub head_dim: usize,
+    pub shape: AttnShape,
     /// Blocks per (row, head) over the positions.
     pub splits: usize,
 }
@@ -255,22 +321,13 @@ impl Attention {
     pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
         let kernel = load_checked(gpu, entry, "attention_decode")?;
         let p = &entry.inputs.params;
-        let s = AttnShape::from_params("attention_decode", p)?;
-        Ok(Self {
-            q_dim: s.q_dim(),
-            kv_dim: s.kv_dim(),
-            max_pos: s.max_pos,
-            heads: s.heads,
-            head_dim: s.head_dim,
-            splits: entry_param(entry, "SPLITS")?,
-            kernel,
-        })
+        Ok(Self { shape: AttnShape::from_params("attention_decode", p)?, splits: entry_param(entry, "SPLITS")?, kernel })
     }
 
     /// A zeroed split-K workspace for launches of up to `rows` rows.
     pub fn scratch(&self, gpu: &Gpu, rows: usize) -> Result<AttnScratch, GpuError> {
-        let rh = rows.max(1) * self.heads;
-        Ok(AttnScratch { partial: gpu.zeros(rh * self.splits * (self.head_dim + 2))?, counters: gpu.zeros(rh)? })
+        let rh = rows.max(1) * self.shape.heads;
+        Ok(AttnScratch { partial: gpu.zeros(rh * self.splits * (self.shape.head_dim + 2))?, counters: gpu.zeros(rh)? })
     }
 
     /// Attention of `rows` query rows `q` [rows, QD] over their sequences → `out` [rows, QD].
@@ -287,17 +344,21 @@ impl Attention {
         scratch: &mut AttnScratch,
     ) -> Result<(), GpuError> {
         let name = self.kernel.name.as_str();
-        check_arena(name, kv, self.max_pos, self.kv_dim)?;
-        need(name, "q", q.len(), rows * self.q_dim)?;
-        need(name, "out", out.len(), rows * self.q_dim)?;
-        need(name, "partial", scratch.partial.len(), rows * self.heads * self.splits * (self.head_dim + 2))?;
-        need(name, "counters", scratch.counters.len(), rows * self.heads)?;
+        let AttnShape { heads, head_dim, .. } = self.shape;
+        let qd = self.shape.q_dim();
+        check_arena(name, kv, &self.shape)?;
+        need(name, "q", q.len(), rows * qd)?;
+        need(name, "out", out.len(), rows * qd)?;
+        need(name, "partial", scratch.partial.len(), rows * heads * self.splits * (head_dim + 2))?;
+        need(name, "counters", scratch.counters.len(), rows * heads)?;
         need(name, "pos", meta.pos.len(), rows)?;
         need(name, "slot", meta.slot.len(), rows)?;
         let (layers, layer) = (kv.layers as i32, layer as i32);
         let cfg = self.kernel.config_rows(rows)?;
         let mut b = Args::new(gpu);
-        b.arg(q).arg(meta.pos).arg(meta.slot).arg(&kv.data).arg(&layers).arg(&layer).arg(out);
+        b.arg(q).arg(meta.pos).arg(meta.slot);
+        kv.arg(&mut b);
+        b.arg(&layers).arg(&layer).arg(out);
         b.arg(&mut scratch.partial).arg(&mut scratch.counters);
         // SAFETY: arguments follow attention_decode.cu.tera (q, pos, slot, kv, layers, layer, out,
         // partial, counters); sizes checked above; pos < max_pos and slot < slots per the RowMeta

@@ -32,21 +32,87 @@ impl NormShape {
     }
 }
 
-/// The problem of the attention-side ops (`rope_kv`, `attention_decode`): GQA heads, head size
-/// and the positions a KV-cache slot holds.
+/// The element type of the KV cache: the `KV_BF16` parameter of `rope_kv`, `attention_decode`
+/// and `decode_layer`, and of the [`super::KvArena`] they share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KvDtype {
+    /// f32: exact, twice the bytes.
+    F32,
+    /// bf16, rounded to nearest even as stored (vLLM's default for bf16 models).
+    #[default]
+    Bf16,
+}
+
+impl KvDtype {
+    /// The template parameter that selects it.
+    pub const PARAM: &'static str = "KV_BF16";
+
+    /// Its value of [`Self::PARAM`].
+    pub fn param(self) -> i64 {
+        i64::from(self == KvDtype::Bf16)
+    }
+
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
+
+    /// The name users type and logs print: `f32` or `bf16`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KvDtype::F32 => "f32",
+            KvDtype::Bf16 => "bf16",
+        }
+    }
+
+    /// The value a store then a load gives back (f64 references of a bf16 cache use it).
+    pub fn round(self, v: f32) -> f32 {
+        match self {
+            KvDtype::F32 => v,
+            KvDtype::Bf16 => half::bf16::from_f32(v).to_f32(),
+        }
+    }
+}
+
+impl std::str::FromStr for KvDtype {
+    type Err = String;
+
+    /// `bf16` (also `bfloat16`, `auto`) or `f32` (also `float32`, `float`).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" | "auto" => Ok(KvDtype::Bf16),
+            "f32" | "float32" | "float" => Ok(KvDtype::F32),
+            other => Err(format!("unknown KV-cache dtype {other:?}: expected bf16 (auto) or f32")),
+        }
+    }
+}
+
+/// The problem of the attention-side ops (`rope_kv`, `attention_decode`): GQA heads, head size,
+/// the positions a KV-cache slot holds and the cache's element type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
     pub max_pos: usize,
+    pub kv: KvDtype,
 }
 
 impl AttnShape {
-    /// From template parameters QH, KVH, HD, MAX_POS of `template`.
+    /// From template parameters QH, KVH, HD, MAX_POS and KV_BF16 (1 when absent, the templates'
+    /// default) of `template`.
     pub fn from_params(template: &str, p: &Params) -> Result<Self, GpuError> {
-        let get = |name| param(template, p, name, None);
-        Ok(Self { heads: get("QH")?, kv_heads: get("KVH")?, head_dim: get("HD")?, max_pos: get("MAX_POS")? })
+        let get = |name, default| param(template, p, name, default);
+        let kv = match get(KvDtype::PARAM, Some(1))? {
+            0 => KvDtype::F32,
+            1 => KvDtype::Bf16,
+            v => return Err(GpuError::Shape { kernel: template.into(), what: format!("parameter {}={v} is not 0 or 1", KvDtype::PARAM) }),
+        };
+        Ok(Self { heads: get("QH", None)?, kv_heads: get("KVH", None)?, head_dim: get("HD", None)?, max_pos: get("MAX_POS", None)?, kv })
     }
 
     /// Query row width: heads × head_dim.

@@ -150,11 +150,6 @@ fn norm_source<'a>(glu: bool, x: &'a mut DeviceBuffer<f32>, input: &'a DeviceBuf
     }
 }
 
-/// The problem `op` was built for.
-pub fn attn_shape(op: &Attention) -> AttnShape {
-    AttnShape { heads: op.heads, kv_heads: op.kv_dim / op.head_dim, head_dim: op.head_dim, max_pos: op.max_pos }
-}
-
 /// One attention problem resident on the GPU: a KV arena of random keys and values, query rows
 /// each with its own sequence (slot) and position, and the f64 reference output.
 pub struct AttentionCase {
@@ -172,6 +167,8 @@ impl AttentionCase {
     /// Draws queries in [-1, 1), keys in [-6, 6) (scores q·k/√HD then have a standard deviation
     /// of about 2 at any HD, so the softmax is far from uniform) and values in [-1, 1), one
     /// sequence per row: the longest context, a long one over several splits and a short one.
+    /// The reference reads the keys and values as the arena stores them (rounded to bf16 for a
+    /// bf16 cache), so it checks the kernel's arithmetic, not the cache's rounding.
     pub fn new(gpu: &Gpu, shape: AttnShape, seed: u64) -> Result<Self, GpuError> {
         let (qd, kvd, hd, max_pos) = (shape.q_dim(), shape.kv_dim(), shape.head_dim, shape.max_pos);
         let rows: Vec<(usize, usize)> = vec![(0, max_pos - 1), (1, (max_pos - 1).min(777)), (2, (max_pos - 1).min(3))];
@@ -179,11 +176,13 @@ impl AttentionCase {
         let q = uniform(&mut rng, rows.len() * qd, -1.0, 1.0);
         let key_range = 6.0f32;
         let per_slot = 2 * max_pos * kvd;
-        let mut kv = Vec::with_capacity(rows.len() * per_slot);
+        let mut drawn = Vec::with_capacity(rows.len() * per_slot);
         for _ in &rows {
-            kv.extend(uniform(&mut rng, max_pos * kvd, -key_range, key_range));
-            kv.extend(uniform(&mut rng, max_pos * kvd, -1.0, 1.0));
+            drawn.extend(uniform(&mut rng, max_pos * kvd, -key_range, key_range));
+            drawn.extend(uniform(&mut rng, max_pos * kvd, -1.0, 1.0));
         }
+        let mut arena = KvArena::new(gpu, shape.kv, rows.len(), 1, max_pos, kvd)?;
+        let kv = arena.write(gpu, &drawn)?;
         let group = shape.heads / shape.kv_heads;
         let mut reference = vec![0.0; rows.len() * qd];
         for (r, &(slot, pos)) in rows.iter().enumerate() {
@@ -197,8 +196,6 @@ impl AttentionCase {
                 attend_head(&qh, pos + 1, k, v, &mut reference[r * qd + head * hd..][..hd]);
             }
         }
-        let mut arena = KvArena::new(gpu, rows.len(), 1, max_pos, kvd)?;
-        gpu.write(&kv, &mut arena.data)?;
         Ok(Self {
             pos: gpu.upload(&rows.iter().map(|&(_, p)| p as i32).collect::<Vec<_>>())?,
             slot: gpu.upload(&rows.iter().map(|&(s, _)| s as i32).collect::<Vec<_>>())?,
@@ -232,5 +229,5 @@ pub fn check_rmsnorm_quant(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u6
 /// Checks an `attention_decode` entry on three sequences (full, long and short context).
 pub fn check_attention(gpu: &Gpu, entry: &crate::cache::CacheEntry, seed: u64, rel_floor: f64) -> Result<CheckedRun, GpuError> {
     let op = Attention::new(gpu, entry)?;
-    AttentionCase::new(gpu, attn_shape(&op), seed)?.run(gpu, &op, rel_floor)
+    AttentionCase::new(gpu, op.shape, seed)?.run(gpu, &op, rel_floor)
 }

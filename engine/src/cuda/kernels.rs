@@ -6,7 +6,7 @@
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::step::{Family, MAX_GEMV_M};
 use mangrove_deploy::provision::KernelEntries;
-use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, Blas, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, SampleTokens, TernaryGemv};
+use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, KvDtype, Blas, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, SampleTokens, TernaryGemv};
 
 /// Errors of assembling the step's kernels.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +15,8 @@ pub enum KernelSetError {
     Missing { family: Family },
     #[error("loading {family} M={m}: {source}")]
     Load { family: Family, m: i64, source: GpuError },
+    #[error("the plan's {family} kernel was built for a {found} KV cache, its attention kernel for {expected}; re-provision the plan")]
+    KvDtype { family: Family, expected: &'static str, found: &'static str },
 }
 
 /// One loaded kernel per provisioned M (index M-1); M=1 is always there.
@@ -146,6 +148,16 @@ pub struct StepKernels {
 }
 
 impl StepKernels {
+    /// The KV-cache element type every attention-side kernel of the plan was built for.
+    pub fn kv_dtype(&self) -> Result<KvDtype, KernelSetError> {
+        let expected = self.attention.shape.kv;
+        let others = [(Family::Rope, Some(self.rope.shape.kv)), (Family::DecodeLayer, self.fused.as_ref().map(|f| f.shape.attn.kv))];
+        match others.into_iter().find(|(_, kv)| kv.is_some_and(|kv| kv != expected)) {
+            Some((family, Some(found))) => Err(KernelSetError::KvDtype { family, expected: expected.as_str(), found: found.as_str() }),
+            _ => Ok(expected),
+        }
+    }
+
     /// Loads the plan's entries onto `gpu`.
     pub fn load(gpu: &Gpu, entries: &KernelEntries) -> Result<Self, KernelSetError> {
         let one = |family: Family| -> Result<&CacheEntry, KernelSetError> {

@@ -83,7 +83,7 @@ impl CudaBackend {
             eprintln!("mangrove: cuBLAS is unavailable ({why}); the LM head of decode batches runs the lm_head kernel");
         }
         let weights = DeviceWeights::upload(&gpu, model)?;
-        let kv = KvArena::new(&gpu, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
+        let kv = KvArena::new(&gpu, kernels.kv_dtype()?, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
         let work = Workspace::new(&gpu, &config, &kernels, max_seqs.max(1))?;
         gpu.sync()?;
         // MoE steps route on the host mid-step: they cannot be captured.
