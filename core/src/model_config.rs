@@ -488,7 +488,8 @@ mod tests {
         for p in Preset::ALL {
             let v = serde_json::to_value(p.config()).unwrap();
             assert!(!nulls(&v), "{p}: {v}");
-            assert_eq!(v["head_dim"], 16 * (1 + 7 * usize::from(p == Preset::Bitnet2b)), "{p}");
+            let head_dim = if matches!(p, Preset::Bitnet2b | Preset::Qwen3Moe) { 128 } else { 16 };
+            assert_eq!(v["head_dim"], head_dim, "{p}");
             assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap(), ModelConfig::of_preset(p));
         }
         let mut c = base();

@@ -190,12 +190,20 @@ pub fn moe_variant(m: i64) -> &'static str {
 /// `moe_route` without its BLOCK_M, which follows the consumer's config). None for dense models.
 pub fn moe_problems(c: &ModelConfig) -> Option<(Params, Params, Params)> {
     let m = c.moe?;
-    let (e, k, h, i) = (m.experts as i64, m.topk as i64, c.hidden as i64, m.inter as i64);
-    // Qwen3-MoE experts are SiLU whatever the dense activation (the CPU reference's too).
-    let gateup = params(&[("E", e), ("TOPK", k), ("H", h), ("I", i), ("ACT", 1)]);
-    let down = params(&[("E", e), ("TOPK", k), ("H", h), ("I", i)]);
-    let route = params(&[("E", e), ("TOPK", k), ("NORM", i64::from(m.norm_topk_prob))]);
-    Some((gateup, down, route))
+    let shape = (m.experts as i64, m.topk as i64, c.hidden as i64, m.inter as i64);
+    let route = params(&[("E", shape.0), ("TOPK", shape.1), ("NORM", i64::from(m.norm_topk_prob))]);
+    Some((grouped_problem("moe_gateup", shape), grouped_problem("moe_down", shape), route))
+}
+
+/// The problem (without M) of the grouped MoE kernel `template` (`moe_gateup` or `moe_down`)
+/// for (experts, top-k, hidden, expert intermediate): what the plan requests and the tuner records.
+pub fn grouped_problem(template: &str, (e, k, h, i): (i64, i64, i64, i64)) -> Params {
+    let mut p = params(&[("E", e), ("TOPK", k), ("H", h), ("I", i)]);
+    if template == "moe_gateup" {
+        // Qwen3-MoE experts are SiLU whatever the dense activation (the CPU reference's too).
+        p.insert("ACT".into(), 1);
+    }
+    p
 }
 
 /// The tuned config of a grouped MoE kernel (`template` at `problem` and `m`) from the DB

@@ -15,8 +15,8 @@ use mangrove_core::tuning_db::{LookupRule, TuningDb};
 /// The default ternary MoE shape (Qwen-MoE-like): experts, top-k, hidden, expert intermediate.
 pub const DEFAULT_MOE: (i64, i64, i64, i64) = (64, 8, 2048, 1408);
 
-/// M buckets the gate_up stage is tuned for by default.
-pub const GATEUP_BUCKETS: &[i64] = &[1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+/// M buckets the grouped stages are tuned for by default: the engine's plan buckets.
+pub const GATEUP_BUCKETS: &[i64] = &mangrove_core::step::MOE_BUCKETS;
 
 /// Tunes `stage` at every M for one (E, TOPK, H, I); returns one outcome per M, in order.
 pub fn tune_gateup(
@@ -33,7 +33,7 @@ pub fn tune_gateup(
     let problems: Vec<Params> = ms
         .iter()
         .map(|&m| {
-            let mut problem = gateup_problem((e, topk, h, i));
+            let mut problem = mangrove_core::step::grouped_problem(template, (e, topk, h, i));
             problem.insert("M".into(), m);
             problem
         })
@@ -59,9 +59,9 @@ pub fn tune_gateup(
     Ok(out)
 }
 
-/// The `moe_gateup` problem parameters (without M) of one (E, TOPK, H, I).
-pub fn gateup_problem((e, topk, h, i): (i64, i64, i64, i64)) -> Params {
-    [("E", e), ("TOPK", topk), ("H", h), ("I", i)].into_iter().map(|(k, v)| (k.to_string(), v)).collect()
+/// The `moe_gateup` problem parameters (without M) of one (E, TOPK, H, I), as the plan requests them.
+pub fn gateup_problem(shape: (i64, i64, i64, i64)) -> Params {
+    mangrove_core::step::grouped_problem("moe_gateup", shape)
 }
 
 /// Chooses the tuned `moe_gateup` config for `m` tokens of `problem` from the DB (nearest
