@@ -83,6 +83,37 @@ fn bless_verify_and_offline_lookup_for_sm90_and_sm120() {
 }
 
 #[test]
+fn moe_preset_bundle_holds_the_grouped_kernels_of_every_bucket() {
+    // The qwen3-moe preset's shapes (Qwen3-30B-A3B: 128 experts of 768, top-8), blessed for sm90.
+    let root = tempfile::tempdir().unwrap();
+    let model = root.path().join("qwen3-moe");
+    std::fs::create_dir_all(&model).unwrap();
+    let config = serde_json::to_string(&mangrove::model_config::Preset::Qwen3Moe.config()).unwrap();
+    std::fs::write(model.join("config.json"), config).unwrap();
+    let out = root.path().join("bundle");
+    let cache = root.path().join("cache");
+    let (ok, stdout, err) = mangrove(&[
+        "--cache-dir", cache.to_str().unwrap(), "cache", "bless", "--tuning-db", shipped_db().to_str().unwrap(),
+        "--model", model.to_str().unwrap(), "--arch", "sm90", "--out", out.to_str().unwrap(), "--max-batch", "8", "--shapes-only",
+    ]);
+    assert!(ok, "{stdout}{err}");
+    let b = Bundle::open(&out).unwrap();
+    let config = ModelConfig::from_model_dir(&model).unwrap();
+    let planned = plan(&Catalog::embedded(), &config, &TuningDb::load(&shipped_db()).unwrap(), Arch::SM90, 8);
+    assert!(b.missing(&Catalog::embedded(), &planned).unwrap().is_empty());
+    use mangrove::step::{Family, MOE_BUCKETS};
+    for family in [Family::MoeRoute, Family::MoeRouteDown, Family::MoeGateUp, Family::MoeDown] {
+        let ms: Vec<i64> = planned.iter().filter(|p| p.family == family).map(|p| p.m).collect();
+        assert_eq!(ms, MOE_BUCKETS.to_vec(), "{family}");
+        for p in planned.iter().filter(|p| p.family == family) {
+            assert!(p.unavailable.is_none(), "{}", p.label());
+            let e = b.get(&b.key_for(&Catalog::embedded(), &p.request).unwrap()).unwrap().unwrap();
+            assert_eq!((e.inputs.template.as_str(), &e.cubin[..4]), (p.request.template.as_str(), &b"\x7fELF"[..]), "{}", p.label());
+        }
+    }
+}
+
+#[test]
 fn any_flipped_byte_fails_verify_naming_the_file() {
     let root = tempfile::tempdir().unwrap();
     let dir = bless(root.path(), "sm90");

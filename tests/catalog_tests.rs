@@ -89,3 +89,35 @@ fn pdl_templates_wait_for_the_previous_kernel() {
         }
     }
 }
+
+#[test]
+fn moe_kernels_compile_at_the_preset_and_gpt_oss_shapes() {
+    // The plan's MoE kernels (route, grouped gate_up and down) of Qwen3-30B-A3B (the qwen3-moe
+    // preset) and gpt-oss (H = I = 2880, whose template defaults are invalid: the plan takes
+    // the first valid config) at small and large buckets, for sm_80 and sm_90.
+    use mangrove::model_config::{ModelConfig, MoeConfig, Preset};
+    use mangrove::step::Family;
+    let qwen = ModelConfig::from_file(&Preset::Qwen3Moe.config()).unwrap();
+    let mut gpt_oss = qwen.clone();
+    gpt_oss.hidden = 2880;
+    gpt_oss.moe = Some(MoeConfig { experts: 128, topk: 4, inter: 2880, norm_topk_prob: true });
+    let compiler = Compiler::open().unwrap_or_else(|e| panic!("{e}"));
+    let catalog = Catalog::embedded();
+    let moe = [Family::MoeRoute, Family::MoeRouteDown, Family::MoeGateUp, Family::MoeDown];
+    let mut jobs = Vec::new();
+    for (c, arch) in [(&qwen, Arch::SM90), (&gpt_oss, Arch::SM90), (&qwen, Arch::SM80)] {
+        let planned = mangrove::plan::plan(&catalog, c, &mangrove::tuning_db::TuningDb::default(), arch, 8);
+        for p in planned.iter().filter(|p| moe.contains(&p.family) && [1, 16, 512].contains(&p.m)) {
+            assert!(p.unavailable.is_none(), "{}", p.label());
+            let k = catalog.get(&p.request.template).unwrap().render(&p.request.params).unwrap();
+            jobs.push((k, arch));
+        }
+    }
+    assert_eq!(jobs.len(), 3 * 4 * 3);
+    for ((k, arch), r) in jobs.iter().zip(compiler.compile_many(&jobs, false)) {
+        let what = format!("{} [{}] for {arch}", k.template, format_params(&k.params));
+        let c = r.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(&c.cubin[..4], b"\x7fELF", "{what}");
+        assert!(!c.resources.spills(), "{what}: spills {:?}", c.resources);
+    }
+}

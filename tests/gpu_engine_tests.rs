@@ -142,7 +142,7 @@ fn split_attention_matches_one_split() {
 }
 
 #[test]
-fn cuda_moe_logits_match_cpu_reference() {
+fn cuda_moe_logits_match_cpu_reference_and_graphs_match_direct_launches() {
     let Some(gpu) = common::gpu_or_skip() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let (dir, model) = generated(tmp.path(), Preset::TinyMoe, 5);
@@ -150,12 +150,38 @@ fn cuda_moe_logits_match_cpu_reference() {
     let cpu = CpuBackend::new(Arc::new(model.clone()));
     // Short prompts: top-k routing is discontinuous, and over many tokens an f32-vs-f64 near-tie
     // between two experts' router scores eventually picks a different expert (seen at 48 rows).
-    let (d, _) = compare(&cuda, &cpu, &[7, 1, 12], 4);
+    let (d, graph_logits) = compare(&cuda, &cpu, &[7, 1, 12], 4);
     println!("CUDA vs CPU logits (tiny-moe): {d}");
     assert_eq!(d.non_finite, 0);
     assert!(d.max_rel < 2e-2, "CUDA MoE logits differ from the CPU reference: {d}");
+    // MoE steps route on the GPU: captured graphs replay them bit for bit.
+    let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("cache2"), 4).with_graphs(false);
+    let (_, direct_logits) = compare(&direct, &cpu, &[7, 1, 12], 4);
+    assert_eq!(graph_logits, direct_logits, "MoE graph replay must equal direct launches bit for bit");
     let report = cuda.forward(&mut [SeqInput { tokens: &[1, 2], cache: &mut KvCache::new(cuda.config()) }]).unwrap().1;
-    assert!(report.paths.contains(&(mangrove::step::Family::MoeGateUp, "cuda_w2a8")), "{:?}", report.paths);
+    for f in [mangrove::step::Family::MoeRoute, mangrove::step::Family::MoeGateUp, mangrove::step::Family::MoeDown] {
+        assert!(report.paths.contains(&(f, "cuda_grouped_m2")), "{f}: {:?}", report.paths);
+    }
+}
+
+#[test]
+fn cuda_qwen3_moe_shapes_match_cpu_reference() {
+    // The Qwen3-30B-A3B preset at 2 layers: 128 experts of 768, top-8, H 2048, head_dim 128 —
+    // the grouped kernels at real shapes, over a prefill that spans several buckets.
+    let Some(gpu) = common::gpu_or_skip() else { return };
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qwen3-moe");
+    mangrove::engine::genmodel::generate_with(Preset::Qwen3Moe, &dir, 21, Some(2)).unwrap();
+    let model = Model::load(&dir).unwrap();
+    let cuda = cuda_backend(gpu, &dir, &model, &tmp.path().join("cache"), 4);
+    let cpu = CpuBackend::new(Arc::new(model.clone()));
+    let (d, graph_logits) = compare(&cuda, &cpu, &[5, 1, 9], 3);
+    println!("CUDA vs CPU logits (qwen3-moe, 2 layers): {d}");
+    assert_eq!(d.non_finite, 0);
+    assert!(d.max_rel < 2e-2, "CUDA MoE logits differ from the CPU reference: {d}");
+    let direct = cuda_backend(common::gpu_or_skip().unwrap(), &dir, &model, &tmp.path().join("cache2"), 4).with_graphs(false);
+    let (_, direct_logits) = compare(&direct, &cpu, &[5, 1, 9], 3);
+    assert_eq!(graph_logits, direct_logits, "MoE graph replay must equal direct launches bit for bit");
 }
 
 #[test]

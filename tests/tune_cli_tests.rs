@@ -53,6 +53,35 @@ fn compile_only_sweep_prunes_with_reasons_and_writes_no_db() {
 }
 
 #[test]
+fn gateup_sweeps_the_gpt_oss_shape_whose_template_default_is_invalid() {
+    // H = 2880 breaks the default's H % (64 * WARPS * UNROLL) == 0 (4 warps x 2), yet WARPS=1
+    // UNROLL=1 (and others) divide it: the sweep runs with the first valid config as baseline.
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let (ok, out, err) = tune(&[
+        "gateup", "--experts", "128", "--topk", "4", "--hidden", "2880", "--inter", "2880", "--m", "1,16",
+        "--cache-dir", cache.to_str().unwrap(), "--compile-only", "--json", "--no-write",
+    ]);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let jobs = v["jobs"].as_array().unwrap();
+    let templates: Vec<&str> = jobs.iter().map(|j| j["template"].as_str().unwrap()).collect();
+    assert_eq!(templates, ["moe_gateup", "moe_gateup", "moe_down", "moe_down"], "gate_up, then down, at each M");
+    for job in jobs {
+        assert!(job["shard_configs"].as_u64().unwrap() >= 1, "{job}");
+        let note = job["baseline"].as_str().unwrap_or_default();
+        // gate_up splits H across warps, down splits I: both are 2880 = 45 x 64.
+        let violated = if job["template"] == "moe_gateup" { "H % (64 * WARPS * UNROLL)" } else { "I % (64 * WARPS * UNROLL)" };
+        assert!(note.contains(violated), "the baseline names the violated constraint: {job}");
+        let failed = job["pruned"].as_array().unwrap().iter().filter(|p| p["reason"].as_str().unwrap().contains("compile")).count();
+        assert_eq!(failed, 0, "{job}");
+    }
+    // A shape with no valid config at all is still an error, before any work.
+    let (ok, _, err) = tune(&["gateup", "--hidden", "2881", "--m", "1", "--cache-dir", cache.to_str().unwrap(), "--compile-only", "--no-write"]);
+    assert!(!ok && err.contains("H % (64 * WARPS * UNROLL)"), "{err}");
+}
+
+#[test]
 fn decode_ops_compile_only_covers_the_plans_norm_and_attention_problems() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
@@ -74,11 +103,12 @@ fn decode_ops_compile_only_covers_the_plans_norm_and_attention_problems() {
     assert!(attention["candidates"].as_u64().unwrap() > 1, "attention tunables are swept");
     assert_eq!(v["written"], false);
     assert!(!db.exists(), "compile-only must not create the DB");
-    // An MoE model adds its experts' GLU quantization (no norm, SiLU); the combine is not tuned.
+    // An MoE model adds its experts' per-pair quantization (no norm); the combine is not tuned.
     let (ok, out, err) = tune(&["decode-ops", "--preset", "tiny-moe", "--cache-dir", cache.to_str().unwrap(), "--compile-only", "--json", "--no-write"]);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let moe_glu = v["jobs"].as_array().unwrap().iter().any(|j| j["problem"]["NORM"] == 0 && j["problem"]["ACT"] == 1 && j["problem"]["GLU"] == 1);
+    // The experts' act(gate)·up is fused into moe_gateup: only the per-pair quantization is left.
+    let moe_glu = v["jobs"].as_array().unwrap().iter().any(|j| j["problem"]["NORM"] == 0 && j["problem"]["GLU"] == 0);
     assert!(moe_glu, "{out}");
     assert!(v["jobs"].as_array().unwrap().iter().all(|j| j["template"] != "moe_combine" && j["template"] != "rope_kv"), "{out}");
     let (ok, _, err) = tune(&["decode-ops", "--model", dir.path().join("missing").to_str().unwrap(), "--compile-only"]);
@@ -108,6 +138,7 @@ fn record(threads: i64, us: f64) -> Record {
         gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
         copy_bw_gbs: 3000.0,
         default_us: None,
+        baseline: None,
         provenance: Provenance::default(),
         merged_from: Vec::new(),
     }

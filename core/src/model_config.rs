@@ -372,6 +372,10 @@ pub enum Preset {
     TinyMoe,
     /// bitnet-b1.58-2B-4T shapes: H 2560, I 6912, 30 layers, 20/5 heads, vocab 128256 (~1.2 GB).
     Bitnet2b,
+    /// Qwen3-30B-A3B shapes with ternary experts: H 2048, 48 layers, 32/4 heads of 128, vocab
+    /// 151936, 128 experts of I 768 per layer, top-8 renormalized (~7.7 GB; `--layers 2` keeps
+    /// the kernel shapes at ~0.9 GB).
+    Qwen3Moe,
 }
 
 /// Tokens of the byte-level tokenizer `gen-model` writes: 256 bytes, merges, 3 specials.
@@ -379,7 +383,7 @@ pub const TINY_VOCAB: usize = 300;
 
 impl Preset {
     /// Every preset, in the order `--help` lists them.
-    pub const ALL: [Preset; 3] = [Preset::Tiny, Preset::TinyMoe, Preset::Bitnet2b];
+    pub const ALL: [Preset; 4] = [Preset::Tiny, Preset::TinyMoe, Preset::Bitnet2b, Preset::Qwen3Moe];
 
     /// The name on the command line.
     pub fn name(self) -> &'static str {
@@ -387,6 +391,7 @@ impl Preset {
             Preset::Tiny => "tiny",
             Preset::TinyMoe => "tiny-moe",
             Preset::Bitnet2b => "bitnet-2b",
+            Preset::Qwen3Moe => "qwen3-moe",
         }
     }
 
@@ -395,26 +400,33 @@ impl Preset {
         let (h, i, l, heads, kv, v, maxp, tied) = match self {
             Preset::Tiny | Preset::TinyMoe => (64, 128, 2, 4, 2, TINY_VOCAB, 512, true),
             Preset::Bitnet2b => (2560, 6912, 30, 20, 5, 128256, 4096, true),
+            Preset::Qwen3Moe => (2048, 6144, 48, 32, 4, 151936, 4096, false),
         };
-        let moe = self == Preset::TinyMoe;
+        // (experts, top-k, expert intermediate) of the MoE presets.
+        let moe = match self {
+            Preset::TinyMoe => Some((4, 2, 64)),
+            Preset::Qwen3Moe => Some((128, 8, 768)),
+            Preset::Tiny | Preset::Bitnet2b => None,
+        };
         let big = self == Preset::Bitnet2b;
+        let qwen = self == Preset::Qwen3Moe;
         ConfigFile {
-            architectures: vec![if moe { "BitNetMoeForCausalLM" } else { "BitNetForCausalLM" }.into()],
+            architectures: vec![if moe.is_some() { "BitNetMoeForCausalLM" } else { "BitNetForCausalLM" }.into()],
             model_type: Some("bitnet".into()),
             hidden_size: h,
             intermediate_size: i,
             num_hidden_layers: l,
             num_attention_heads: heads,
             num_key_value_heads: Some(kv),
-            head_dim: Some(h / heads),
+            head_dim: Some(if qwen { 128 } else { h / heads }),
             vocab_size: v,
             max_position_embeddings: maxp,
             rms_norm_eps: 1e-5,
-            rope_theta: if big { 500000.0 } else { 10000.0 },
+            rope_theta: if qwen { 1_000_000.0 } else if big { 500000.0 } else { 10000.0 },
             tie_word_embeddings: tied,
             hidden_act: "relu2".into(),
-            bos_token_id: Some(TokenIds::One(if big { 128000 } else { 297 })),
-            eos_token_id: Some(TokenIds::One(if big { 128001 } else { 298 })),
+            bos_token_id: Some(TokenIds::One(if big { 128000 } else if qwen { 151643 } else { 297 })),
+            eos_token_id: Some(TokenIds::One(if big { 128001 } else if qwen { 151645 } else { 298 })),
             quantization_config: Some(QuantizationConfigFile {
                 quant_method: "bitnet".into(),
                 linear_class: "autobitlinear".into(),
@@ -422,10 +434,10 @@ impl Preset {
                 activation_quant: Some("per-token".into()),
                 activation_bits: Some(8),
             }),
-            num_experts: moe.then_some(4),
-            num_experts_per_tok: moe.then_some(2),
-            moe_intermediate_size: moe.then_some(64),
-            norm_topk_prob: moe.then_some(true),
+            num_experts: moe.map(|m| m.0),
+            num_experts_per_tok: moe.map(|m| m.1),
+            moe_intermediate_size: moe.map(|m| m.2),
+            norm_topk_prob: moe.map(|_| true),
             rope_scaling: None,
         }
     }
@@ -476,7 +488,8 @@ mod tests {
         for p in Preset::ALL {
             let v = serde_json::to_value(p.config()).unwrap();
             assert!(!nulls(&v), "{p}: {v}");
-            assert_eq!(v["head_dim"], 16 * (1 + 7 * usize::from(p == Preset::Bitnet2b)), "{p}");
+            let head_dim = if matches!(p, Preset::Bitnet2b | Preset::Qwen3Moe) { 128 } else { 16 };
+            assert_eq!(v["head_dim"], head_dim, "{p}");
             assert_eq!(ModelConfig::from_json(&v.to_string()).unwrap(), ModelConfig::of_preset(p));
         }
         let mut c = base();

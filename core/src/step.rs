@@ -8,7 +8,7 @@ use crate::arch::Arch;
 use crate::gpu::{ActMode, KvDtype};
 use crate::jit::KernelRequest;
 use crate::model_config::ModelConfig;
-use crate::template::Params;
+use crate::template::{Catalog, Params};
 use crate::tuning_db::{LookupRule, TuningDb};
 
 /// Largest M one ternary GEMV launch handles; larger batches run in chunks of at most this.
@@ -73,11 +73,16 @@ pub enum Family {
     MlpDown,
     /// The MoE router (a dense GEMV over the hidden rows).
     MoeRouter,
-    /// One expert's fused gate|up.
+    /// Softmax top-k routing and per-expert grouping on the GPU (`moe_route`), aligned to the
+    /// gate_up kernel's BLOCK_M.
+    MoeRoute,
+    /// The same routing aligned to the down kernel's BLOCK_M (launched only where it differs).
+    MoeRouteDown,
+    /// The grouped gate|up of the routed experts, act(gate)·up fused (`moe_gateup`).
     MoeGateUp,
-    /// SiLU(gate)·up + quantization of an expert's output (no norm).
+    /// Per-pair int8 quantization of the experts' act(gate)·up rows (no norm).
     MoeGlu,
-    /// One expert's down projection.
+    /// The grouped down projection of the routed experts (`moe_down`).
     MoeDown,
     /// The weighted sum of the top-k experts' outputs.
     MoeCombine,
@@ -104,6 +109,8 @@ impl Family {
             Family::MlpSubNorm => "mlp_sub_norm",
             Family::MlpDown => "mlp_down",
             Family::MoeRouter => "moe_router",
+            Family::MoeRoute => "moe_route",
+            Family::MoeRouteDown => "moe_route_down",
             Family::MoeGateUp => "moe_gate_up",
             Family::MoeGlu => "moe_glu",
             Family::MoeDown => "moe_down",
@@ -154,12 +161,69 @@ pub fn op_kernels(c: &ModelConfig) -> Vec<(Family, &'static str, Params)> {
     match c.moe {
         None => v.push((Family::MlpSubNorm, "rmsnorm_quant", params(&[("H", c.inter as i64), ("GLU", 1), ("ACT", act)]))),
         Some(m) => {
-            // Qwen3-MoE experts: SiLU, no sub-norm.
-            v.push((Family::MoeGlu, "rmsnorm_quant", params(&[("H", m.inter as i64), ("GLU", 1), ("ACT", 1), ("NORM", 0)])));
+            // Qwen3-MoE experts: act(gate)·up is fused into moe_gateup; no sub-norm, only the
+            // per-pair int8 quantization of its rows before moe_down.
+            v.push((Family::MoeGlu, "rmsnorm_quant", params(&[("H", m.inter as i64), ("GLU", 0), ("NORM", 0)])));
             v.push((Family::MoeCombine, "moe_combine", params(&[("TOPK", m.topk as i64), ("H", h)])));
         }
     }
     v
+}
+
+/// Token-count buckets (M) the MoE kernels (`moe_route`, `moe_gateup`, `moe_down`) are planned
+/// and tuned at: a step of R token rows runs on the smallest bucket that holds them, more than
+/// the largest in chunks of the largest.
+pub const MOE_BUCKETS: [i64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+/// The bucket a step of `rows` MoE token rows runs on (the largest for chunks past it).
+pub fn moe_bucket(rows: usize) -> i64 {
+    let last = MOE_BUCKETS[MOE_BUCKETS.len() - 1];
+    MOE_BUCKETS.into_iter().find(|&m| m >= rows as i64).unwrap_or(last)
+}
+
+/// The path variant the MoE stages of a step at bucket `m` report (`cuda_grouped_m<M>`).
+pub fn moe_variant(m: i64) -> &'static str {
+    const NAMES: [&str; 10] = [
+        "cuda_grouped_m1", "cuda_grouped_m2", "cuda_grouped_m4", "cuda_grouped_m8", "cuda_grouped_m16",
+        "cuda_grouped_m32", "cuda_grouped_m64", "cuda_grouped_m128", "cuda_grouped_m256", "cuda_grouped_m512",
+    ];
+    MOE_BUCKETS.iter().position(|&b| b == m).map_or("cuda_grouped", |i| NAMES[i])
+}
+
+/// The problems (without M) of an MoE model's grouped kernels: (`moe_gateup`, `moe_down`,
+/// `moe_route` without its BLOCK_M, which follows the consumer's config). None for dense models.
+pub fn moe_problems(c: &ModelConfig) -> Option<(Params, Params, Params)> {
+    let m = c.moe?;
+    let shape = (m.experts as i64, m.topk as i64, c.hidden as i64, m.inter as i64);
+    let route = params(&[("E", shape.0), ("TOPK", shape.1), ("NORM", i64::from(m.norm_topk_prob))]);
+    Some((grouped_problem("moe_gateup", shape), grouped_problem("moe_down", shape), route))
+}
+
+/// The problem (without M) of the grouped MoE kernel `template` (`moe_gateup` or `moe_down`)
+/// for (experts, top-k, hidden, expert intermediate): what the plan requests and the tuner records.
+pub fn grouped_problem(template: &str, (e, k, h, i): (i64, i64, i64, i64)) -> Params {
+    let mut p = params(&[("E", e), ("TOPK", k), ("H", h), ("I", i)]);
+    if template == "moe_gateup" {
+        // Qwen3-MoE experts are SiLU whatever the dense activation (the CPU reference's too).
+        p.insert("ACT".into(), 1);
+    }
+    p
+}
+
+/// The tuned config of a grouped MoE kernel (`template` at `problem` and `m`) from the DB
+/// (nearest bucket); without a record, the template's baseline (its defaults, or the first
+/// valid config where they violate a constraint of this problem) with rule `Default`.
+pub fn grouped_request(catalog: &Catalog, db: &TuningDb, arch: Arch, template: &str, m: i64, problem: &Params) -> (KernelRequest, LookupRule) {
+    let choice = db.lookup(template, problem, m);
+    let mut params = choice.params;
+    params.extend(problem.clone());
+    params.insert("M".into(), m);
+    if choice.rule == LookupRule::Default {
+        if let Some((base, _)) = catalog.get(template).ok().and_then(|t| t.baseline(&params).ok()) {
+            params = base;
+        }
+    }
+    (KernelRequest { template: template.into(), params, arch }, choice.rule)
 }
 
 /// The problem of the fused batch-1 layer (`decode_layer`) of a dense model; None for MoE models.
@@ -208,10 +272,28 @@ mod tests {
 
     #[test]
     fn family_names_round_trip_through_serde() {
-        for f in [Family::AttnQkv, Family::MlpSubNorm, Family::MoeCombine, Family::LmHead] {
+        for f in [Family::AttnQkv, Family::MlpSubNorm, Family::MoeRoute, Family::MoeCombine, Family::LmHead] {
             let json = serde_json::to_string(&f).unwrap();
             assert_eq!(json, format!("\"{}\"", f.as_str()));
             assert_eq!(serde_json::from_str::<Family>(&json).unwrap(), f);
         }
+    }
+
+    #[test]
+    fn moe_buckets_hold_every_row_count() {
+        assert_eq!((moe_bucket(1), moe_bucket(3), moe_bucket(16), moe_bucket(17), moe_bucket(4096)), (1, 4, 16, 32, 512));
+        assert_eq!(moe_variant(64), "cuda_grouped_m64");
+        assert!(MOE_BUCKETS.iter().all(|&m| moe_variant(m).ends_with(&format!("_m{m}"))));
+    }
+
+    #[test]
+    fn grouped_request_falls_back_to_the_first_valid_config() {
+        // gpt-oss: H = 2880 breaks moe_gateup's default (4 warps x unroll 2 do not divide it).
+        let c = Catalog::embedded();
+        let problem = params(&[("E", 128), ("TOPK", 4), ("H", 2880), ("I", 2880), ("ACT", 1)]);
+        let (req, rule) = grouped_request(&c, &TuningDb::default(), Arch::SM90, "moe_gateup", 16, &problem);
+        assert_eq!(rule, LookupRule::Default, "untuned stays a counted fallback");
+        assert!(c.get("moe_gateup").unwrap().resolve(&req.params).is_ok(), "{:?}", req.params);
+        assert_eq!((req.params["M"], req.params["H"]), (16, 2880));
     }
 }

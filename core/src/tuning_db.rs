@@ -83,6 +83,10 @@ pub struct Record {
     pub copy_bw_gbs: f64,
     /// The template's default config timed on the same workload (the "untuned" baseline).
     pub default_us: Option<f64>,
+    /// Why the baseline of `default_us` is not the template default (its defaults violate a
+    /// constraint of this problem, so the first valid config stood in), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
     pub provenance: Provenance,
     /// Fingerprints of the tuner records merged into this one (empty: it is one tuner record,
     /// its own fingerprint). A merge that brings no new fingerprint changes nothing, so merging
@@ -519,6 +523,7 @@ mod tests {
             gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
             copy_bw_gbs: 3000.0,
             default_us: Some(us * 1.5),
+            baseline: None,
             provenance: Provenance::default(),
             merged_from: Vec::new(),
         }

@@ -7,7 +7,10 @@ use mangrove_core::arch::Arch;
 use mangrove_core::gpu::{ActMode, GEMM_TEMPLATE};
 use mangrove_core::jit::KernelRequest;
 use mangrove_core::model_config::ModelConfig;
-use mangrove_core::step::{decode_layer_problem, linear_request, linear_shapes, op_kernels, op_request, op_tuning_m, Family, GEMM_BUCKETS, MAX_GEMV_M};
+use mangrove_core::step::{
+    decode_layer_problem, grouped_request, linear_request, linear_shapes, moe_problems, op_kernels, op_request, op_tuning_m, Family, GEMM_BUCKETS,
+    MAX_GEMV_M, MOE_BUCKETS,
+};
 use mangrove_core::template::{Catalog, Params};
 use mangrove_core::tuning_db::{LookupRule, TuningDb};
 
@@ -74,11 +77,23 @@ pub fn plan(catalog: &Catalog, config: &ModelConfig, db: &TuningDb, arch: Arch, 
             }
         }
     }
-    if let Some(moe) = config.moe {
-        // Each (token, expert) pair runs its expert's gate|up and down as an M=1 GEMV.
-        let i = moe.inter as i64;
-        w2a8(&mut out, gemv, Family::MoeGateUp, 1, 2 * i, h);
-        w2a8(&mut out, gemv, Family::MoeDown, 1, h, i);
+    if let (Some(moe), Some((gateup, down, route))) = (config.moe, moe_problems(config)) {
+        // At every token bucket: the routing on the GPU, then the grouped int8 gate_up and
+        // down over the routed pairs; the router is a dense GEMV over the rows.
+        for m in MOE_BUCKETS {
+            let (gu, gu_rule) = grouped_request(catalog, db, arch, "moe_gateup", m, &gateup);
+            let (dn, dn_rule) = grouped_request(catalog, db, arch, "moe_down", m, &down);
+            // The routing is aligned to each consumer's BLOCK_M (one launch when they agree).
+            for (family, bm) in [(Family::MoeRoute, gu.params.get("BLOCK_M")), (Family::MoeRouteDown, dn.params.get("BLOCK_M"))] {
+                let mut problem = route.clone();
+                problem.insert("M".into(), m);
+                problem.insert("BLOCK_M".into(), bm.copied().unwrap_or(8));
+                let (request, rule) = op_request(db, "moe_route", &problem, m, arch);
+                out.push(PlannedKernel::new(catalog, family, m, request, rule));
+            }
+            out.push(PlannedKernel::new(catalog, Family::MoeGateUp, m, gu, gu_rule));
+            out.push(PlannedKernel::new(catalog, Family::MoeDown, m, dn, dn_rule));
+        }
         gathered(&mut out, Family::MoeRouter, moe.experts as i64);
     }
     for (family, template, problem) in op_kernels(config) {
@@ -158,9 +173,20 @@ mod tests {
         let p = plan(&Catalog::embedded(), &c, &TuningDb::default(), Arch::SM90, 4);
         let fam = |f: &str| p.iter().filter(|k| k.family.as_str() == f).map(|k| k.m).collect::<Vec<_>>();
         assert_eq!(fam("moe_router"), vec![1, 2, 3, 4]);
-        assert_eq!((fam("moe_gate_up"), fam("moe_down"), fam("moe_glu"), fam("moe_combine")), (vec![1], vec![1], vec![1], vec![1]));
-        let gu = p.iter().find(|k| k.family == Family::MoeGateUp).unwrap();
-        assert_eq!((gu.request.params["N"], gu.request.params["K"], gu.request.params["OUT_F32"]), (2816, 2048, 1));
+        let buckets = MOE_BUCKETS.to_vec();
+        for f in ["moe_route", "moe_route_down", "moe_gate_up", "moe_down"] {
+            assert_eq!(fam(f), buckets, "{f} at every bucket");
+        }
+        assert_eq!((fam("moe_glu"), fam("moe_combine")), (vec![1], vec![1]));
+        for k in p.iter().filter(|k| k.family == Family::MoeGateUp || k.family == Family::MoeDown) {
+            assert_eq!((k.request.params["M"], k.request.params["E"], k.request.params["H"], k.request.params["I"]), (k.m, 64, 2048, 1408));
+            assert_eq!(k.rule, LookupRule::Default, "no DB: untuned (a --strict failure)");
+        }
+        // Each routing is aligned to its consumer's BLOCK_M at the same bucket.
+        for m in MOE_BUCKETS {
+            let get = |f: Family| p.iter().find(|k| k.family == f && k.m == m).unwrap().request.params["BLOCK_M"];
+            assert_eq!((get(Family::MoeRoute), get(Family::MoeRouteDown)), (get(Family::MoeGateUp), get(Family::MoeDown)));
+        }
         assert!(p.iter().all(|k| k.family != Family::MlpGateUp && k.family != Family::MlpSubNorm), "MoE layers have no dense MLP");
         assert!(p.iter().all(|k| k.unavailable.is_none()), "{p:#?}");
     }

@@ -81,7 +81,7 @@ pub fn generate_with(preset: Preset, out: &Path, seed: u64, layers: Option<usize
         cfg.num_hidden_layers = l.max(1);
     }
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
-    let hd = h / cfg.num_attention_heads;
+    let hd = cfg.head_dim.unwrap_or(h / cfg.num_attention_heads);
     let (qd, kvd) = (cfg.num_attention_heads * hd, cfg.num_key_value_heads.unwrap_or(cfg.num_attention_heads) * hd);
     let mut g = Gen { rng: StdRng::seed_from_u64(seed), tensors: BTreeMap::new() };
     g.uniform("model.embed_tokens.weight".into(), vec![v, h], 0.0, 0.1);

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use mangrove::model_config::Preset;
 use mangrove::tune::command::{self, parse_shape, Common, GemvJobs, RefArg};
 use mangrove::tune::gateup::{DEFAULT_MOE, GATEUP_BUCKETS};
+use mangrove::tune::workload::MoeStage;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +25,14 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// A grouped MoE stage on the command line.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MoeStageArg {
+    #[value(name = "gateup")]
+    GateUp,
+    Down,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// The M = 1..8 ternary decode GEMV (BitNet packed weights), K-split 1/2/4/8 included.
@@ -33,8 +42,9 @@ enum Cmd {
         #[command(flatten)]
         jobs: GemvJobs,
     },
-    /// The MoE gate_up stage: grouped GEMM over experts on tokens sorted by expert and padded
-    /// to BLOCK_M, ternary expert weights, SiLU(gate)·up fused in the epilogue.
+    /// The grouped MoE stages: gate_up (grouped int8 GEMM over experts on tokens sorted by
+    /// expert and padded to BLOCK_M, ternary expert weights, act(gate)·up fused) and down
+    /// (per-pair int8 rows), for the same shape and M buckets.
     Gateup {
         #[command(flatten)]
         common: Common,
@@ -53,6 +63,9 @@ enum Cmd {
         /// Token counts (M buckets).
         #[arg(long, value_delimiter = ',', default_values_t = GATEUP_BUCKETS.to_vec())]
         m: Vec<i64>,
+        /// Only gate_up (`moe_gateup`) or only down (`moe_down`); both by default.
+        #[arg(long, value_enum)]
+        only: Option<MoeStageArg>,
     },
     /// The decode step's row-wise ops of one model at one token row: its RMSNorm + int8
     /// quantization kernels (threads per row) and attention (splits over positions, fewest
@@ -151,7 +164,14 @@ fn main() {
     let cli = Cli::parse();
     let done = match cli.cmd {
         Cmd::Gemv { common, jobs } => command::gemv(common, jobs),
-        Cmd::Gateup { common, experts, topk, hidden, inter, m } => command::gateup(common, (experts, topk, hidden, inter), m),
+        Cmd::Gateup { common, experts, topk, hidden, inter, m, only } => {
+            let stages = match only {
+                None => vec![MoeStage::GateUp, MoeStage::Down],
+                Some(MoeStageArg::GateUp) => vec![MoeStage::GateUp],
+                Some(MoeStageArg::Down) => vec![MoeStage::Down],
+            };
+            command::gateup(common, (experts, topk, hidden, inter), m, &stages)
+        }
         Cmd::DecodeOps { common, preset, model } => command::decode_ops(common, preset, model),
         Cmd::ProbeMgt1 { common, m, shapes, reference, quick, out_dir } => {
             let m = match (m.is_empty(), quick) {

@@ -18,6 +18,7 @@ use mangrove_core::tuning_db::{Conflict, DbError, Kept, NoiseMargin, TuningDb};
 use crate::context::{Journal, TuneContext};
 use crate::decode_ops::{tune_decode_ops, OpOutcome};
 use crate::gateup::tune_gateup;
+use crate::workload::MoeStage;
 use crate::gemv::{tune_gemv, BITNET_2B_SHAPES};
 use crate::probe::{probe_case, ProbeReference};
 use crate::space::{Shard, SubSpace};
@@ -199,16 +200,21 @@ pub fn gemv(common: Common, jobs: GemvJobs) -> Result<(), CommandError> {
     finish(&ctx, &common, of_template(act.template(), outcomes))
 }
 
-/// `gateup`: tune the MoE gate_up of (experts, topk, hidden, inter) at each M.
-pub fn gateup(common: Common, (experts, topk, hidden, inter): (i64, i64, i64, i64), m: Vec<i64>) -> Result<(), CommandError> {
+/// `gateup`: tune the grouped MoE stages (`moe_gateup`, then `moe_down`) of (experts, topk,
+/// hidden, inter) at each M.
+pub fn gateup(common: Common, (experts, topk, hidden, inter): (i64, i64, i64, i64), m: Vec<i64>, stages: &[MoeStage]) -> Result<(), CommandError> {
     let ctx = context(&common)?;
     if !common.json {
-        println!("gateup: E={experts} TOPK={topk} H={hidden} I={inter} × M {m:?}, {}", ctx.settings.strategy);
+        let names: Vec<&str> = stages.iter().map(|s| s.template()).collect();
+        println!("gateup: {} E={experts} TOPK={topk} H={hidden} I={inter} × M {m:?}, {}", names.join(" + "), ctx.settings.strategy);
     }
     let pb = progress(common.json);
-    let outcomes = tune_gateup(&ctx, (experts, topk, hidden, inter), &m, &pb)?;
+    let mut outcomes = Vec::new();
+    for &stage in stages {
+        outcomes.extend(of_template(stage.template(), tune_gateup(&ctx, stage, (experts, topk, hidden, inter), &m, &pb)?));
+    }
     pb.finish_and_clear();
-    finish(&ctx, &common, of_template("moe_gateup", outcomes))
+    finish(&ctx, &common, outcomes)
 }
 
 /// `decode-ops`: tune the decode step's row-wise ops of a model (a folder, else a preset).
@@ -465,7 +471,7 @@ fn finish(ctx: &TuneContext, c: &Common, outcomes: Vec<OpOutcome>) -> Result<(),
                     "template": t, "problem": p, "candidates": o.candidates, "shard_configs": o.shard_configs,
                     "pruned": o.pruned.iter().map(|(p, r)| serde_json::json!({"params": p, "reason": r.to_string()})).collect::<Vec<_>>(),
                     "rejected": o.rejected.iter().map(|(p, d)| serde_json::json!({"params": p, "deltas": d})).collect::<Vec<_>>(),
-                    "timed": o.timed.len(), "default_us": o.default_us, "record": o.record,
+                    "timed": o.timed.len(), "default_us": o.default_us, "baseline": o.baseline_note, "record": o.record,
                 })
             })
             .collect();

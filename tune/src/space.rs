@@ -140,21 +140,7 @@ fn tunable_names(t: &Template) -> String {
 /// Every tunable combination for `problem` (problem params fixed) within `space`, in a
 /// deterministic order: the valid ones, and the pruned ones with the violated constraint.
 pub fn enumerate(template: &Template, problem: &Params, space: &SubSpace) -> (Vec<Params>, Vec<(Params, PruneReason)>) {
-    let tunables: Vec<_> = template.schema.params.iter().filter(|p| p.role == ParamRole::Tunable).collect();
-    let mut combos: Vec<Params> = vec![problem.clone()];
-    for spec in tunables {
-        let values = space.values(spec);
-        combos = combos
-            .into_iter()
-            .flat_map(|c| {
-                values.iter().map(move |&v| {
-                    let mut c = c.clone();
-                    c.insert(spec.name.clone(), v);
-                    c
-                })
-            })
-            .collect();
-    }
+    let combos = template.tunable_combos(problem, |spec| space.values(spec));
     let mut valid = Vec::new();
     let mut pruned = Vec::new();
     for c in combos {

@@ -56,8 +56,11 @@ pub struct SweepOutcome {
     pub pruned: Vec<(Params, PruneReason)>,
     pub rejected: Vec<(Params, Deltas)>,
     pub timed: Vec<(Params, TimingStats, Deltas)>,
-    /// The template's default config on the same workload, when it was valid and timed.
+    /// The baseline config on the same workload, when it was timed.
     pub default_us: Option<f64>,
+    /// Why the baseline is not the template default (its defaults violate a constraint of
+    /// this problem), when it is not.
+    pub baseline_note: Option<String>,
     pub record: Option<Record>,
 }
 
@@ -161,7 +164,8 @@ pub fn sweep(
     let mine = settings.shard.take(valid);
     let (Some(gpu), Some(work), false) = (gpu, workload, settings.compile_only) else {
         // Compile-only: every candidate of this shard is compiled and resource-checked.
-        let mut out = SweepOutcome { candidates, shard_configs: mine.len(), pruned: constraint_pruned, ..Default::default() };
+        let baseline_note = t.baseline(problem).ok().and_then(|(_, b)| b.reason());
+        let mut out = SweepOutcome { candidates, shard_configs: mine.len(), pruned: constraint_pruned, baseline_note, ..Default::default() };
         let reqs: Vec<KernelRequest> =
             mine.iter().map(|p| KernelRequest { template: template.into(), params: p.clone(), arch: settings.arch }).collect();
         for (p, f) in mine.iter().zip(jit.get_many_counted(&reqs, progress)) {
@@ -194,9 +198,16 @@ pub fn sweep(
         measured: BTreeMap::new(),
         failure: None,
     };
-    // The template's default config is always measured first: the baseline of "tuned vs
-    // default", and a floor no winner can fall below.
-    let default = t.resolve(problem).ok();
+    // The baseline is always measured first: the reference of "tuned vs default", and a floor
+    // no winner can fall below. It is the template default, or where that violates a
+    // constraint of this problem, the first valid config (logged and recorded).
+    let (default, baseline_note) = match t.baseline(problem) {
+        Ok((p, b)) => (Some(p), b.reason()),
+        Err(_) => (None, None),
+    };
+    if let Some(note) = &baseline_note {
+        progress.println(format!("{template}: {note}"));
+    }
     let found = search(settings.strategy, &mine, &tunable_values, default.as_slice(), &mut eval);
     if let Some(e) = eval.failure.take() {
         return Err(e);
@@ -235,6 +246,7 @@ pub fn sweep(
         shard_configs: mine.len(),
         timed: ranked.iter().map(|(p, _)| (p.clone(), measured[p].0, measured[p].1)).collect(),
         default_us,
+        baseline_note: baseline_note.clone(),
         ..Default::default()
     };
     if let Some((best, _)) = ranked.first() {
@@ -252,6 +264,7 @@ pub fn sweep(
             gate: settings.gate,
             copy_bw_gbs,
             default_us,
+            baseline: baseline_note,
             provenance: provenance.clone(),
             merged_from: Vec::new(),
         });

@@ -3,8 +3,8 @@
 
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::check::Deltas;
-use mangrove_core::gpu::{Attention, DeviceBuffer, ExpertWeights, Gpu, GpuError, KvArena, RmsNormQuant, RowMeta, TernaryGemv, TimingPlan, TimingStats};
-use mangrove_core::gpu::MoeGateUp;
+use mangrove_core::gpu::{Attention, DeviceBuffer, DownWeights, ExpertWeights, Gpu, GpuError, KvArena, RmsNormQuant, RowMeta, TernaryGemv, TimingPlan, TimingStats};
+use mangrove_core::gpu::{MoeDown, MoeGateUp};
 use mangrove_core::reference::moe::MoeShape;
 use mangrove_core::gpu::{AttnShape, NormShape};
 use mangrove_core::validate::decode_ops::{AttentionCase, NormCase};
@@ -71,49 +71,100 @@ impl Workload for GemvWorkload {
     }
 }
 
-/// The MoE gate_up stage: one (M, E, TOPK, H, I) with its checked case and a ring of expert
-/// weight copies (the routing is fixed per workload, as in one decode step).
-pub struct GateupWorkload {
+/// Which grouped MoE GEMM a [`MoeWorkload`] checks and times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoeStage {
+    GateUp,
+    Down,
+}
+
+impl MoeStage {
+    /// The template of the stage.
+    pub fn template(self) -> &'static str {
+        match self {
+            MoeStage::GateUp => "moe_gateup",
+            MoeStage::Down => "moe_down",
+        }
+    }
+}
+
+/// A grouped MoE stage (`moe_gateup` or `moe_down`): one (M, E, TOPK, H, I) with its checked
+/// case and a ring of expert weight copies (the routing is fixed per workload, as in one
+/// decode step).
+pub struct MoeWorkload {
+    stage: MoeStage,
     case: MoeCase,
-    ring: Vec<(DeviceBuffer<u8>, DeviceBuffer<u8>)>,
-    act: DeviceBuffer<u16>,
+    /// Copies of the stage's weights: (gate, up) or (down, unused).
+    ring: Vec<(DeviceBuffer<u8>, Option<DeviceBuffer<u8>>)>,
     bytes: usize,
 }
 
-impl GateupWorkload {
-    pub fn new(gpu: &Gpu, shape: MoeShape, seed: u64) -> Result<Self, GpuError> {
-        let case = MoeCase::new(gpu, shape, seed)?;
+impl MoeWorkload {
+    pub fn new(gpu: &Gpu, stage: MoeStage, shape: MoeShape, seed: u64) -> Result<Self, GpuError> {
+        let case = MoeCase::new(gpu, shape, seed, true)?;
         let p = &case.problem;
-        let copies = rotation_count(p.w_gate.len() + p.w_up.len(), gpu.info().l2_bytes as usize);
+        let per_copy = match stage {
+            MoeStage::GateUp => p.w_gate.len() + p.w_up.len(),
+            MoeStage::Down => p.w_down.len(),
+        };
+        let copies = rotation_count(per_copy, gpu.info().l2_bytes as usize);
         let ring = (0..copies.saturating_sub(1))
-            .map(|_| Ok((gpu.upload(&p.w_gate)?, gpu.upload(&p.w_up)?)))
+            .map(|_| match stage {
+                MoeStage::GateUp => Ok((gpu.upload(&p.w_gate)?, Some(gpu.upload(&p.w_up)?))),
+                MoeStage::Down => Ok((gpu.upload(&p.w_down)?, None)),
+            })
             .collect::<Result<_, GpuError>>()?;
-        let used = case.experts_used();
-        let bytes = 2 * used * shape.inter / 4 * shape.hidden + 2 * shape.tokens * shape.hidden + 2 * shape.pairs() * shape.inter;
-        Ok(Self { act: gpu.zeros(shape.pairs() * shape.inter)?, case, ring, bytes })
+        let (used, pairs) = (p.experts_used(), shape.pairs());
+        let bytes = match stage {
+            MoeStage::GateUp => 2 * used * shape.inter / 4 * shape.hidden + shape.tokens * shape.hidden + 4 * pairs * shape.inter,
+            MoeStage::Down => used * shape.hidden / 4 * shape.inter + pairs * shape.inter + 4 * pairs * shape.hidden,
+        };
+        Ok(Self { stage, case, ring, bytes })
     }
 }
 
-impl Workload for GateupWorkload {
+impl Workload for MoeWorkload {
     fn check(&mut self, gpu: &Gpu, entry: &CacheEntry, rel_floor: f64) -> Result<Deltas, GpuError> {
-        Ok(self.case.run(gpu, &mut MoeGateUp::new(gpu, entry)?, rel_floor)?.deltas)
+        Ok(match self.stage {
+            MoeStage::GateUp => self.case.run_gateup(gpu, &mut MoeGateUp::new(gpu, entry)?, rel_floor)?.deltas,
+            MoeStage::Down => self.case.run_down(gpu, &mut MoeDown::new(gpu, entry)?, rel_floor)?.deltas,
+        })
     }
 
     fn time(&mut self, gpu: &Gpu, entry: &CacheEntry, plan: TimingPlan) -> Result<TimingStats, GpuError> {
-        let mut op = MoeGateUp::new(gpu, entry)?;
-        self.case.routing(gpu, op.block_m)?;
-        let case = &self.case;
-        let routing = case.routing_for(op.block_m).expect("built just above");
-        let (ring, act) = (&self.ring, &mut self.act);
-        let n = ring.len() + 1;
-        gpu.time_launches(plan, |i| {
-            let (wg, wu) = match i % n {
-                0 => (&case.w_gate, &case.w_up),
-                j => (&ring[j - 1].0, &ring[j - 1].1),
-            };
-            let w = ExpertWeights { w_gate: wg, w_up: wu, s_gate: &case.s_gate, s_up: &case.s_up };
-            op.launch(gpu, &case.x, w, routing, act)
-        })
+        let pairs = self.case.problem.shape.pairs();
+        let n = self.ring.len() + 1;
+        match self.stage {
+            MoeStage::GateUp => {
+                let mut op = MoeGateUp::new(gpu, entry)?;
+                self.case.routing(gpu, op.shape.block_m)?;
+                let MoeCase { w_gate, w_up, s_gate, s_up, q, x_scale, act, routings, .. } = &mut self.case;
+                let routing = &routings[&op.shape.block_m];
+                let ring = &self.ring;
+                gpu.time_launches(plan, |i| {
+                    let (wg, wu) = match i % n {
+                        0 => (&*w_gate, &*w_up),
+                        j => (&ring[j - 1].0, ring[j - 1].1.as_ref().expect("gate_up copies hold up")),
+                    };
+                    let w = ExpertWeights { w_gate: wg, w_up: wu, s_gate, s_up };
+                    op.launch(gpu, (q.slice(..), x_scale.slice(..)), w, routing, pairs, act)
+                })
+            }
+            MoeStage::Down => {
+                let mut op = MoeDown::new(gpu, entry)?;
+                self.case.routing(gpu, op.shape.block_m)?;
+                let MoeCase { w_down, s_down, qa, qa_scale, out, routings, .. } = &mut self.case;
+                let routing = &routings[&op.shape.block_m];
+                let ring = &self.ring;
+                gpu.time_launches(plan, |i| {
+                    let wd = match i % n {
+                        0 => &*w_down,
+                        j => &ring[j - 1].0,
+                    };
+                    op.launch(gpu, (qa, qa_scale), DownWeights { w_down: wd, s_down }, routing, pairs, out)
+                })
+            }
+        }
     }
 
     fn min_bytes(&self) -> usize {

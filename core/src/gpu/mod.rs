@@ -25,16 +25,22 @@ use crate::template::LaunchDims;
 pub use cublas::{Blas, DenseGroup};
 pub use graph::Graph;
 pub(crate) use launch::{Args, Null};
-pub use moe::{DeviceRouting, ExpertWeights, MoeGateUp};
+pub use moe::{DeviceRouting, DownWeights, ExpertWeights, GroupedShape, MoeCombine, MoeDown, MoeGateUp, MoeRoute, RouteOut};
 pub use layer::{DecodeLayer, LayerScratch, LayerWeights};
 pub use sample::SampleTokens;
 pub use shapes::{AttnShape, GemvShape, KvDtype, LayerShape, NormShape};
-pub use ops::{AttnScratch, Attention, KvArena, LmHead, MoeCombine, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
+pub use ops::{AttnScratch, Attention, KvArena, LmHead, NormOut, NormSource, RmsNormQuant, RopeKv, RowMeta};
 pub use ternary::{ActMode, Activations, TernaryGemv, GEMM_TEMPLATE};
 pub use timing::{SpanTotal, Spans, TimingPlan, TimingStats};
 
 /// A device allocation of `T` elements.
 pub type DeviceBuffer<T> = cu::CudaSlice<T>;
+
+/// A borrowed range of a [`DeviceBuffer`] (`buffer.slice(range)`).
+pub type DeviceView<'a, T> = cu::CudaView<'a, T>;
+
+/// A mutably borrowed range of a [`DeviceBuffer`] (`buffer.slice_mut(range)`).
+pub type DeviceViewMut<'a, T> = cu::CudaViewMut<'a, T>;
 
 /// Errors of the GPU stage.
 #[derive(Debug, thiserror::Error)]

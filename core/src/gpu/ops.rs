@@ -407,31 +407,3 @@ impl LmHead {
     }
 }
 
-/// A loaded `moe_combine` kernel.
-pub struct MoeCombine {
-    kernel: LoadedKernel,
-    topk: usize,
-    h: usize,
-}
-
-impl MoeCombine {
-    pub fn new(gpu: &Gpu, entry: &CacheEntry) -> Result<Self, GpuError> {
-        let kernel = load_checked(gpu, entry, "moe_combine")?;
-        Ok(Self { topk: entry_param(entry, "TOPK")?, h: entry_param(entry, "H")?, kernel })
-    }
-
-    /// `out[t] = sum_j w[t·TOPK + j] · d[t·TOPK + j]` for `rows` tokens: d [rows·TOPK, H] f32,
-    /// w [rows·TOPK], out [rows, H].
-    pub fn launch(&self, gpu: &Gpu, rows: usize, d: &DeviceBuffer<f32>, w: &DeviceBuffer<f32>, out: &mut DeviceBuffer<f32>) -> Result<(), GpuError> {
-        let name = self.kernel.name.as_str();
-        need(name, "d", d.len(), rows * self.topk * self.h)?;
-        need(name, "w", w.len(), rows * self.topk)?;
-        need(name, "out", out.len(), rows * self.h)?;
-        let cfg = self.kernel.config_rows(rows)?;
-        let mut b = Args::new(gpu);
-        b.arg(d).arg(w).arg(out);
-        // SAFETY: arguments follow moe_combine.cu.tera (d, w, out); sizes checked above.
-        unsafe { self.kernel.launch(cfg, &mut b) }?;
-        Ok(())
-    }
-}

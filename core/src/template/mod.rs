@@ -37,6 +37,25 @@ pub enum TemplateError {
     Io { path: String, source: std::io::Error },
 }
 
+/// Which config stands in for "untuned" on a problem ([`Template::baseline`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Baseline {
+    /// The template's declared defaults.
+    Default,
+    /// The defaults violate a constraint here; the first valid config is used instead.
+    FirstValid { default_invalid: String },
+}
+
+impl Baseline {
+    /// Why the baseline is not the template default (None when it is).
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Baseline::Default => None,
+            Baseline::FirstValid { default_invalid } => Some(format!("template default invalid ({default_invalid}); baseline is the first valid config")),
+        }
+    }
+}
+
 /// One template: its schema, its Tera source and a content hash of both.
 #[derive(Debug, Clone)]
 pub struct Template {
@@ -146,6 +165,42 @@ impl Template {
         Ok(params)
     }
 
+    /// Every combination of the tunables' values (each filtered by `values`, declared order,
+    /// the last tunable varying fastest) over `problem`, unchecked.
+    pub fn tunable_combos(&self, problem: &Params, values: impl Fn(&ParamSpec) -> Vec<i64>) -> Vec<Params> {
+        let mut combos: Vec<Params> = vec![problem.clone()];
+        for spec in self.schema.params.iter().filter(|p| p.role == ParamRole::Tunable) {
+            let vs = values(spec);
+            combos = combos
+                .into_iter()
+                .flat_map(|c| {
+                    vs.iter().map(move |&v| {
+                        let mut c = c.clone();
+                        c.insert(spec.name.clone(), v);
+                        c
+                    })
+                })
+                .collect();
+        }
+        combos
+    }
+
+    /// The config a sweep's baseline and an untuned plan use for `problem`: the template
+    /// defaults when they are valid there, else the first valid config in
+    /// [`Template::tunable_combos`] order, with why the defaults were not taken.
+    pub fn baseline(&self, problem: &Params) -> Result<(Params, Baseline), TemplateError> {
+        let default_err = match self.resolve(problem) {
+            Ok(p) => return Ok((p, Baseline::Default)),
+            Err(e) => e,
+        };
+        let all = |s: &ParamSpec| s.values.clone().unwrap_or_else(|| vec![s.default]);
+        self.tunable_combos(problem, all)
+            .iter()
+            .find_map(|c| self.resolve(c).ok())
+            .map(|p| (p, Baseline::FirstValid { default_invalid: default_err.to_string() }))
+            .ok_or(default_err)
+    }
+
     /// Checks every declared constraint; the first violated one is the error.
     pub fn check_constraints(&self, params: &Params) -> Result<(), TemplateError> {
         let ctx = self.context(params)?;
@@ -249,6 +304,14 @@ const EMBEDDED: &[(&str, &str)] = &[
     (
         include_str!("../../../kernel_templates/moe_gateup.toml"),
         include_str!("../../../kernel_templates/moe_gateup.cu.tera"),
+    ),
+    (
+        include_str!("../../../kernel_templates/moe_down.toml"),
+        include_str!("../../../kernel_templates/moe_down.cu.tera"),
+    ),
+    (
+        include_str!("../../../kernel_templates/moe_route.toml"),
+        include_str!("../../../kernel_templates/moe_route.cu.tera"),
     ),
     (
         include_str!("../../../kernel_templates/rmsnorm_quant.toml"),

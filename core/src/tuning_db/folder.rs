@@ -308,6 +308,7 @@ mod tests {
                 gate: Gate { max_abs: 0.08, max_rel: 0.25, rel_floor: 0.05 },
                 copy_bw_gbs: 1.0,
                 default_us: None,
+                baseline: None,
                 provenance: Provenance::default(),
                 merged_from: Vec::new(),
             };

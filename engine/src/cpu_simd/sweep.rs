@@ -351,6 +351,7 @@ pub fn sweep(cfg: &ModelConfig, opts: &SweepOptions, command: String, progress: 
             gate: CPU_GATE,
             copy_bw_gbs: bw,
             default_us,
+            baseline: None,
             provenance: provenance.clone(),
             merged_from: Vec::new(),
         });

@@ -1,18 +1,21 @@
 //! The kernels of one decode step, loaded from the provisioned plan entries (family, M):
 //! fused ternary linears (the M=1 GEMV and the tensor-core GEMM's M buckets, or GEMVs per
-//! row-chunk size where the GEMM cannot take the shape), the row-wise ops, and the LM head per
-//! sequence count. An M the plan left out (probe-mgt1 did not pass it) is never launched.
+//! row-chunk size where the GEMM cannot take the shape), the row-wise ops, the LM head per
+//! sequence count, and for MoE models the grouped expert kernels per token bucket. An M the
+//! plan left out (probe-mgt1 did not pass it) is never launched.
 
 use mangrove_core::cache::CacheEntry;
 use mangrove_core::step::{Family, MAX_GEMV_M};
 use mangrove_deploy::provision::KernelEntries;
-use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, KvDtype, Blas, DecodeLayer, DeviceBuffer, Gpu, GpuError, LmHead, MoeCombine, RmsNormQuant, RopeKv, SampleTokens, TernaryGemv};
+use mangrove_core::gpu::{GEMM_TEMPLATE, Attention, Blas, DecodeLayer, DeviceBuffer, DeviceRouting, DeviceView, Gpu, GpuError, KvDtype, LmHead, MoeCombine, MoeDown, MoeGateUp, MoeRoute, RmsNormQuant, RopeKv, SampleTokens, TernaryGemv};
 
 /// Errors of assembling the step's kernels.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelSetError {
     #[error("the kernel plan has no {family} kernel at M=1; provision the plan of this model first")]
     Missing { family: Family },
+    #[error("the kernel plan has a moe_gate_up kernel at M={m} but no {family} kernel there; provision the plan of this model first")]
+    MissingAt { family: Family, m: i64 },
     #[error("loading {family} M={m}: {source}")]
     Load { family: Family, m: i64, source: GpuError },
     #[error("the plan's {family} kernel was built for a {found} KV cache, its attention kernel for {expected}; re-provision the plan")]
@@ -88,6 +91,19 @@ impl Gathered {
         count: usize,
         y: &mut DeviceBuffer<f32>,
     ) -> Result<(), GpuError> {
+        self.launch_view(gpu, w, x, rows.slice(..), count, y)
+    }
+
+    /// [`Gathered::launch`] with the row indices from a view (a chunk of a larger index list).
+    pub fn launch_view(
+        &mut self,
+        gpu: &Gpu,
+        w: &DeviceBuffer<u16>,
+        x: &DeviceBuffer<f32>,
+        rows: DeviceView<i32>,
+        count: usize,
+        y: &mut DeviceBuffer<f32>,
+    ) -> Result<(), GpuError> {
         let mut b0 = 0;
         while b0 < count {
             let g = self.fit(count - b0);
@@ -106,13 +122,66 @@ pub struct DenseMlp {
     pub sub_norm: RmsNormQuant,
 }
 
-/// The MoE block's kernels: router, each pair's expert GEMVs (M=1), GLU quantization, combine.
+/// The grouped MoE kernels of one token bucket, with the routing buffers they share (sized
+/// for the bucket's largest routing, so a step's launches never need its length on the host).
+pub struct MoeBucket {
+    pub m: usize,
+    pub route: MoeRoute,
+    /// The routing aligned to `down`'s BLOCK_M, where it differs from `gate_up`'s.
+    pub route_down: Option<MoeRoute>,
+    pub gate_up: MoeGateUp,
+    pub down: MoeDown,
+    pub routing: DeviceRouting,
+    pub routing_down: Option<DeviceRouting>,
+}
+
+/// The MoE block's kernels: router, the grouped kernels per token bucket, the per-pair
+/// quantization and the combine.
 pub struct MoeKernels {
     pub router: Gathered,
-    pub gate_up: TernaryGemv,
-    pub down: TernaryGemv,
+    /// Ascending M; M=1 is always there.
+    pub buckets: Vec<MoeBucket>,
     pub glu: RmsNormQuant,
     pub combine: MoeCombine,
+}
+
+impl MoeKernels {
+    /// The smallest bucket that holds `rows`, else the largest.
+    pub fn bucket(&mut self, rows: usize) -> &mut MoeBucket {
+        let i = self.buckets.iter().position(|b| b.m >= rows).unwrap_or(self.buckets.len() - 1);
+        &mut self.buckets[i]
+    }
+
+    /// The bucket M a step of `rows` token rows runs on (its first chunk's, past the largest).
+    pub fn bucket_m(&self, rows: usize) -> usize {
+        self.buckets.iter().find(|b| b.m >= rows).or(self.buckets.last()).map_or(1, |b| b.m)
+    }
+
+    /// The most token rows one pass of the block takes (the largest bucket).
+    pub fn max_rows(&self) -> usize {
+        self.buckets.last().map_or(1, |b| b.m)
+    }
+
+    fn load(gpu: &Gpu, entries: &KernelEntries, router: Gathered, glu: RmsNormQuant, combine: MoeCombine) -> Result<Self, KernelSetError> {
+        let mut buckets = Vec::new();
+        for (&(_, m), gu) in entries.range((Family::MoeGateUp, 1)..=(Family::MoeGateUp, i64::MAX)) {
+            let at = |family: Family| entries.get(&(family, m)).ok_or(KernelSetError::MissingAt { family, m });
+            let err = |family: Family| move |source| KernelSetError::Load { family, m, source };
+            let gate_up = MoeGateUp::new(gpu, gu).map_err(err(Family::MoeGateUp))?;
+            let down = MoeDown::new(gpu, at(Family::MoeDown)?).map_err(err(Family::MoeDown))?;
+            let route = MoeRoute::new(gpu, at(Family::MoeRoute)?).map_err(err(Family::MoeRoute))?;
+            let route_down = MoeRoute::new(gpu, at(Family::MoeRouteDown)?).map_err(err(Family::MoeRouteDown))?;
+            let routing_of = |r: &MoeRoute| DeviceRouting::zeros(gpu, r.tokens * r.topk, r.experts, r.block_m);
+            let routing = routing_of(&route).map_err(err(Family::MoeRoute))?;
+            let route_down = (route_down.block_m != route.block_m).then_some(route_down);
+            let routing_down = route_down.as_ref().map(routing_of).transpose().map_err(err(Family::MoeRouteDown))?;
+            buckets.push(MoeBucket { m: m as usize, route, route_down, gate_up, down, routing, routing_down });
+        }
+        if buckets.first().is_none_or(|b| b.m != 1) {
+            return Err(KernelSetError::Missing { family: Family::MoeGateUp });
+        }
+        Ok(Self { router, buckets, glu, combine })
+    }
 }
 
 /// Every kernel of a step.
@@ -189,7 +258,6 @@ impl StepKernels {
         };
         let gathered = |family| by_m(entries, family, |e| LmHead::new(gpu, e));
         let norm = |family| RmsNormQuant::new(gpu, one(family)?).map_err(load_err(family, 1));
-        let gemv = |family| TernaryGemv::new(gpu, one(family)?).map_err(load_err(family, 1));
         let is_moe = entries.contains_key(&(Family::MoeGateUp, 1));
         let disabled = std::env::var_os("MANGROVE_UNFUSED").is_some();
         let (fused, fused_unavailable) = match entries.get(&(Family::DecodeLayer, 1)) {
@@ -226,13 +294,8 @@ impl StepKernels {
                 .transpose()?,
             moe: is_moe
                 .then(|| {
-                    Ok::<_, KernelSetError>(MoeKernels {
-                        router: gathered(Family::MoeRouter)?,
-                        gate_up: gemv(Family::MoeGateUp)?,
-                        down: gemv(Family::MoeDown)?,
-                        glu: norm(Family::MoeGlu)?,
-                        combine: MoeCombine::new(gpu, one(Family::MoeCombine)?).map_err(load_err(Family::MoeCombine, 1))?,
-                    })
+                    let combine = MoeCombine::new(gpu, one(Family::MoeCombine)?).map_err(load_err(Family::MoeCombine, 1))?;
+                    MoeKernels::load(gpu, entries, gathered(Family::MoeRouter)?, norm(Family::MoeGlu)?, combine)
                 })
                 .transpose()?,
             lm_head: gathered(Family::LmHead)?,

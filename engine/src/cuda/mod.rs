@@ -86,8 +86,8 @@ impl CudaBackend {
         let kv = KvArena::new(&gpu, kernels.kv_dtype()?, max_seqs.max(1), config.layers, config.max_positions, config.kv_dim())?;
         let work = Workspace::new(&gpu, &config, &kernels, max_seqs.max(1))?;
         gpu.sync()?;
-        // MoE steps route on the host mid-step: they cannot be captured.
-        let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none() && config.moe.is_none();
+        // MoE steps route on the device (moe_route): they are captured like dense ones.
+        let graphs_enabled = std::env::var_os("MANGROVE_NO_GRAPHS").is_none();
         Ok(Self {
             config,
             slots: SlotPool::new(max_seqs.max(1)),
@@ -98,10 +98,9 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
-    /// Turns CUDA-graph replay of steps on or off (on by default for dense models unless
-    /// MANGROVE_NO_GRAPHS is set; MoE steps are never captured).
+    /// Turns CUDA-graph replay of steps on or off (on by default unless MANGROVE_NO_GRAPHS is set).
     pub fn with_graphs(mut self, on: bool) -> Self {
-        self.graphs_enabled = on && self.config.moe.is_none();
+        self.graphs_enabled = on;
         self
     }
 
@@ -191,6 +190,8 @@ impl Inner {
 
 /// How a step ran, for its [`StepReport`].
 struct Ran {
+    /// MoE models: the token bucket of the step's grouped expert kernels.
+    moe_m: Option<usize>,
     fused: bool,
     fused_unavailable: bool,
     blas_head: bool,
@@ -237,6 +238,7 @@ impl CudaBackend {
             let k = &inner.kernels;
             let decode_batch = shape.seqs >= 2 && shape.rows == shape.seqs;
             let ran = Ran {
+                moe_m: k.moe.as_ref().map(|mk| mk.bucket_m(shape.rows)),
                 fused: batch1 && k.fused.is_some(),
                 fused_unavailable: batch1 && k.fused_unavailable.is_some(),
                 blas_head: !(batch1 && k.fused.is_some()) && shape.blas_head(k),
@@ -255,7 +257,7 @@ impl CudaBackend {
 
 impl Ran {
     fn report(&self, c: &ModelConfig, wanted_sample: bool) -> StepReport {
-        let mut paths = if self.fused { fused_paths() } else { paths(c, self.blas_head) };
+        let mut paths = if self.fused { fused_paths() } else { paths(c, self.blas_head, self.moe_m) };
         if self.sampled {
             paths.push((Family::Sample, "cuda_op"));
         }
@@ -322,21 +324,24 @@ pub fn fused_paths() -> Vec<(Family, &'static str)> {
 }
 
 /// The (layer family, kernel variant) pairs one forward of this backend runs (unfused), the LM
-/// head on cuBLAS with `blas_head`.
-pub fn paths(c: &ModelConfig, blas_head: bool) -> Vec<(Family, &'static str)> {
+/// head on cuBLAS with `blas_head`; MoE models report their grouped kernels' token bucket
+/// `moe_m` in the variant (`cuda_grouped_m<M>`).
+pub fn paths(c: &ModelConfig, blas_head: bool, moe_m: Option<usize>) -> Vec<(Family, &'static str)> {
     use Family::*;
     let mut linear = vec![AttnQkv, AttnO];
     let mut ops = vec![Embedding, Rmsnorm, Rope, Attention];
     if !blas_head {
         ops.push(LmHead);
     }
+    let mut grouped = Vec::new();
     match c.moe {
         None => linear.extend([MlpGateUp, MlpDown]),
         Some(_) => {
-            linear.extend([MoeGateUp, MoeDown]);
-            ops.extend([MoeRouter, MoeCombine]);
+            let v = mangrove_core::step::moe_variant(moe_m.unwrap_or(1) as i64);
+            grouped.extend([(MoeRoute, v), (MoeGateUp, v), (MoeDown, v)]);
+            ops.extend([MoeRouter, MoeGlu, MoeCombine]);
         }
     }
     let head = blas_head.then_some((LmHead, "cublas_bf16"));
-    linear.into_iter().map(|f| (f, "cuda_w2a8")).chain(ops.into_iter().map(|f| (f, "cuda_op"))).chain(head).collect()
+    linear.into_iter().map(|f| (f, "cuda_w2a8")).chain(grouped).chain(ops.into_iter().map(|f| (f, "cuda_op"))).chain(head).collect()
 }

@@ -1,41 +1,50 @@
-//! The MoE block of a step (Qwen3-MoE style, ternary experts): router logits on the GPU, top-k
-//! routing on the host (the reference's [`route`], so ties and renormalization match), then per
-//! (token, expert) pair its expert's fused gate|up GEMV, SiLU·up quantized per pair, its down
-//! GEMV, and the weighted combine per token. Pairs are token-major (pair = token · top-k + slot).
-//! The host round trip makes MoE steps synchronous (no CUDA graph).
+//! The MoE block of a step (Qwen3-MoE style, ternary experts), all on the device: the router
+//! GEMV → `moe_route` (softmax top-k + per-expert grouping, the reference's [`route`] and
+//! [`align_block_size`]) → the grouped int8 `moe_gateup` with act(gate)·up fused → per-pair
+//! int8 quantization → the grouped `moe_down` → `moe_combine` (router weights, slot order).
+//! Nothing comes back to the host and every grid is sized for its bucket's largest routing, so
+//! MoE steps are captured as CUDA graphs like dense ones. Pairs are token-major
+//! (pair = token · top-k + slot); steps of more rows than the largest bucket run in chunks.
+//!
+//! [`route`]: mangrove_core::reference::moe::route
+//! [`align_block_size`]: mangrove_core::routing::align_block_size
 
-use mangrove_core::step::Family;
+use mangrove_core::gpu::{DeviceBuffer, DownWeights, ExpertWeights, Gpu, GpuError, NormOut, NormSource, RouteOut};
 use mangrove_core::model_config::{ModelConfig, MoeConfig};
-use mangrove_core::reference::moe::route;
-use mangrove_core::gpu::{DeviceBuffer, Gpu, GpuError, NormOut, NormSource};
+use mangrove_core::step::Family;
 
 use super::kernels::MoeKernels;
-use super::weights::DeviceMlp;
+use super::weights::DeviceMoe;
 
-/// Per-pair device buffers of an MoE step of up to `rows` tokens.
+/// Per-pair device buffers of one pass of the MoE block over up to `rows` tokens.
 pub struct MoeWork {
+    pub rows: usize,
     /// 0..rows: the router reads every row.
     iota: DeviceBuffer<i32>,
+    /// f32 router logits [rows, E].
     logits: DeviceBuffer<f32>,
-    /// (gate, up) factor of each pair's expert, [pairs, 2].
-    factors: DeviceBuffer<f32>,
-    /// Router weight × the expert's down factor, [pairs].
-    weights: DeviceBuffer<f32>,
-    gate_up: DeviceBuffer<f32>,
+    /// Expert and router weight of each pair [rows·top-k].
+    topk_ids: DeviceBuffer<i32>,
+    topk_w: DeviceBuffer<f32>,
+    /// f32 act(gate)·up rows [pairs, I], their int8 rows and scales.
+    act: DeviceBuffer<f32>,
     q: DeviceBuffer<i8>,
     q_scale: DeviceBuffer<f32>,
+    /// f32 down rows of each pair [pairs, H] (down factor applied).
     down: DeviceBuffer<f32>,
 }
 
 impl MoeWork {
+    /// Buffers for passes of up to `rows` tokens.
     pub fn new(gpu: &Gpu, c: &ModelConfig, m: &MoeConfig, rows: usize) -> Result<Self, GpuError> {
         let pairs = rows * m.topk;
         Ok(Self {
+            rows,
             iota: gpu.upload(&(0..rows as i32).collect::<Vec<_>>())?,
             logits: gpu.zeros(rows * m.experts)?,
-            factors: gpu.zeros(pairs * 2)?,
-            weights: gpu.zeros(pairs)?,
-            gate_up: gpu.zeros(pairs * 2 * m.inter)?,
+            topk_ids: gpu.zeros(pairs)?,
+            topk_w: gpu.zeros(pairs)?,
+            act: gpu.zeros(pairs * m.inter)?,
             q: gpu.zeros(pairs * m.inter)?,
             q_scale: gpu.zeros(pairs)?,
             down: gpu.zeros(pairs * c.hidden)?,
@@ -43,21 +52,21 @@ impl MoeWork {
     }
 }
 
-/// The block's input: the post-attention norm's rows, int8 (experts) and f32 (router).
+/// The block's input: the post-attention norm's rows, int8 with per-token scales (experts)
+/// and f32 (router).
 pub struct MoeInput<'a> {
     pub q: &'a DeviceBuffer<i8>,
     pub x_scale: &'a DeviceBuffer<f32>,
     pub xn: &'a DeviceBuffer<f32>,
 }
 
-/// Runs the MoE block over `rows` tokens and writes each token's combined output to `out`
-/// [rows, H] (router weights and down scales applied).
+/// Queues the MoE block over `rows` tokens; each token's combined output (router weights and
+/// down factors applied) goes to `out` [rows, H].
 #[allow(clippy::too_many_arguments)] // the block's parts, named
 pub fn moe_ffn(
     gpu: &Gpu,
     k: &mut MoeKernels,
-    router: &DeviceBuffer<u16>,
-    experts: &[DeviceMlp],
+    w: &DeviceMoe,
     c: &ModelConfig,
     rows: usize,
     input: MoeInput,
@@ -66,36 +75,35 @@ pub fn moe_ffn(
     mark: &mut dyn FnMut(&'static str) -> Result<(), GpuError>,
 ) -> Result<(), GpuError> {
     let m = c.moe.expect("an MoE layer has an MoE config");
-    k.router.launch(gpu, router, input.xn, &work.iota, rows, &mut work.logits)?;
-    mark(Family::MoeRouter.as_str())?;
-    let logits = gpu.download_prefix(&work.logits, rows * m.experts)?;
-    let mut pair_expert = Vec::with_capacity(rows * m.topk);
-    let mut factors = Vec::with_capacity(rows * m.topk * 2);
-    let mut weights = Vec::with_capacity(rows * m.topk);
-    for row in logits.chunks_exact(m.experts) {
-        let row: Vec<f64> = row.iter().map(|&v| v as f64).collect();
-        for (e, w) in route(&row, m.topk, m.norm_topk_prob) {
-            let ex = &experts[e];
-            pair_expert.push(e);
-            factors.extend(ex.gate_up_factors);
-            weights.push((w * ex.down_factor as f64) as f32);
+    let (h, topk) = (c.hidden, m.topk);
+    let chunk = k.max_rows().min(work.rows);
+    let gate_up = ExpertWeights { w_gate: &w.w_gate, w_up: &w.w_up, s_gate: &w.s_gate, s_up: &w.s_up };
+    let down = DownWeights { w_down: &w.w_down, s_down: &w.s_down };
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = chunk.min(rows - r0);
+        let pairs = n * topk;
+        k.router.launch_view(gpu, &w.router, input.xn, work.iota.slice(r0..r0 + n), n, &mut work.logits)?;
+        mark(Family::MoeRouter.as_str())?;
+        let b = k.bucket(n);
+        b.route.launch(gpu, &work.logits, n, RouteOut { topk_ids: &mut work.topk_ids, topk_w: &mut work.topk_w, routing: &mut b.routing })?;
+        if let (Some(route), Some(routing)) = (&b.route_down, b.routing_down.as_mut()) {
+            route.launch(gpu, &work.logits, n, RouteOut { topk_ids: &mut work.topk_ids, topk_w: &mut work.topk_w, routing })?;
         }
+        mark(Family::MoeRoute.as_str())?;
+        let x = (input.q.slice(r0 * h..(r0 + n) * h), input.x_scale.slice(r0..r0 + n));
+        b.gate_up.launch(gpu, x, gate_up, &b.routing, pairs, &mut work.act)?;
+        mark(Family::MoeGateUp.as_str())?;
+        let quant = NormOut::Quant { q: &mut work.q, scale: &mut work.q_scale };
+        k.glu.launch(gpu, pairs, NormSource::Rows { x: &work.act }, None, 0.0, quant)?;
+        mark(Family::MoeGlu.as_str())?;
+        let b = k.bucket(n);
+        let routing_down = b.routing_down.as_ref().unwrap_or(&b.routing);
+        b.down.launch(gpu, (&work.q, &work.q_scale), down, routing_down, pairs, &mut work.down)?;
+        mark(Family::MoeDown.as_str())?;
+        k.combine.launch(gpu, n, &work.down, &work.topk_w, out.slice_mut(r0 * h..(r0 + n) * h))?;
+        mark(Family::MoeCombine.as_str())?;
+        r0 += n;
     }
-    gpu.write(&factors, &mut work.factors)?;
-    gpu.write(&weights, &mut work.weights)?;
-    for (p, &e) in pair_expert.iter().enumerate() {
-        k.gate_up.launch_w2a8_rows(gpu, &experts[e].gate_up, input.q, input.x_scale, (p / m.topk, p), 1, &mut work.gate_up, 1.0)?;
-    }
-    mark(Family::MoeGateUp.as_str())?;
-    let pairs = pair_expert.len();
-    let glu = NormSource::Glu { gate_up: &work.gate_up, gate: 1.0, up: 1.0, row_factors: Some(&work.factors) };
-    let quant = NormOut::Quant { q: &mut work.q, scale: &mut work.q_scale };
-    k.glu.launch(gpu, pairs, glu, None, 0.0, quant)?;
-    mark(Family::MoeGlu.as_str())?;
-    for (p, &e) in pair_expert.iter().enumerate() {
-        k.down.launch_w2a8_rows(gpu, &experts[e].down, &work.q, &work.q_scale, (p, p), 1, &mut work.down, 1.0)?;
-    }
-    mark(Family::MoeDown.as_str())?;
-    k.combine.launch(gpu, rows, &work.down, &work.weights, out)?;
-    mark(Family::MoeCombine.as_str())
+    Ok(())
 }

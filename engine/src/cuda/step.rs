@@ -75,7 +75,7 @@ impl Workspace {
             rules: gpu.zeros(rows * 4)?,
             u: gpu.zeros(rows)?,
             picked: gpu.zeros(rows)?,
-            moe: c.moe.map(|m| MoeWork::new(gpu, c, &m, rows)).transpose()?,
+            moe: c.moe.map(|m| MoeWork::new(gpu, c, &m, rows.min(k.moe.as_ref().map_or(rows, |mk| mk.max_rows())))).transpose()?,
             layer: k.fused.as_ref().map(|f| f.scratch(gpu)).transpose()?,
         })
     }
@@ -103,7 +103,7 @@ impl StepShape {
 /// norm → gate_up → GLU + sub-norm → down (or the MoE block, [`moe_ffn`]) → residual + next
 /// norm, then the LM head over each sequence's last row. Row metadata must already be in `ws`.
 /// With `spans`, every launch is followed by a labelled event (a profile; not while capturing a
-/// graph). MoE layers route on the host, so their steps synchronize and cannot be captured.
+/// graph). MoE layers route on the device too, so MoE steps are captured like dense ones.
 #[allow(clippy::too_many_arguments)] // the step's parts, named
 pub fn enqueue(
     gpu: &Gpu,
@@ -182,14 +182,14 @@ pub fn enqueue(
                 mark(Family::MlpDown.as_str())?;
                 *down_factor
             }
-            DeviceFfn::Moe { router, experts } => {
+            DeviceFfn::Moe(moe) => {
                 let out = NormOut::QuantF32 { q: &mut ws.q, scale: &mut ws.x_scale, xn: &mut ws.xn };
                 k.norm.launch(gpu, rows, residual, Some(&l.post_attn_norm), eps, out)?;
                 mark("residual+rmsnorm")?;
                 let kernels = k.moe.as_mut().expect("MoE kernels are loaded for an MoE model");
                 let work = ws.moe.as_mut().expect("MoE buffers exist for an MoE model");
                 let input = super::moe::MoeInput { q: &ws.q, x_scale: &ws.x_scale, xn: &ws.xn };
-                moe_ffn(gpu, kernels, router, experts, c, rows, input, work, &mut ws.down, &mut mark)?;
+                moe_ffn(gpu, kernels, moe, c, rows, input, work, &mut ws.down, &mut mark)?;
                 // The combine already applied each expert's down factor and router weight.
                 1.0
             }

@@ -1,6 +1,7 @@
 //! The model on the device: packed ternary weights with q|k|v and gate|up concatenated along
 //! the packed rows (so each pair/triple is one GEMV launch; the consumers read the parts back
-//! with the packed layout's column map), bf16 embeddings / LM head, f32 norm weights, and the
+//! with the packed layout's column map), MoE experts stacked per projection along an expert
+//! axis (the grouped kernels' layout), bf16 embeddings / LM head, f32 norm weights, and the
 //! factor each linear's output is multiplied by (its `weight_scale`, or the inverse for
 //! `linear_class: bitlinear`).
 
@@ -28,14 +29,26 @@ pub struct DeviceLayer {
 pub enum DeviceFfn {
     /// One gated MLP with a sub-norm before its down projection.
     Dense { mlp: DeviceMlp, sub_norm: DeviceBuffer<f32> },
-    Moe {
-        /// bf16 router [experts, H].
-        router: DeviceBuffer<u16>,
-        experts: Vec<DeviceMlp>,
-    },
+    Moe(Box<DeviceMoe>),
 }
 
-/// A gated MLP's ternary weights on the device: a dense layer's, or one MoE expert's.
+/// An MoE block's weights on the device: the router and every expert's projections stacked
+/// along a leading expert axis, as the grouped kernels read them, with per-expert factors.
+pub struct DeviceMoe {
+    /// bf16 router [experts, H].
+    pub router: DeviceBuffer<u16>,
+    /// Packed [E, I/4, H] each (the checkpoint's bytes per expert, back to back).
+    pub w_gate: DeviceBuffer<u8>,
+    pub w_up: DeviceBuffer<u8>,
+    /// Packed [E, H/4, I].
+    pub w_down: DeviceBuffer<u8>,
+    /// Each expert's output factor per projection [E].
+    pub s_gate: DeviceBuffer<f32>,
+    pub s_up: DeviceBuffer<f32>,
+    pub s_down: DeviceBuffer<f32>,
+}
+
+/// A dense gated MLP's ternary weights on the device.
 pub struct DeviceMlp {
     /// Packed [2 I / 4, H]: gate rows, then up.
     pub gate_up: DeviceBuffer<u8>,
@@ -81,10 +94,22 @@ impl DeviceWeights {
         for layer in &model.layers {
             let ffn = match &layer.ffn {
                 Ffn::Dense { gate, up, down, sub_norm } => DeviceFfn::Dense { mlp: mlp(gate, up, down)?, sub_norm: f32s(sub_norm)? },
-                Ffn::Moe { router, experts } => DeviceFfn::Moe {
-                    router: gpu.upload(&router.iter().map(|&x| bf16::from_f64(x).to_bits()).collect::<Vec<_>>())?,
-                    experts: experts.iter().map(|e| mlp(&e.gate, &e.up, &e.down)).collect::<Result<_, GpuError>>()?,
-                },
+                Ffn::Moe { router, experts } => {
+                    let stacked = |part: fn(&crate::model::Expert) -> &TernaryLinear| -> Result<(DeviceBuffer<u8>, DeviceBuffer<f32>), GpuError> {
+                        let parts: Vec<&TernaryLinear> = experts.iter().map(part).collect();
+                        Ok((concat(&parts)?, gpu.upload(&parts.iter().map(|l| factor(l)).collect::<Vec<f32>>())?))
+                    };
+                    let ((w_gate, s_gate), (w_up, s_up), (w_down, s_down)) = (stacked(|e| &e.gate)?, stacked(|e| &e.up)?, stacked(|e| &e.down)?);
+                    DeviceFfn::Moe(Box::new(DeviceMoe {
+                        router: gpu.upload(&router.iter().map(|&x| bf16::from_f64(x).to_bits()).collect::<Vec<_>>())?,
+                        w_gate,
+                        w_up,
+                        w_down,
+                        s_gate,
+                        s_up,
+                        s_down,
+                    }))
+                }
             };
             layers.push(DeviceLayer {
                 input_norm: f32s(&layer.input_norm)?,

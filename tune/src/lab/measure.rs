@@ -1,5 +1,5 @@
 //! GPU side of the lab: takes cases, a GPU, the JIT and a tuning DB and gives a [`Report`].
-//! mangrove's kernels run on the tuner's own workloads ([`GemvWorkload`], [`GateupWorkload`]:
+//! mangrove's kernels run on the tuner's own workloads ([`GemvWorkload`], [`MoeWorkload`]:
 //! checked against the f64 reference, timed over weight copies beyond L2); cuBLAS runs the
 //! same problem with dense bf16 weights ([`DenseCase`]), checked and rotated the same way.
 
@@ -15,7 +15,7 @@ use crate::context::COPY_BW_BYTES;
 use crate::gateup::{gateup_problem, gateup_request};
 use mangrove_core::step::{linear_request, GEMM_BUCKETS, MAX_GEMV_M};
 use crate::sweep::tunables_of;
-use crate::workload::{rotation_count, GateupWorkload, GemvWorkload, Workload};
+use crate::workload::{rotation_count, GemvWorkload, MoeStage, MoeWorkload, Workload};
 use mangrove_core::tuning_db::{LookupRule, Provenance, TuningDb};
 use mangrove_core::validate::{MoeProblem, TernaryProblem};
 
@@ -122,17 +122,19 @@ fn gateup_case(
     shape: MoeShape,
 ) -> Result<CaseResult, LabError> {
     let mut problem = gateup_problem((shape.experts as i64, shape.topk as i64, shape.hidden as i64, shape.inter as i64));
-    let (tuned, rule) = gateup_request(db, s.arch, shape.tokens as i64, &problem);
+    let (tuned, rule) = gateup_request(&jit.catalog, db, s.arch, shape.tokens as i64, &problem);
     problem.insert("M".into(), shape.tokens as i64);
-    jit.catalog.get("moe_gateup")?.resolve(&problem)?; // a bad shape fails before any GPU work
+    // A bad shape fails before any GPU work; where the template default is invalid for it, the
+    // first valid config stands in as the default variant.
+    let (problem, _) = jit.catalog.get("moe_gateup")?.baseline(&problem)?;
     if shape.topk > shape.experts {
         return Err(LabError::Input(format!("{}: top-k exceeds the expert count", case.label())));
     }
     let default = KernelRequest { template: "moe_gateup".into(), params: problem, arch: s.arch };
-    let mut work = GateupWorkload::new(gpu, shape, s.seed)?;
+    let mut work = MoeWorkload::new(gpu, MoeStage::GateUp, shape, s.seed)?;
     let bytes = work.min_bytes();
     let note = "per-expert TN GEMMs over pre-gathered token rows, gate|up as one [2I, H] matrix; no SiLU·up epilogue, gather not timed";
-    let mut variants = vec![cublas_variant(gpu, blas, s, Some(note), || DenseCase::gateup(gpu, &MoeProblem::random(shape, s.seed)))];
+    let mut variants = vec![cublas_variant(gpu, blas, s, Some(note), || DenseCase::gateup(gpu, &MoeProblem::random(shape, s.seed, true)))];
     let bytes_of = |_: &CacheEntry| Ok(bytes);
     variants.push(mangrove_variant(gpu, jit, &mut work, s, Source::Tuned, tuned, Some(rule), &bytes_of));
     variants.push(mangrove_variant(gpu, jit, &mut work, s, Source::Default, default, None, &bytes_of));
@@ -232,7 +234,10 @@ impl DenseCase {
     fn gateup(gpu: &Gpu, p: &MoeProblem) -> Result<Self, GpuError> {
         let MoeShape { hidden: h, inter: i, experts, topk, .. } = p.shape;
         let bytes = p.shape.expert_bytes();
-        let x: Vec<f64> = p.x_bits.iter().map(|&b| Bf16::from_bits(b).to_f64()).collect();
+        // cuBLAS takes bf16 activations: the problem's int8 rows, dequantized and rounded.
+        let x_bits: Vec<u16> =
+            p.q.chunks(h).zip(&p.x_scale).flat_map(|(row, &s)| row.iter().map(move |&v| Bf16::from_f32(v as f32 / s).to_bits())).collect();
+        let x: Vec<f64> = x_bits.iter().map(|&b| Bf16::from_bits(b).to_f64()).collect();
         let (mut w, mut xg, mut groups, mut reference) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for e in 0..experts {
             let pairs: Vec<usize> = (0..p.topk_ids.len()).filter(|&q| p.topk_ids[q] == e as i32).collect();
@@ -250,7 +255,7 @@ impl DenseCase {
                 reference.extend_from_slice(&u[r * i..][..i]);
             }
             groups.push(DenseGroup { matrix: groups.len(), row: xg.len() / h, rows: pairs.len() });
-            xg.extend(pairs.iter().flat_map(|&q| &p.x_bits[q / topk * h..][..h]).copied());
+            xg.extend(pairs.iter().flat_map(|&q| &x_bits[q / topk * h..][..h]).copied());
         }
         let rows = p.shape.pairs();
         let min_bytes = 2 * (groups.len() * 2 * i * h + rows * h + rows * 2 * i);
